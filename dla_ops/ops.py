@@ -1,0 +1,114 @@
+"""The ``dla`` torch.library custom ops: forward, backward and decode step.
+
+Each op has a fake (meta) rule with exact shapes and dtypes and no data-dependent sizes, so models
+using DLA trace under ``torch.compile(fullgraph=True)`` and ``torch.export`` as single graph nodes.
+The implementations validate tensor data (NaN/Inf, g > 0, beta range, cache consistency) because
+that needs real tensors; the Python wrappers in ``api.py`` only check shapes.
+
+The implementations here are the vectorised PyTorch path (``torch_backend``), registered for every
+device; a device-specific kernel (Triton on CUDA) can be registered on top with
+``fwd.register_kernel("cuda")``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import torch_backend
+from .validation import check_cache_values, check_values, compute_dtype
+
+
+def _initial_cache(q, v, lam, cu_seqlens, states, counts, info):
+    if states is not None:
+        return states, counts, info
+    n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    return torch_backend.empty_cache_like(q, v, lam, n, compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("dla::fwd", mutates_args=())
+def fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
+        initial_states: Optional[Tensor], initial_counts: Optional[Tensor],
+        initial_info: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, tau: float
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (o, I, boundary, merge, final states, final counts, final info)."""
+    check_values(q, k, v, g, lam, beta, initial_states, initial_counts, initial_info,
+                 cu_seqlens=cu_seqlens, total_len=q.shape[1])
+    cache = _initial_cache(q, v, lam, cu_seqlens, initial_states, initial_counts, initial_info)
+    return torch_backend.attention_forward(q, k, v, g, lam, beta, *cache, scale, tau, cu_seqlens)
+
+
+@fwd.register_fake
+def _fwd_fake(q, k, v, g, lam, beta, initial_states, initial_counts, initial_info, cu_seqlens, scale, tau):
+    B, T, H, DK = q.shape
+    DV, K = v.shape[-1], lam.shape[-1]
+    N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    cdt = compute_dtype(q.dtype)
+    return (q.new_empty(B, T, H, DV), q.new_empty(B, T, H, dtype=cdt),
+            q.new_empty(B, T, H, dtype=torch.bool), q.new_empty(B, T, H, dtype=torch.int64),
+            q.new_empty(N, H, K, DK, DV, dtype=cdt), q.new_empty(N, H, K, dtype=torch.int64),
+            q.new_empty(N, H, K, dtype=cdt))
+
+
+@torch.library.custom_op("dla::bwd", mutates_args=())
+def bwd(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
+        beta: Optional[Tensor], initial_states: Optional[Tensor], initial_counts: Optional[Tensor],
+        boundary: Tensor, merge: Tensor, cu_seqlens: Optional[Tensor], scale: float
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dq, dk, dv, dg, dlam, dbeta, dinitial_states); dbeta and dinitial_states are empty
+    (shape [0]) when beta or the initial cache is absent."""
+    states0, counts0, _ = _initial_cache(q, v, lam, cu_seqlens, initial_states, initial_counts, None)
+    grads = torch_backend.attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0,
+                                             boundary, merge, scale, cu_seqlens)
+    inputs = (q, k, v, g, lam, beta, initial_states)
+    return tuple(q.new_empty(0) if x is None else torch.zeros_like(x) if dx is None else dx
+                 for x, dx in zip(inputs, grads))
+
+
+@bwd.register_fake
+def _bwd_fake(do, dstates, q, k, v, g, lam, beta, initial_states, initial_counts, boundary, merge,
+              cu_seqlens, scale):
+    inputs = (q, k, v, g, lam, beta, initial_states)
+    return tuple(q.new_empty(0) if x is None else torch.empty_like(x) for x in inputs)
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    q, k, v, g, lam, beta, states0, counts0, _, cu_seqlens, scale, _ = inputs
+    _, _, boundary, merge, _, _, _ = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens)
+
+
+def _fwd_backward(ctx, do, dI, dboundary, dmerge, dstates, dcounts, dinfo):
+    q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens = ctx.saved_tensors
+    # I and info are detached by the spec (the schedule is a constant of the backward pass)
+    if do is None:
+        do = q.new_zeros(*q.shape[:3], v.shape[-1])
+    if dstates is None:
+        n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        dstates = q.new_zeros(n, q.shape[2], lam.shape[-1], q.shape[3], v.shape[3],
+                              dtype=compute_dtype(q.dtype))
+    dq, dk, dv, dg, dlam, dbeta, dstates0 = torch.ops.dla.bwd(
+        do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens, ctx.scale)
+    return (dq, dk, dv, dg, dlam, None if beta is None else dbeta,
+            None if states0 is None else dstates0, None, None, None, None, None)
+
+
+fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+@torch.library.custom_op("dla::decode_step", mutates_args=())
+def decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
+                states: Tensor, counts: Tensor, info: Tensor, scale: float, tau: float
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One token against the cache. Returns (o, states, counts, info)."""
+    check_values(q, k, v, g, lam, beta)
+    check_cache_values(states, counts, info, "cache")
+    return torch_backend.decode_step(q, k, v, g, lam, beta, states, counts, info, scale, tau)
+
+
+@decode_step.register_fake
+def _decode_step_fake(q, k, v, g, lam, beta, states, counts, info, scale, tau):
+    return (q.new_empty(*q.shape[:2], v.shape[-1]), torch.empty_like(states), torch.empty_like(counts),
+            torch.empty_like(info))

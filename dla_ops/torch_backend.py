@@ -1,0 +1,334 @@
+"""Vectorised PyTorch implementation of DLA (the ``torch`` backend; runs on any device).
+
+Stages (see docs/design.md):
+
+1. ``schedule``: the sequential pass that decides boundaries and merges. It only needs the open
+   state (for the information score) and the per-slot counts and information sums (for the merge
+   scores), so it loops over T vectorised over (B, H) with a ``[B, H, DK, DV]`` state.
+2. ``events`` / ``slot_tables``: the schedule as slot maps. A close shifts every slot up by one; a
+   merge at slot ``mu`` (the newer slot of the merged pair) shifts every slot above ``mu`` down by
+   one. Per chunk, the tables give the slot at time t of each state present at the chunk start and of
+   each token of the chunk.
+3. ``readout``: chunk-parallel and differentiable. Within a chunk every base reduces to four
+   operators (see ``_chunk_operators_*``): the transformed queries, the intra-chunk score matrix,
+   the transformed keys and the chunk's transition of a state. The multi-state readout on top of
+   them is shared by both bases.
+
+Gradients come from autograd through ``readout`` on the forward's schedule (the schedule is a
+constant of the backward pass, as the spec says).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import EPS, MERGE_TIE_RTOL
+
+CHUNK = 64
+
+
+def _transition(S: Tensor, alpha: Tensor, k: Tensor, beta: Optional[Tensor]) -> Tensor:
+    """A_t S for a batch of states S [B, H, ..., DK, DV]; alpha, beta [B, H]; k [B, H, DK]."""
+    extra = S.dim() - 4
+    shape = alpha.shape + (1,) * (extra + 2)
+    if beta is None:
+        return alpha.view(shape) * S
+    kk = k.view(k.shape[:2] + (1,) * extra + k.shape[2:])
+    kS = torch.einsum("bh...d,bh...de->bh...e", kk.expand(S.shape[:-1]), S)
+    return alpha.view(shape) * (S - beta.view(shape) * kk.unsqueeze(-1) * kS.unsqueeze(-2))
+
+
+def _write(k: Tensor, v: Tensor, beta: Optional[Tensor]) -> Tensor:
+    w = k.unsqueeze(-1) * v.unsqueeze(-2)
+    return w if beta is None else beta[..., None, None] * w
+
+
+def route(x: Tensor, close: Tensor, mu: Tensor) -> Tensor:
+    """Apply one token's close (shift every slot up) and merge (at slot mu) to a per-slot tensor.
+
+    x: [B, H, K, ...]; close: [B, H] bool; mu: [B, H] int64, the newer slot of the merged pair after
+    the close, or K for no merge. A slot pushed past K - 1 by a close without a merge is empty."""
+    B, H, K = x.shape[:3]
+    pad = torch.zeros_like(x[:, :, :1])
+    cshape = (B, H, 1) + (1,) * (x.dim() - 3)
+    ext = torch.where(close.view(cshape), torch.cat([pad, x], 2), torch.cat([x, pad], 2))
+    idx = torch.arange(K, device=x.device)
+    src = idx + (idx > mu[..., None]).long()
+    expand = lambda i: i.view(i.shape + (1,) * (x.dim() - 3)).expand(i.shape + x.shape[3:])
+    y = torch.gather(ext, 2, expand(src))
+    nxt = torch.gather(ext, 2, expand((mu + 1).clamp(max=K)[..., None]))
+    at_mu = (idx == mu[..., None]).view((B, H, K) + (1,) * (x.dim() - 3))
+    return y + at_mu.to(x.dtype) * nxt
+
+
+def merge_choice(counts: Tensor, info: Tensor, close: Tensor, forced: Optional[Tensor], t: int) -> Tensor:
+    """Chronological index of the pair to merge after this token's close, or -1.
+
+    counts, info: [B, H, K] before the close. A merge is due where the close fills K closed states."""
+    K = counts.shape[-1]
+    need = close & (counts[..., K - 1] > 0)
+    if forced is not None:
+        if bool((need & ((forced < 0) | (forced > K - 2))).any()):
+            raise ValueError(f"force_merges at t={t}: a merge is needed, so it must be a pair index "
+                             f"in [0, {K - 2}]")
+        if bool((~need & (forced != -1)).any()):
+            raise ValueError(f"force_merges at t={t}: a merge is forced where none happens")
+        return forced
+    if not bool(need.any()):
+        return torch.full_like(counts[..., 0], -1)
+    # after the close, closed slots are 1..K; chronological pair i is slots (K - i, K - 1 - i), so
+    # pair i of the old slots is (K - 1 - i, K - 2 - i): i = 0 is the oldest pair
+    n = counts.flip(-1)[..., :K]  # chronological (oldest first) view of the K closed states
+    s = info.flip(-1)[..., :K]
+    pair_n = (n[..., :-1] + n[..., 1:]).clamp(min=1)
+    score = (s[..., :-1] + s[..., 1:]) / pair_n
+    best = score.min(-1, keepdim=True).values
+    tied = score <= best + MERGE_TIE_RTOL * best.abs()
+    oldest = torch.argmax(tied.to(torch.int8), dim=-1)  # first maximum = smallest i
+    return torch.where(need, oldest, torch.full_like(oldest, -1))
+
+
+def information_score(S_o: Tensor, n_o: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """I_t against the open state before token t (spec step 1). S_o [B, H, DK, DV]; n_o [B, H]."""
+    num = torch.einsum("bhd,bhde,bhe->bh", k, S_o, v)
+    den = k.norm(dim=-1) * v.norm(dim=-1) * S_o.flatten(-2).norm(dim=-1) + EPS
+    cos = torch.where(n_o > 0, num / den, torch.zeros_like(num))
+    return torch.sqrt(torch.clamp(2 - 2 * cos, min=0))
+
+
+def bookkeeping(counts: Tensor, info: Tensor, I: Tensor, boundary: Tensor,
+                forced_merge: Optional[Tensor], t: int):
+    """Spec steps 2 and 4 on the per-slot counts and information sums ([B, H, K]) of one token.
+
+    Returns the effective close, the merge index (-1 = none), the merge slot mu (K = none) and the
+    updated counts and info."""
+    K = counts.shape[-1]
+    close = boundary & (counts[..., 0] > 0) & (K > 1)
+    merge = merge_choice(counts, info, close, forced_merge, t)
+    mu = torch.where(merge >= 0, K - 1 - merge, torch.full_like(merge, K))
+    if bool(close.any()):
+        counts, info = route(counts, close, mu), route(info, close, mu)
+    first = F.one_hot(torch.zeros_like(merge), K)
+    return close, merge, mu, counts + first, info + I[..., None] * first.to(info.dtype)
+
+
+def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
+             info0: Tensor, tau: float, force_boundaries: Optional[Tensor] = None,
+             force_merges: Optional[Tensor] = None):
+    """Stage 1. Inputs [B, H, T, ...] in the compute dtype; open0 [B, H, DK, DV]; counts0, info0
+    [B, H, K]. Returns I, boundary, merge [B, H, T] and the final counts and info [B, H, K]."""
+    T = g.shape[-1]
+    S_o, counts, info = open0, counts0, info0
+    I_all, b_all, m_all = [], [], []
+    for t in range(T):
+        kt, vt = k[:, :, t], v[:, :, t]
+        I = information_score(S_o, counts[..., 0], kt, vt)
+        boundary = force_boundaries[:, :, t] if force_boundaries is not None else I >= tau
+        close, merge, _, counts, info = bookkeeping(
+            counts, info, I, boundary, None if force_merges is None else force_merges[:, :, t], t)
+        S_o = torch.where(close[..., None, None], torch.zeros_like(S_o), S_o)
+        bt = None if beta is None else beta[:, :, t]
+        S_o = _transition(S_o, torch.exp(g[:, :, t]), kt, bt) + _write(kt, vt, bt)
+        I_all.append(I)
+        b_all.append(boundary)
+        m_all.append(merge)
+    return torch.stack(I_all, -1), torch.stack(b_all, -1), torch.stack(m_all, -1), counts, info
+
+
+def events(boundary: Tensor, merge: Tensor, counts0: Tensor) -> tuple[Tensor, Tensor]:
+    """The effective close and the merge slot mu (K = none) of each token, from the schedule.
+
+    A raw boundary closes nothing at the first token of an empty open state, nor when K == 1."""
+    K = counts0.shape[-1]
+    close = boundary & (K > 1)
+    close[..., 0] &= counts0[..., 0] > 0
+    mu = torch.where(merge >= 0, K - 1 - merge, torch.full_like(merge, K))
+    return close, mu
+
+
+def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int) -> Tensor:
+    """Stage 2. [B, H, T, K + C]: for token t of a chunk, the slot that holds (at time t) each of the
+    K states present at the chunk start (columns :K) and each token s of the chunk (columns K:; only
+    s <= t is meaningful). Clamped to K - 1: only empty states can be pushed past it."""
+    B, H, T = close.shape
+    tables = []
+    for c0 in range(0, T, chunk):
+        C = min(chunk, T - c0)
+        pos = torch.cat([torch.arange(K), torch.zeros(C, dtype=torch.long)]).to(close.device)
+        pos = pos.expand(B, H, K + C)
+        rows = []
+        for i in range(C):
+            t = c0 + i
+            pos = pos + close[..., t, None].long()
+            pos = pos - (pos > mu[..., t, None]).long()
+            pos = torch.cat([pos[..., :K + i], torch.zeros_like(pos[..., :1]), pos[..., K + i + 1:]], -1)
+            rows.append(F.pad(pos, (0, chunk - C)))
+        tables.append(torch.stack(rows, 2))
+    return torch.cat(tables, 2).clamp(max=K - 1)
+
+
+def _chunk_operators_gla(q: Tensor, k: Tensor, g: Tensor):
+    """Within one chunk for the scalar-decay base: q~_t = Phi(t, c0-1)^T q_t, the score matrix
+    A[t, s] = q_t^T Phi(t, s) k_s, k~_s = Phi(c_end, s) k_s, and S -> Phi(c_end, c0-1) S."""
+    G = torch.cumsum(g, -1)
+    q_t = q * torch.exp(G)[..., None]
+    C = g.shape[-1]
+    causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
+    diff = torch.where(causal, G[..., :, None] - G[..., None, :], torch.full_like(G[..., None], -torch.inf))
+    A = (q @ k.transpose(-1, -2)) * torch.exp(diff)
+    k_t = k * torch.exp(G[..., -1:] - G)[..., None]
+    decay = torch.exp(G[..., -1])[..., None, None, None]
+    return q_t, A, k_t, lambda S: decay * S
+
+
+def _chunk_operators_delta(q: Tensor, k: Tensor, g: Tensor, beta: Tensor):
+    """Gated DeltaNet's chunk operators (as ``_chunk_operators_gla``; A and k~ include beta_s).
+
+    M = [Phi(t, c0-1) | Phi(t, s) beta_s k_s for s in the chunk] advances one token at a time:
+    O(C * DK * (DK + C)) per chunk, cheap next to the multi-state readout."""
+    B, H, C, DK = q.shape
+    M = torch.cat([torch.eye(DK, dtype=q.dtype, device=q.device).expand(B, H, DK, DK),
+                   q.new_zeros(B, H, DK, C)], -1)
+    unit = torch.eye(DK + C, dtype=q.dtype, device=q.device)[DK:]
+    rows = []
+    for i in range(C):
+        kt, bt = k[:, :, i], beta[:, :, i]
+        alpha = torch.exp(g[:, :, i])[..., None, None]
+        M = alpha * (M - bt[..., None, None] * kt[..., :, None] * (kt[..., None, :] @ M))
+        M = M + (bt[..., None] * kt)[..., :, None] * unit[i]
+        rows.append((q[:, :, i, None, :] @ M).squeeze(-2))
+    R = torch.stack(rows, 2)
+    Z = M[..., :DK]
+    return R[..., :DK], R[..., DK:], M[..., DK:].transpose(-1, -2), \
+        lambda S: torch.einsum("bhde,bhjev->bhjdv", Z, S)
+
+
+def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
+            states0: Tensor, tables: Tensor, scale: float, chunk: int = CHUNK):
+    """Stage 3 (differentiable). Inputs [B, H, T, ...] in the compute dtype, states0 [B, H, K, DK, DV],
+    tables from ``slot_tables``. Returns o [B, H, T, DV] and the final states [B, H, K, DK, DV]."""
+    T, K = g.shape[-1], states0.shape[2]
+    S = states0
+    outs = []
+    for c0 in range(0, T, chunk):
+        c1 = min(c0 + chunk, T)
+        C = c1 - c0
+        qc, kc, vc, gc, lc = q[:, :, c0:c1], k[:, :, c0:c1], v[:, :, c0:c1], g[:, :, c0:c1], lam[:, :, c0:c1]
+        if beta is None:
+            q_t, A, k_t, advance = _chunk_operators_gla(qc, kc, gc)
+        else:
+            q_t, A, k_t, advance = _chunk_operators_delta(qc, kc, gc, beta[:, :, c0:c1])
+        tab = tables[:, :, c0:c1]
+        pre, intra = tab[..., :K], tab[..., K:K + C]
+        W = torch.gather(lc, -1, pre)      # weight of each chunk-start state, per token
+        L = torch.gather(lc, -1, intra)    # weight of each earlier token of the chunk, per token
+        o_inter = torch.einsum("bhcj,bhcje->bhce", W, torch.einsum("bhcd,bhjde->bhcje", q_t, S))
+        o_intra = (L * A) @ vc
+        outs.append(scale * (o_inter + o_intra))
+        to_pre = F.one_hot(pre[:, :, -1], K).to(S.dtype)     # [B, H, j, x]
+        to_in = F.one_hot(intra[:, :, -1], K).to(S.dtype)    # [B, H, s, x]
+        S = torch.einsum("bhjx,bhjdv->bhxdv", to_pre, advance(S)) + \
+            torch.einsum("bhsx,bhsd,bhsv->bhxdv", to_in, k_t, vc)
+    return torch.cat(outs, 2), S
+
+
+def _time_major(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return None if x is None else x.transpose(1, 2).to(dtype)
+
+
+def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
+    """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H])."""
+    cdt = states0.dtype
+    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
+    tables = slot_tables(close, mu, counts0.shape[-1], CHUNK)
+    # an empty slot contributes nothing, whatever its tensor holds
+    states0 = states0 * (counts0 > 0)[..., None, None].to(cdt)
+    o, states = readout(*(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)), states0, tables, scale)
+    return o.transpose(1, 2).to(q.dtype), states
+
+
+def _sequences(cu_seqlens: Optional[Tensor], B: int, T: int) -> list[tuple[slice, slice]]:
+    """(batch rows, token range) of each independent sequence; varlen packs them along T."""
+    if cu_seqlens is None:
+        return [(slice(0, B), slice(0, T))]
+    offsets = cu_seqlens.tolist()
+    return [(slice(0, 1), slice(s, e)) for s, e in zip(offsets[:-1], offsets[1:])]
+
+
+def _cache_rows(seq: int, rows: slice, varlen: bool) -> slice:
+    return slice(seq, seq + 1) if varlen else rows
+
+
+def empty_cache_like(q: Tensor, v: Tensor, lam: Tensor, n: int, cdt: torch.dtype):
+    H, DK, DV, K = q.shape[2], q.shape[3], v.shape[3], lam.shape[3]
+    return (q.new_zeros(n, H, K, DK, DV, dtype=cdt), q.new_zeros(n, H, K, dtype=torch.int64),
+            q.new_zeros(n, H, K, dtype=cdt))
+
+
+def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: float, tau: float,
+                      cu_seqlens: Optional[Tensor]):
+    """The forward op on [B, T, H, ...] inputs. Returns o, I, boundary, merge, states, counts, info."""
+    B, T = q.shape[:2]
+    cdt = states0.dtype
+    seqs = _sequences(cu_seqlens, B, T)
+    varlen = cu_seqlens is not None
+    outs = []
+    for n, (rows, span) in enumerate(seqs):
+        cr = _cache_rows(n, rows, varlen)
+        sl = lambda x: None if x is None else x[rows, span]
+        I, boundary, merge, counts, info = schedule(
+            _time_major(sl(k), cdt), _time_major(sl(v), cdt), _time_major(sl(g), cdt),
+            _time_major(sl(beta), cdt), states0[cr, :, 0], counts0[cr], info0[cr], tau)
+        I, boundary, merge = I.transpose(1, 2), boundary.transpose(1, 2), merge.transpose(1, 2)
+        o, states = _run_readout(sl(q), sl(k), sl(v), sl(g), sl(lam), sl(beta), states0[cr], counts0[cr],
+                                 boundary, merge, scale)
+        outs.append((o, I, boundary, merge, states, counts, info))
+    along_t = [torch.cat(parts, 1) for parts in list(zip(*outs))[:4]]
+    per_seq = [torch.cat(parts, 0) for parts in list(zip(*outs))[4:]]
+    return tuple(along_t + per_seq)
+
+
+def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge,
+                       scale: float, cu_seqlens: Optional[Tensor]):
+    """Gradients of (o, final states) with respect to q, k, v, g, lam, beta and the initial states,
+    by autograd through the readout on the forward's schedule."""
+    B, T = q.shape[:2]
+    inputs = [q, k, v, g, lam, beta, states0]
+    # custom-op implementations run below the autograd dispatch key; re-enable it for this graph
+    with torch.enable_grad(), torch._C._SetExcludeDispatchKeyGuard(
+            torch._C.DispatchKey.AutogradFunctionality, False):
+        leaves = [None if x is None else x.detach().requires_grad_() for x in inputs]
+        lq, lk, lv, lg, llam, lbeta, lstates = leaves
+        varlen = cu_seqlens is not None
+        outs, finals = [], []
+        for n, (rows, span) in enumerate(_sequences(cu_seqlens, B, T)):
+            cr = _cache_rows(n, rows, varlen)
+            sl = lambda x: None if x is None else x[rows, span]
+            o, states = _run_readout(sl(lq), sl(lk), sl(lv), sl(lg), sl(llam), sl(lbeta), lstates[cr],
+                                     counts0[cr], boundary[rows, span], merge[rows, span], scale)
+            outs.append(o)
+            finals.append(states)
+        o, states = torch.cat(outs, 1), torch.cat(finals, 0)
+        wrt = [x for x in leaves if x is not None]
+        grads = torch.autograd.grad([o, states], wrt, [do, dstates], allow_unused=True)
+    grads = iter(grads)
+    return [None if x is None else next(grads) for x in leaves]
+
+
+def decode_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: float):
+    """One token against the cache: q, k [B, H, DK], v [B, H, DV], g, beta [B, H], lam [B, H, K],
+    cache tensors [B, H, K, ...]. Returns o [B, H, DV] in q's dtype and the new cache."""
+    cdt = states.dtype
+    qc, kc, vc, gc, lc = (x.to(cdt) for x in (q, k, v, g, lam))
+    bc = None if beta is None else beta.to(cdt)
+    states = states * (counts > 0)[..., None, None].to(cdt)
+    I = information_score(states[:, :, 0], counts[..., 0], kc, vc)
+    close, _, mu, counts, info = bookkeeping(counts, info, I, I >= tau, None, 0)
+    states = route(states, close, mu)
+    first = F.one_hot(torch.zeros_like(mu), states.shape[2]).to(cdt)[..., None, None]
+    states = _transition(states, torch.exp(gc), kc, bc) + first * _write(kc, vc, bc).unsqueeze(2)
+    o = scale * torch.einsum("bhj,bhjde,bhd->bhe", lc, states, qc)
+    return o.to(q.dtype), states, counts, info

@@ -1,0 +1,216 @@
+"""Input validation shared by the public API, the reference and the op implementations.
+
+Two kinds of check live here, on purpose apart:
+
+- ``check_*_shapes``: static properties (ranks, sizes, dtypes, devices, Python scalars). They read
+  no tensor data, so the traceable wrappers call them: under ``torch.compile`` / ``torch.export``
+  they become shape guards, never graph breaks.
+- ``check_*_values``: properties of the data (NaN/Inf, g > 0, beta outside [0, 1], cache
+  consistency, cu_seqlens offsets). They run inside the op implementations, on real tensors.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+INPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The spec's compute dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _fail(msg: str) -> None:
+    raise ValueError(msg)
+
+
+def _check_rank(name: str, x: Tensor, rank: int, layout: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != rank:
+        _fail(f"{name} must have shape {layout}, got {tuple(x.shape)}")
+
+
+def _check_side_dtype(name: str, x: Tensor, qdtype: torch.dtype) -> None:
+    if x.dtype not in (qdtype, torch.float32):
+        _fail(f"{name} must have q's dtype ({qdtype}) or float32, got {x.dtype}")
+
+
+def _check_scalars(tau: float, scale: Optional[float]) -> None:
+    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
+        _fail(f"tau must be a finite number >= 0, got {tau!r}")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        _fail(f"scale must be a finite number or None, got {scale!r}")
+
+
+def _check_cache_shapes(cache, n: int, h: int, dk: int, dv: int, cdtype: torch.dtype,
+                        device: torch.device, name: str) -> None:
+    states, counts, info = cache
+    _check_rank(f"{name}.states", states, 5, "[N, H, K, DK, DV]")
+    _check_rank(f"{name}.counts", counts, 3, "[N, H, K]")
+    _check_rank(f"{name}.info", info, 3, "[N, H, K]")
+    kcap = states.shape[2]
+    if tuple(states.shape) != (n, h, kcap, dk, dv):
+        _fail(f"{name}.states must have shape {(n, h, kcap, dk, dv)} "
+              f"([N, H, K, DK, DV] for these inputs), got {tuple(states.shape)}")
+    for field, x in (("counts", counts), ("info", info)):
+        if tuple(x.shape) != (n, h, kcap):
+            _fail(f"{name}.{field} must have shape {(n, h, kcap)}, got {tuple(x.shape)}")
+    if states.dtype != cdtype or info.dtype != cdtype:
+        _fail(f"{name}.states and {name}.info must be in the compute dtype {cdtype} "
+              f"(float64 for float64 inputs, float32 otherwise), got {states.dtype} and {info.dtype}")
+    if counts.dtype != torch.int64:
+        _fail(f"{name}.counts must be int64, got {counts.dtype}")
+    for field, x in (("states", states), ("counts", counts), ("info", info)):
+        if x.device != device:
+            _fail(f"{name}.{field} is on {x.device} but q is on {device}")
+
+
+def check_attention_shapes(q, k, v, g, lam, beta, tau, scale, initial_cache, cu_seqlens,
+                           force_boundaries=None, force_merges=None) -> None:
+    """Static checks for ``dla_attention`` / ``dla_reference`` (reads no tensor data)."""
+    _check_rank("q", q, 4, "[B, T, H, DK]")
+    _check_rank("k", k, 4, "[B, T, H, DK]")
+    _check_rank("v", v, 4, "[B, T, H, DV]")
+    _check_rank("g", g, 3, "[B, T, H]")
+    _check_rank("lam", lam, 4, "[B, T, H, K]")
+    b, t, h, dk = q.shape
+    if 0 in (b, h, dk):
+        _fail(f"q must have non-zero B, H and DK, got shape {tuple(q.shape)}")
+    if t == 0:
+        _fail("empty sequence: q has T == 0 tokens")
+    if tuple(k.shape) != (b, t, h, dk):
+        _fail(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:3]) != (b, t, h) or v.shape[3] == 0:
+        _fail(f"v must have shape [B, T, H, DV] = [{b}, {t}, {h}, DV >= 1], got {tuple(v.shape)}")
+    if tuple(g.shape) != (b, t, h):
+        _fail(f"g must have shape [B, T, H] = {(b, t, h)}, got {tuple(g.shape)}")
+    if tuple(lam.shape[:3]) != (b, t, h):
+        _fail(f"lam must have shape [B, T, H, K] with [B, T, H] = {(b, t, h)}, got {tuple(lam.shape)}")
+    if lam.shape[3] < 1:
+        _fail(f"lam's last dimension is the capacity K and must be >= 1, got {lam.shape[3]}")
+    if q.dtype not in INPUT_DTYPES:
+        _fail(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_side_dtype("g", g, q.dtype)
+    _check_side_dtype("lam", lam, q.dtype)
+    named = [("k", k), ("v", v), ("g", g), ("lam", lam)]
+    if beta is not None:
+        _check_rank("beta", beta, 3, "[B, T, H]")
+        if tuple(beta.shape) != (b, t, h):
+            _fail(f"beta must have shape [B, T, H] = {(b, t, h)}, got {tuple(beta.shape)}")
+        _check_side_dtype("beta", beta, q.dtype)
+        named.append(("beta", beta))
+    for name, x in named:
+        if x.device != q.device:
+            _fail(f"{name} is on {x.device} but q is on {q.device}")
+    _check_scalars(tau, scale)
+    n = b
+    if cu_seqlens is not None:
+        _check_rank("cu_seqlens", cu_seqlens, 1, "[N + 1]")
+        if cu_seqlens.dtype not in (torch.int32, torch.int64):
+            _fail(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+        if b != 1:
+            _fail(f"with cu_seqlens the batch size must be 1 (sequences packed along T), got B={b}")
+        if cu_seqlens.shape[0] < 2:
+            _fail("cu_seqlens must hold at least two offsets [0, ..., T]")
+        if cu_seqlens.device != q.device:
+            _fail(f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+        n = cu_seqlens.shape[0] - 1
+    if initial_cache is not None:
+        _check_cache_shapes(initial_cache, n, h, dk, v.shape[3], compute_dtype(q.dtype), q.device,
+                            "initial_cache")
+        if initial_cache[0].shape[2] != lam.shape[3]:
+            _fail(f"initial_cache has capacity {initial_cache[0].shape[2]} but lam has K={lam.shape[3]}")
+    if force_boundaries is not None:
+        if tuple(force_boundaries.shape) != (b, t, h) or force_boundaries.dtype != torch.bool:
+            _fail(f"force_boundaries must be a bool tensor of shape {(b, t, h)}, "
+                  f"got {force_boundaries.dtype} {tuple(force_boundaries.shape)}")
+    if force_merges is not None:
+        if tuple(force_merges.shape) != (b, t, h) or force_merges.dtype != torch.int64:
+            _fail(f"force_merges must be an int64 tensor of shape {(b, t, h)}, "
+                  f"got {force_merges.dtype} {tuple(force_merges.shape)}")
+
+
+def check_decode_shapes(q, k, v, g, lam, beta, cache, tau, scale) -> None:
+    """Static checks for ``dla_decode_step``."""
+    _check_rank("q", q, 3, "[B, H, DK]")
+    _check_rank("k", k, 3, "[B, H, DK]")
+    _check_rank("v", v, 3, "[B, H, DV]")
+    _check_rank("g", g, 2, "[B, H]")
+    _check_rank("lam", lam, 3, "[B, H, K]")
+    b, h, dk = q.shape
+    if 0 in (b, h, dk) or v.shape[2] == 0:
+        _fail(f"q and v must have non-zero sizes, got {tuple(q.shape)} and {tuple(v.shape)}")
+    if tuple(k.shape) != (b, h, dk):
+        _fail(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
+    if tuple(v.shape[:2]) != (b, h):
+        _fail(f"v must have shape [B, H, DV] with [B, H] = {(b, h)}, got {tuple(v.shape)}")
+    if tuple(g.shape) != (b, h):
+        _fail(f"g must have shape [B, H] = {(b, h)}, got {tuple(g.shape)}")
+    if tuple(lam.shape[:2]) != (b, h) or lam.shape[2] < 1:
+        _fail(f"lam must have shape [B, H, K >= 1] with [B, H] = {(b, h)}, got {tuple(lam.shape)}")
+    if q.dtype not in INPUT_DTYPES:
+        _fail(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check_side_dtype("g", g, q.dtype)
+    _check_side_dtype("lam", lam, q.dtype)
+    named = [("k", k), ("v", v), ("g", g), ("lam", lam)]
+    if beta is not None:
+        _check_rank("beta", beta, 2, "[B, H]")
+        if tuple(beta.shape) != (b, h):
+            _fail(f"beta must have shape [B, H] = {(b, h)}, got {tuple(beta.shape)}")
+        _check_side_dtype("beta", beta, q.dtype)
+        named.append(("beta", beta))
+    for name, x in named:
+        if x.device != q.device:
+            _fail(f"{name} is on {x.device} but q is on {q.device}")
+    _check_scalars(tau, scale)
+    if cache is None:
+        _fail("cache is required: start from DLACache.empty(batch, heads, capacity, dk, dv)")
+    _check_cache_shapes(cache, b, h, dk, v.shape[2], compute_dtype(q.dtype), q.device, "cache")
+    if cache[0].shape[2] != lam.shape[2]:
+        _fail(f"cache has capacity {cache[0].shape[2]} but lam has K={lam.shape[2]}")
+
+
+def check_finite(**tensors: Optional[Tensor]) -> None:
+    for name, x in tensors.items():
+        if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            _fail(f"{name} contains NaN or Inf")
+
+
+def check_values(q, k, v, g, lam, beta, states=None, counts=None, info=None, cu_seqlens=None,
+                 total_len: Optional[int] = None, cache_name: str = "initial_cache") -> None:
+    """Data checks, run inside the op implementations (and the reference) on real tensors."""
+    check_finite(q=q, k=k, v=v, g=g, lam=lam, beta=beta)
+    if bool((g > 0).any()):
+        _fail("g is a log-decay and must be <= 0 everywhere (alpha = exp(g) <= 1)")
+    if beta is not None and bool(((beta < 0) | (beta > 1)).any()):
+        _fail("beta must lie in [0, 1]")
+    if cu_seqlens is not None:
+        offsets = cu_seqlens.tolist()
+        if offsets[0] != 0 or offsets[-1] != total_len:
+            _fail(f"cu_seqlens must start at 0 and end at T={total_len}, got {offsets[0]}..{offsets[-1]}")
+        if any(b <= a for a, b in zip(offsets[:-1], offsets[1:])):
+            _fail("cu_seqlens must be strictly increasing: empty sequences are not allowed")
+    if states is not None:
+        check_cache_values(states, counts, info, cache_name)
+
+
+def check_cache_values(states: Tensor, counts: Tensor, info: Tensor, name: str) -> None:
+    check_finite(**{f"{name}.states": states, f"{name}.info": info})
+    if bool((counts < 0).any()) or bool((info < 0).any()):
+        _fail(f"{name}.counts and {name}.info must be >= 0")
+    closed = counts[..., 1:] > 0
+    # closed states fill slots 1..m without gaps: once a slot is empty, all later ones are
+    if closed.shape[-1] > 1 and bool((closed[..., 1:] & ~closed[..., :-1]).any()):
+        _fail(f"{name}.counts: closed states must fill slots 1..m without gaps")
+    empty = counts == 0
+    if bool((states.abs().amax(dim=(-2, -1)) * empty).any()) or bool((info * empty).any()):
+        _fail(f"{name}: empty slots (counts == 0) must have zero states and info")

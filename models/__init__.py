@@ -1,0 +1,1 @@
+"""DLA layers and language models (``dla_ops.models``). Empty until the models issue lands."""

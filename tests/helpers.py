@@ -1,0 +1,67 @@
+"""Shared test helpers: structured random inputs, an independent single-state base model, and a
+relative-error assertion against float64."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import dla_ops
+
+
+def make_inputs(seed: int, B=2, T=24, H=2, DK=6, DV=5, K=4, base="gla", dtype=torch.float64,
+                regimes=3, noise=0.3, decay=0.2, lam_kind="random"):
+    """Inputs whose information scores vary: tokens come in regimes (a prototype key/value pair
+    plus noise) that switch at random, so that boundaries happen at some tokens and not others."""
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    proto_k, proto_v = rnd(regimes, H, DK), rnd(regimes, H, DV)
+    switch = torch.rand(B, T, generator=gen) < 0.25
+    regime = torch.cumsum(switch.long(), 1) % regimes
+    k = proto_k[regime] + noise * rnd(B, T, H, DK)
+    v = proto_v[regime] + noise * rnd(B, T, H, DV)
+    q = rnd(B, T, H, DK)
+    if base == "delta":
+        k = F.normalize(k, dim=-1)
+    g = -decay * F.softplus(rnd(B, T, H))
+    if lam_kind == "ones":
+        lam = torch.ones(B, T, H, K, dtype=torch.float64)
+    else:
+        lam = 0.5 + torch.rand(B, T, H, K, generator=gen, dtype=torch.float64)
+    beta = torch.rand(B, T, H, generator=gen, dtype=torch.float64) if base == "delta" else None
+    cast = lambda x: None if x is None else x.to(dtype)
+    return dict(q=cast(q), k=cast(k), v=cast(v), g=cast(g), lam=cast(lam), beta=cast(beta))
+
+
+def base_model(q, k, v, g, beta=None, scale=None):
+    """The single-state base model S_t = A_t S_{t-1} + w_t, o_t = scale S_t^T q_t, in float64."""
+    B, T, H, DK = q.shape
+    scale = DK ** -0.5 if scale is None else scale
+    q, k, v, g = (x.double() for x in (q, k, v, g))
+    S = q.new_zeros(B, H, DK, v.shape[-1])
+    out = []
+    for t in range(T):
+        kt, vt = k[:, t], v[:, t]
+        a = torch.exp(g[:, t])[..., None, None]
+        if beta is None:
+            S = a * S + kt[..., :, None] * vt[..., None, :]
+        else:
+            bt = beta[:, t].double()[..., None, None]
+            kS = torch.einsum("bhd,bhde->bhe", kt, S)
+            S = a * (S - bt * kt[..., :, None] * kS[..., None, :]) + bt * kt[..., :, None] * vt[..., None, :]
+        out.append(scale * torch.einsum("bhde,bhd->bhe", S, q[:, t].double()))
+    return torch.stack(out, 1)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def assert_rel(a, b, tol: float, what: str = ""):
+    err = rel_err(a, b)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+
+
+def run(impl, inputs, **kw):
+    fn = dla_ops.dla_attention if impl == "op" else dla_ops.dla_reference
+    return fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["lam"], inputs["beta"], **kw)
