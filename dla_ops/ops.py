@@ -62,7 +62,8 @@ def bwd(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor,
     grads = torch_backend.attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0,
                                              boundary, merge, scale, cu_seqlens)
     inputs = (q, k, v, g, lam, beta, initial_states)
-    return tuple(q.new_empty(0) if x is None else torch.zeros_like(x) if dx is None else dx
+    # contiguous, as the fake rule promises: autograd hands back the strides of the time-major graph
+    return tuple(q.new_empty(0) if x is None else x.new_zeros(x.shape) if dx is None else dx.contiguous()
                  for x, dx in zip(inputs, grads))
 
 
@@ -70,7 +71,7 @@ def bwd(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor,
 def _bwd_fake(do, dstates, q, k, v, g, lam, beta, initial_states, initial_counts, boundary, merge,
               cu_seqlens, scale):
     inputs = (q, k, v, g, lam, beta, initial_states)
-    return tuple(q.new_empty(0) if x is None else torch.empty_like(x) for x in inputs)
+    return tuple(q.new_empty(0) if x is None else x.new_empty(x.shape) for x in inputs)
 
 
 def _fwd_setup_context(ctx, inputs, output):

@@ -65,6 +65,8 @@ def _run_sequence(q, k, v, g, lam, beta, scale, tau, states0, counts0, info0, fb
     dk, dv = q.shape[1], v.shape[1]
     zeros = q.new_zeros(dk, dv)
     zero_info = q.new_zeros(())
+    # an empty slot contributes nothing, whatever its tensors hold
+    states0, info0 = states0 * (counts0 > 0)[:, None, None], info0 * (counts0 > 0)
     m0 = int((counts0[1:] > 0).sum())
     # chronological list of closed states: slot m0 is the oldest, slot 1 the newest
     closed = [_State(states0[j], int(counts0[j]), info0[j]) for j in range(m0, 0, -1)]

@@ -239,13 +239,19 @@ def _time_major(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     return None if x is None else x.transpose(1, 2).to(dtype)
 
 
+def ignore_empty_slots(x: Tensor, counts: Tensor) -> Tensor:
+    """Zero a per-slot tensor ([B, H, K, ...]) where the slot is empty: an empty slot contributes
+    nothing, whatever its tensors hold."""
+    held = counts > 0
+    return x * held.view(held.shape + (1,) * (x.dim() - 3)).to(x.dtype)
+
+
 def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
     """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H])."""
     cdt = states0.dtype
     close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
     tables = slot_tables(close, mu, counts0.shape[-1], CHUNK)
-    # an empty slot contributes nothing, whatever its tensor holds
-    states0 = states0 * (counts0 > 0)[..., None, None].to(cdt)
+    states0 = ignore_empty_slots(states0, counts0)
     o, states = readout(*(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)), states0, tables, scale)
     return o.transpose(1, 2).to(q.dtype), states
 
@@ -281,7 +287,8 @@ def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: flo
         sl = lambda x: None if x is None else x[rows, span]
         I, boundary, merge, counts, info = schedule(
             _time_major(sl(k), cdt), _time_major(sl(v), cdt), _time_major(sl(g), cdt),
-            _time_major(sl(beta), cdt), states0[cr, :, 0], counts0[cr], info0[cr], tau)
+            _time_major(sl(beta), cdt), ignore_empty_slots(states0[cr], counts0[cr])[:, :, 0], counts0[cr],
+            ignore_empty_slots(info0[cr], counts0[cr]), tau)
         I, boundary, merge = I.transpose(1, 2), boundary.transpose(1, 2), merge.transpose(1, 2)
         o, states = _run_readout(sl(q), sl(k), sl(v), sl(g), sl(lam), sl(beta), states0[cr], counts0[cr],
                                  boundary, merge, scale)
@@ -324,7 +331,7 @@ def decode_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: 
     cdt = states.dtype
     qc, kc, vc, gc, lc = (x.to(cdt) for x in (q, k, v, g, lam))
     bc = None if beta is None else beta.to(cdt)
-    states = states * (counts > 0)[..., None, None].to(cdt)
+    states, info = ignore_empty_slots(states, counts), ignore_empty_slots(info, counts)
     I = information_score(states[:, :, 0], counts[..., 0], kc, vc)
     close, _, mu, counts, info = bookkeeping(counts, info, I, I >= tau, None, 0)
     states = route(states, close, mu)

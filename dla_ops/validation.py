@@ -211,6 +211,3 @@ def check_cache_values(states: Tensor, counts: Tensor, info: Tensor, name: str) 
     # closed states fill slots 1..m without gaps: once a slot is empty, all later ones are
     if closed.shape[-1] > 1 and bool((closed[..., 1:] & ~closed[..., :-1]).any()):
         _fail(f"{name}.counts: closed states must fill slots 1..m without gaps")
-    empty = counts == 0
-    if bool((states.abs().amax(dim=(-2, -1)) * empty).any()) or bool((info * empty).any()):
-        _fail(f"{name}: empty slots (counts == 0) must have zero states and info")
