@@ -1,0 +1,58 @@
+"""Forward and forward+backward time of the CPU (vectorised PyTorch) path.
+
+    python benchmarks/cpu_fwd_bwd.py [--T 2048] [--K 16]
+
+Prints a markdown table; the foundation issue's target is fwd+bwd < 10 s at B=1, H=4, T=2048,
+DK=DV=64, K=16 on a 2-core machine."""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dla_ops import dla_attention
+
+
+def time_one(base: str, B: int, T: int, H: int, D: int, K: int, tau: float, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    # tokens in regimes (prototype + noise) so that boundaries are neither all nor none
+    protos = torch.randn(8, H, 2 * D, generator=gen)
+    regime = torch.randint(0, 8, (B, T // 32 + 1), generator=gen).repeat_interleave(32, 1)[:, :T]
+    kv = protos[regime] + 0.2 * torch.randn(B, T, H, 2 * D, generator=gen)
+    k, v = F.normalize(kv[..., :D], dim=-1), kv[..., D:]
+    q = torch.randn(B, T, H, D, generator=gen)
+    g = -0.1 * F.softplus(torch.randn(B, T, H, generator=gen))
+    lam = 0.5 + torch.rand(B, T, H, K, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen) if base == "delta" else None
+    leaves = [x.requires_grad_() for x in (q, k, v, g, lam) + ((beta,) if beta is not None else ())]
+    t0 = time.perf_counter()
+    o, _, sched = dla_attention(*leaves[:5], leaves[5] if beta is not None else None, tau=tau,
+                                return_schedule=True)
+    t1 = time.perf_counter()
+    o.float().square().mean().backward()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t0, sched.boundary.float().mean().item(), (sched.merge >= 0).float().mean().item()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--B", type=int, default=1)
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--H", type=int, default=4)
+    p.add_argument("--D", type=int, default=64)
+    p.add_argument("--K", type=int, default=16)
+    p.add_argument("--tau", type=float, default=0.6)
+    a = p.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={a.B} T={a.T} H={a.H} "
+          f"DK=DV={a.D} K={a.K} tau={a.tau}, float32")
+    print("| base | fwd s | fwd+bwd s | boundary rate | merge rate |")
+    print("|---|---|---|---|---|")
+    for base in ("gla", "delta"):
+        fwd, total, brate, mrate = time_one(base, a.B, a.T, a.H, a.D, a.K, a.tau)
+        print(f"| {base} | {fwd:.2f} | {total:.2f} | {brate:.2f} | {mrate:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
