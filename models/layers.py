@@ -1,0 +1,171 @@
+"""DLA token mixer and transformer block, in the style of the Mamba-2 / Gated DeltaNet layers.
+
+The mixer only composes ops: projections, a short causal convolution, the decay gate, beta (for
+``delta``), the readout weights lam, then ``dla_attention`` (or ``dla_decode_step`` for one token
+against a cache), a gated RMSNorm and the output projection.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dla_ops import DLACache, dla_attention, dla_decode_step
+
+# softplus(LAM_BIAS) == 1: with a zero-initialised lam projection every readout weight starts at 1,
+# so at initialisation the mixer computes its single-state base model (spec identity P1)
+LAM_BIAS = math.log(math.e - 1)
+
+
+class LayerCache(NamedTuple):
+    """Per-layer generation state: the short convolution's last inputs and the DLA cache."""
+    conv: Tensor          # [B, conv_size - 1, channels]
+    dla: DLACache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class ShortConv(nn.Module):
+    """Depthwise causal convolution over time followed by SiLU, with an explicit state of the last
+    ``size - 1`` inputs so that decoding one token equals the full-sequence result."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        if size < 2:
+            raise ValueError(f"conv_size must be >= 2, got {size}")
+        self.size = size
+        self.weight = nn.Parameter(torch.empty(channels, size))
+        nn.init.normal_(self.weight, std=size ** -0.5)
+
+    def forward(self, x: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        B, T, C = x.shape
+        prev = x.new_zeros(B, self.size - 1, C) if state is None else state.to(x.dtype)
+        xp = torch.cat([prev, x], 1)
+        out = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype), groups=C).transpose(1, 2)
+        return F.silu(out), xp[:, -(self.size - 1):]
+
+
+class DLAMixer(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, head_v_dim: int, capacity: int,
+                 tau: float, mixer_base: str = "gla", conv_size: int = 4, norm_eps: float = 1e-6):
+        super().__init__()
+        if mixer_base not in ("gla", "delta"):
+            raise ValueError(f"mixer_base must be 'gla' or 'delta', got {mixer_base!r}")
+        self.H, self.DK, self.DV, self.K = num_heads, head_dim, head_v_dim, capacity
+        self.tau, self.base = tau, mixer_base
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=False)
+        self.conv = ShortConv(num_heads * (2 * head_dim + head_v_dim), conv_size)
+        # Mamba-2 decay: g = -exp(A_log) * softplus(a_proj(x) + dt_bias) <= 0
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)
+        self.A_log = nn.Parameter(torch.empty(num_heads))
+        self.dt_bias = nn.Parameter(torch.empty(num_heads))
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False) if mixer_base == "delta" else None
+        self.lam_proj = nn.Linear(hidden_size, num_heads * capacity, bias=True)
+        self.gate_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=False)
+        self.o_norm = RMSNorm(head_v_dim, norm_eps)
+        self.o_proj = nn.Linear(num_heads * head_v_dim, hidden_size, bias=False)
+        self.reset_dla_parameters()
+
+    @torch.no_grad()
+    def reset_dla_parameters(self):
+        """The parameters whose initial values carry meaning (decay range, lam == 1)."""
+        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
+        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
+        self.lam_proj.weight.zero_()
+        self.lam_proj.bias.fill_(LAM_BIAS)
+
+    def _features(self, x: Tensor, conv_state: Optional[Tensor]):
+        B, T, _ = x.shape
+        qkv, conv_state = self.conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), conv_state)
+        q, k, v = qkv.split([self.H * self.DK, self.H * self.DK, self.H * self.DV], -1)
+        q = F.normalize(q.view(B, T, self.H, self.DK), dim=-1)
+        k = F.normalize(k.view(B, T, self.H, self.DK), dim=-1)
+        v = v.view(B, T, self.H, self.DV)
+        g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        lam = F.softplus(self.lam_proj(x).float()).view(B, T, self.H, self.K)
+        beta = torch.sigmoid(self.b_proj(x).float()) if self.b_proj is not None else None
+        return q, k, v, g, lam, beta, conv_state
+
+    def _output(self, o: Tensor, x: Tensor) -> Tensor:
+        B, T = x.shape[:2]
+        gate = self.gate_proj(x).view(B, T, self.H, self.DV)
+        o = self.o_norm(o.to(x.dtype)) * F.silu(gate)
+        return self.o_proj(o.reshape(B, T, self.H * self.DV))
+
+    def forward(self, x: Tensor, attention_mask: Optional[Tensor] = None,
+                cache: Optional[LayerCache] = None, use_cache: bool = False
+                ) -> tuple[Tensor, Optional[LayerCache]]:
+        """x: [B, T, hidden]. attention_mask: [B, T] (1 = token, 0 = padding) or None. With a cache
+        and T == 1 this is one decoding step; otherwise the whole sequence (continuing from the cache
+        if one is given). Padding neither writes, nor makes a boundary, nor counts: padded tokens are
+        removed (varlen through cu_seqlens) before the DLA op."""
+        B, T, _ = x.shape
+        if attention_mask is not None:
+            x = x * attention_mask[..., None].to(x.dtype)   # padded inputs never reach the conv
+        q, k, v, g, lam, beta, conv_state = self._features(x, None if cache is None else cache.conv)
+        if cache is not None and T == 1 and attention_mask is None:
+            o, dla_cache = dla_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], lam[:, 0],
+                                           None if beta is None else beta[:, 0], cache.dla, tau=self.tau)
+            o = o[:, None]
+        elif attention_mask is None:
+            o, dla_cache = dla_attention(q, k, v, g, lam, beta, tau=self.tau,
+                                         initial_cache=None if cache is None else cache.dla,
+                                         output_final_cache=use_cache)
+        else:
+            o, dla_cache = self._padded(q, k, v, g, lam, beta, attention_mask.bool(), cache, use_cache)
+        new_cache = LayerCache(conv_state, dla_cache) if use_cache else None
+        return self._output(o, x), new_cache
+
+    def _padded(self, q, k, v, g, lam, beta, mask, cache, use_cache):
+        """Remove padding, run the packed sequences (one per row) through varlen, put padding back."""
+        B, T = mask.shape
+        idx = mask.flatten().nonzero().squeeze(-1)
+        cu = F.pad(mask.sum(1).cumsum(0), (1, 0))
+        pack = lambda t: None if t is None else t.flatten(0, 1)[idx].unsqueeze(0)
+        o, dla_cache = dla_attention(pack(q), pack(k), pack(v), pack(g), pack(lam), pack(beta), tau=self.tau,
+                                     initial_cache=None if cache is None else cache.dla,
+                                     output_final_cache=use_cache, cu_seqlens=cu)
+        out = o.new_zeros(B * T, *o.shape[2:]).index_copy(0, idx, o[0])
+        return out.view(B, T, *o.shape[2:]), dla_cache
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_up = nn.Linear(hidden_size, 2 * intermediate_size, bias=False)
+        self.down = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, -1)
+        return self.down(F.silu(gate) * up)
+
+
+class DLABlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mixer = DLAMixer(config.hidden_size, config.num_heads, config.head_dim, config.head_v_dim,
+                              config.capacity, config.tau, config.mixer_base, config.conv_size,
+                              config.rms_norm_eps)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, attention_mask=None, cache=None, use_cache=False):
+        h, cache = self.mixer(self.mixer_norm(x), attention_mask, cache, use_cache)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache
