@@ -81,13 +81,14 @@ class DLAMixer(nn.Module):
         self.reset_dla_parameters()
 
     @torch.no_grad()
-    def reset_dla_parameters(self):
-        """The parameters whose initial values carry meaning (decay range, lam == 1)."""
-        self.A_log.copy_(torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
+    def reset_dla_parameters(self, copy_=torch.Tensor.copy_):
+        """The parameters whose initial values carry meaning (decay range, lam == 1). ``copy_`` lets
+        a loader skip parameters it has already filled from a checkpoint."""
+        copy_(self.A_log, torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
         dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
-        self.lam_proj.weight.zero_()
-        self.lam_proj.bias.fill_(LAM_BIAS)
+        copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
+        copy_(self.lam_proj.weight, torch.zeros_like(self.lam_proj.weight))
+        copy_(self.lam_proj.bias, torch.full_like(self.lam_proj.bias, LAM_BIAS))
 
     def _features(self, x: Tensor, conv_state: Optional[Tensor]):
         B, T, _ = x.shape

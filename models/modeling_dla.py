@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .layers import DLABlock, DLAMixer, LayerCache, RMSNorm
@@ -58,15 +59,16 @@ class DLAPreTrainedModel(PreTrainedModel):
     _is_stateful = True
 
     def _init_weights(self, module):
+        # transformers' init functions leave parameters loaded from a checkpoint alone
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
+            init.normal_(module.weight, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
+            init.normal_(module.weight, std=std)
         if isinstance(module, DLAMixer):   # after its Linear children: lam starts at exactly 1
-            module.reset_dla_parameters()
+            module.reset_dla_parameters(copy_=init.copy_)
 
 
 class DLAModel(DLAPreTrainedModel):
