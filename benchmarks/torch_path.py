@@ -1,9 +1,9 @@
-"""Forward and forward+backward time of the CPU (vectorised PyTorch) path.
+"""Forward and forward+backward time of the vectorised PyTorch path (the ``torch`` backend).
 
-    python benchmarks/cpu_fwd_bwd.py [--T 2048] [--K 16]
+    python benchmarks/torch_path.py [--T 2048] [--K 16] [--device cpu|cuda] [--dtype float32|bfloat16]
 
-Prints a markdown table; the foundation issue's target is fwd+bwd < 10 s at B=1, H=4, T=2048,
-DK=DV=64, K=16 on a 2-core machine."""
+Prints a markdown table. The foundation issue's target is fwd+bwd < 10 s at B=1, H=4, T=2048,
+DK=DV=64, K=16 on a 2-core CPU; on a GPU the numbers are the baseline the Triton kernels replace."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from dla_ops import dla_attention
 
 
-def time_one(base: str, B: int, T: int, H: int, D: int, K: int, tau: float, seed: int = 0):
+def time_one(base: str, B: int, T: int, H: int, D: int, K: int, tau: float, device: str, dtype: torch.dtype,
+             seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     # tokens in regimes (prototype + noise) so that boundaries are neither all nor none
     protos = torch.randn(8, H, 2 * D, generator=gen)
@@ -26,12 +27,17 @@ def time_one(base: str, B: int, T: int, H: int, D: int, K: int, tau: float, seed
     g = -0.1 * F.softplus(torch.randn(B, T, H, generator=gen))
     lam = 0.5 + torch.rand(B, T, H, K, generator=gen)
     beta = torch.rand(B, T, H, generator=gen) if base == "delta" else None
-    leaves = [x.requires_grad_() for x in (q, k, v, g, lam) + ((beta,) if beta is not None else ())]
+    leaves = [x.to(device, dtype if x.dim() == 4 and x is not lam else torch.float32).requires_grad_()
+              for x in (q, k, v, g, lam) + ((beta,) if beta is not None else ())]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     o, _, sched = dla_attention(*leaves[:5], leaves[5] if beta is not None else None, tau=tau,
                                 return_schedule=True)
+    sync()
     t1 = time.perf_counter()
     o.float().square().mean().backward()
+    sync()
     t2 = time.perf_counter()
     return t1 - t0, t2 - t0, sched.boundary.float().mean().item(), (sched.merge >= 0).float().mean().item()
 
@@ -44,13 +50,18 @@ def main():
     p.add_argument("--D", type=int, default=64)
     p.add_argument("--K", type=int, default=16)
     p.add_argument("--tau", type=float, default=0.6)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     a = p.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; B={a.B} T={a.T} H={a.H} "
-          f"DK=DV={a.D} K={a.K} tau={a.tau}, float32")
+    where = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else \
+        f"CPU, {torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}; B={a.B} T={a.T} H={a.H} DK=DV={a.D} K={a.K} "
+          f"tau={a.tau}, {a.dtype}")
     print("| base | fwd s | fwd+bwd s | boundary rate | merge rate |")
     print("|---|---|---|---|---|")
     for base in ("gla", "delta"):
-        fwd, total, brate, mrate = time_one(base, a.B, a.T, a.H, a.D, a.K, a.tau)
+        fwd, total, brate, mrate = time_one(base, a.B, a.T, a.H, a.D, a.K, a.tau, a.device,
+                                            getattr(torch, a.dtype))
         print(f"| {base} | {fwd:.2f} | {total:.2f} | {brate:.2f} | {mrate:.2f} |")
 
 
