@@ -77,7 +77,7 @@ def merge_choice(counts: Tensor, info: Tensor, close: Tensor, forced: Optional[T
         if bool((~need & (forced != -1)).any()):
             raise ValueError(f"force_merges at t={t}: a merge is forced where none happens")
         return forced
-    if not bool(need.any()):
+    if K == 1:   # no state ever closes
         return torch.full_like(counts[..., 0], -1)
     # after the close, closed slots are 1..K; chronological pair i is slots (K - i, K - 1 - i), so
     # pair i of the old slots is (K - 1 - i, K - 2 - i): i = 0 is the oldest pair
@@ -109,10 +109,15 @@ def bookkeeping(counts: Tensor, info: Tensor, I: Tensor, boundary: Tensor,
     close = boundary & (counts[..., 0] > 0) & (K > 1)
     merge = merge_choice(counts, info, close, forced_merge, t)
     mu = torch.where(merge >= 0, K - 1 - merge, torch.full_like(merge, K))
-    if bool(close.any()):
-        counts, info = route(counts, close, mu), route(info, close, mu)
-    first = F.one_hot(torch.zeros_like(merge), K)
+    # branch-free (no data-dependent Python control flow), so that a step traces for export
+    counts, info = route(counts, close, mu), route(info, close, mu)
+    first = _slot0(K, counts.device)
     return close, merge, mu, counts + first, info + I[..., None] * first.to(info.dtype)
+
+
+def _slot0(K: int, device) -> Tensor:
+    """[K] one-hot of slot 0 (the open state)."""
+    return (torch.arange(K, device=device) == 0).long()
 
 
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
@@ -228,8 +233,9 @@ def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optio
         o_inter = torch.einsum("bhcj,bhcje->bhce", W, torch.einsum("bhcd,bhjde->bhcje", q_t, S))
         o_intra = (L * A) @ vc
         outs.append(scale * (o_inter + o_intra))
-        to_pre = F.one_hot(pre[:, :, -1], K).to(S.dtype)     # [B, H, j, x]
-        to_in = F.one_hot(intra[:, :, -1], K).to(S.dtype)    # [B, H, s, x]
+        slots = torch.arange(K, device=S.device)
+        to_pre = (pre[:, :, -1, :, None] == slots).to(S.dtype)     # [B, H, j, x]
+        to_in = (intra[:, :, -1, :, None] == slots).to(S.dtype)    # [B, H, s, x]
         S = torch.einsum("bhjx,bhjdv->bhxdv", to_pre, advance(S)) + \
             torch.einsum("bhsx,bhsd,bhsv->bhxdv", to_in, k_t, vc)
     return torch.cat(outs, 2), S
@@ -325,17 +331,26 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
     return [None if x is None else next(grads) for x in leaves]
 
 
-def decode_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: float):
-    """One token against the cache: q, k [B, H, DK], v [B, H, DV], g, beta [B, H], lam [B, H, K],
-    cache tensors [B, H, K, ...]. Returns o [B, H, DV] in q's dtype and the new cache."""
+def token_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: float):
+    """The whole recurrence for one token on the full cache, without data-dependent Python control
+    flow (it traces). q, k [B, H, DK], v [B, H, DV], g, beta [B, H], lam [B, H, K], cache tensors
+    [B, H, K, ...] with empty slots already zeroed. Returns o [B, H, DV] in q's dtype, I, boundary,
+    merge [B, H] and the new cache."""
     cdt = states.dtype
     qc, kc, vc, gc, lc = (x.to(cdt) for x in (q, k, v, g, lam))
     bc = None if beta is None else beta.to(cdt)
-    states, info = ignore_empty_slots(states, counts), ignore_empty_slots(info, counts)
     I = information_score(states[:, :, 0], counts[..., 0], kc, vc)
-    close, _, mu, counts, info = bookkeeping(counts, info, I, I >= tau, None, 0)
+    boundary = I >= tau
+    close, merge, mu, counts, info = bookkeeping(counts, info, I, boundary, None, 0)
     states = route(states, close, mu)
-    first = F.one_hot(torch.zeros_like(mu), states.shape[2]).to(cdt)[..., None, None]
+    first = _slot0(states.shape[2], states.device).to(cdt)[:, None, None]
     states = _transition(states, torch.exp(gc), kc, bc) + first * _write(kc, vc, bc).unsqueeze(2)
     o = scale * torch.einsum("bhj,bhjde,bhd->bhe", lc, states, qc)
-    return o.to(q.dtype), states, counts, info
+    return o.to(q.dtype), I, boundary, merge, states, counts, info
+
+
+def decode_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: float):
+    """One token against the cache. Returns o [B, H, DV] in q's dtype and the new cache."""
+    states, info = ignore_empty_slots(states, counts), ignore_empty_slots(info, counts)
+    o, _, _, _, states, counts, info = token_step(q, k, v, g, lam, beta, states, counts, info, scale, tau)
+    return o, states, counts, info
