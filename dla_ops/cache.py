@@ -4,7 +4,16 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
+
+
+def register_serializable(cls: type, name: str) -> type:
+    """Name a NamedTuple for pytree serialisation, so that ``torch.export.save`` can write programs
+    that take or return it (namedtuples are pytrees already, but anonymous ones do not serialise)."""
+    if cls not in pytree.SUPPORTED_NODES:
+        pytree._register_namedtuple(cls, serialized_type_name=name)
+    return cls
 
 
 class DLACache(NamedTuple):
@@ -56,3 +65,7 @@ class DLASchedule(NamedTuple):
     I: Tensor
     boundary: Tensor
     merge: Tensor
+
+
+register_serializable(DLACache, "dla_ops.DLACache")
+register_serializable(DLASchedule, "dla_ops.DLASchedule")

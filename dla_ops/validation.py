@@ -40,10 +40,16 @@ def _check_side_dtype(name: str, x: Tensor, qdtype: torch.dtype) -> None:
         _fail(f"{name} must have q's dtype ({qdtype}) or float32, got {x.dtype}")
 
 
+def _finite(x) -> bool:
+    # comparisons rather than math.isfinite: under torch.compile(dynamic=True) a Python float can be
+    # traced as a symbolic float, which comparisons handle (as guards) and math.isfinite does not
+    return x == x and x != math.inf and x != -math.inf
+
+
 def _check_scalars(tau: float, scale: Optional[float]) -> None:
-    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau < 0:
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not _finite(tau) or tau < 0:
         _fail(f"tau must be a finite number >= 0, got {tau!r}")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not _finite(scale)):
         _fail(f"scale must be a finite number or None, got {scale!r}")
 
 

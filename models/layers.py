@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dla_ops import DLACache, dla_attention, dla_decode_step
+from dla_ops.cache import register_serializable
 
 # softplus(LAM_BIAS) == 1: with a zero-initialised lam projection every readout weight starts at 1,
 # so at initialisation the mixer computes its single-state base model (spec identity P1)
@@ -24,6 +25,9 @@ class LayerCache(NamedTuple):
     """Per-layer generation state: the short convolution's last inputs and the DLA cache."""
     conv: Tensor          # [B, conv_size - 1, channels]
     dla: DLACache
+
+
+register_serializable(LayerCache, "dla_ops.models.LayerCache")
 
 
 class RMSNorm(nn.Module):
