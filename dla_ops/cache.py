@@ -10,9 +10,12 @@ from torch import Tensor
 
 def register_serializable(cls: type, name: str) -> type:
     """Name a NamedTuple for pytree serialisation, so that ``torch.export.save`` can write programs
-    that take or return it (namedtuples are pytrees already, but anonymous ones do not serialise)."""
+    that take or return it (namedtuples are pytrees already, but anonymous ones do not serialise),
+    and allow it in ``torch.load(weights_only=True)``, which ``torch.export.load`` tries first on the
+    pickled example inputs (its fallback path logs through a broken format string on torch 2.13)."""
     if cls not in pytree.SUPPORTED_NODES:
         pytree._register_namedtuple(cls, serialized_type_name=name)
+    torch.serialization.add_safe_globals([cls])
     return cls
 
 
