@@ -19,7 +19,7 @@ constant of the backward pass, as the spec says).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,19 +64,12 @@ def route(x: Tensor, close: Tensor, mu: Tensor) -> Tensor:
     return y + at_mu.to(x.dtype) * nxt
 
 
-def merge_choice(counts: Tensor, info: Tensor, close: Tensor, forced: Optional[Tensor], t: int) -> Tensor:
+def merge_choice(counts: Tensor, info: Tensor, close: Tensor) -> Tensor:
     """Chronological index of the pair to merge after this token's close, or -1.
 
     counts, info: [B, H, K] before the close. A merge is due where the close fills K closed states."""
     K = counts.shape[-1]
     need = close & (counts[..., K - 1] > 0)
-    if forced is not None:
-        if bool((need & ((forced < 0) | (forced > K - 2))).any()):
-            raise ValueError(f"force_merges at t={t}: a merge is needed, so it must be a pair index "
-                             f"in [0, {K - 2}]")
-        if bool((~need & (forced != -1)).any()):
-            raise ValueError(f"force_merges at t={t}: a merge is forced where none happens")
-        return forced
     if K == 1:   # no state ever closes
         return torch.full_like(counts[..., 0], -1)
     # after the close, closed slots are 1..K; chronological pair i is slots (K - i, K - 1 - i), so
@@ -99,20 +92,25 @@ def information_score(S_o: Tensor, n_o: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(2 - 2 * cos, min=0))
 
 
-def bookkeeping(counts: Tensor, info: Tensor, I: Tensor, boundary: Tensor,
-                forced_merge: Optional[Tensor], t: int):
+def bookkeeping(counts: Tensor, info: Tensor, I: Tensor, boundary: Tensor):
     """Spec steps 2 and 4 on the per-slot counts and information sums ([B, H, K]) of one token.
 
     Returns the effective close, the merge index (-1 = none), the merge slot mu (K = none) and the
     updated counts and info."""
     K = counts.shape[-1]
     close = boundary & (counts[..., 0] > 0) & (K > 1)
-    merge = merge_choice(counts, info, close, forced_merge, t)
-    mu = torch.where(merge >= 0, K - 1 - merge, torch.full_like(merge, K))
+    merge = merge_choice(counts, info, close)
+    mu = merge_slot(merge, K)
     # branch-free (no data-dependent Python control flow), so that a step traces for export
     counts, info = route(counts, close, mu), route(info, close, mu)
     first = _slot0(K, counts.device)
     return close, merge, mu, counts + first, info + I[..., None] * first.to(info.dtype)
+
+
+def merge_slot(merge: Tensor, K: int) -> Tensor:
+    """The slot mu that the merged state takes after the close (the newer slot of the chronological
+    pair ``merge``), or K where there is no merge."""
+    return torch.where(merge >= 0, K - 1 - merge, torch.full_like(merge, K))
 
 
 def _slot0(K: int, device) -> Tensor:
@@ -121,8 +119,7 @@ def _slot0(K: int, device) -> Tensor:
 
 
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
-             info0: Tensor, tau: float, force_boundaries: Optional[Tensor] = None,
-             force_merges: Optional[Tensor] = None):
+             info0: Tensor, tau: float):
     """Stage 1. Inputs [B, H, T, ...] in the compute dtype; open0 [B, H, DK, DV]; counts0, info0
     [B, H, K]. Returns I, boundary, merge [B, H, T] and the final counts and info [B, H, K]."""
     T = g.shape[-1]
@@ -131,9 +128,8 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     for t in range(T):
         kt, vt = k[:, :, t], v[:, :, t]
         I = information_score(S_o, counts[..., 0], kt, vt)
-        boundary = force_boundaries[:, :, t] if force_boundaries is not None else I >= tau
-        close, merge, _, counts, info = bookkeeping(
-            counts, info, I, boundary, None if force_merges is None else force_merges[:, :, t], t)
+        boundary = I >= tau
+        close, merge, _, counts, info = bookkeeping(counts, info, I, boundary)
         S_o = torch.where(close[..., None, None], torch.zeros_like(S_o), S_o)
         bt = None if beta is None else beta[:, :, t]
         S_o = _transition(S_o, torch.exp(g[:, :, t]), kt, bt) + _write(kt, vt, bt)
@@ -150,8 +146,7 @@ def events(boundary: Tensor, merge: Tensor, counts0: Tensor) -> tuple[Tensor, Te
     K = counts0.shape[-1]
     close = boundary & (K > 1)
     close[..., 0] &= counts0[..., 0] > 0
-    mu = torch.where(merge >= 0, K - 1 - merge, torch.full_like(merge, K))
-    return close, mu
+    return close, merge_slot(merge, K)
 
 
 def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int) -> Tensor:
@@ -180,13 +175,23 @@ def _chunk_operators_gla(q: Tensor, k: Tensor, g: Tensor):
     A[t, s] = q_t^T Phi(t, s) k_s, k~_s = Phi(c_end, s) k_s, and S -> Phi(c_end, c0-1) S."""
     G = torch.cumsum(g, -1)
     q_t = q * torch.exp(G)[..., None]
-    C = g.shape[-1]
-    causal = torch.ones(C, C, dtype=torch.bool, device=g.device).tril()
-    diff = torch.where(causal, G[..., :, None] - G[..., None, :], torch.full_like(G[..., None], -torch.inf))
-    A = (q @ k.transpose(-1, -2)) * torch.exp(diff)
-    k_t = k * torch.exp(G[..., -1:] - G)[..., None]
+    seg = _segment_sums(g)
+    A = (q @ k.transpose(-1, -2)) * torch.exp(seg)
+    k_t = k * torch.exp(seg[..., -1, :])[..., None]
     decay = torch.exp(G[..., -1])[..., None, None, None]
     return q_t, A, k_t, lambda S: decay * S
+
+
+def _segment_sums(g: Tensor) -> Tensor:
+    """[..., C, C]: sum of g over (s, t] for s <= t, -inf above the diagonal. Summed directly rather
+    than as G_t - G_s, so that strong decay neither cancels catastrophically nor leaks gradient
+    through the zero-length diagonal terms."""
+    C = g.shape[-1]
+    ones = torch.ones(C, C, dtype=torch.bool, device=g.device)
+    terms = torch.where(ones.tril(-1), g[..., :, None].expand(*g.shape, C), torch.zeros((), dtype=g.dtype,
+                                                                                          device=g.device))
+    seg = torch.cumsum(terms, -2)   # seg[t, s] = sum of g[r] for s < r <= t
+    return torch.where(ones.tril(), seg, torch.full((), -torch.inf, dtype=g.dtype, device=g.device))
 
 
 def _chunk_operators_delta(q: Tensor, k: Tensor, g: Tensor, beta: Tensor):
@@ -230,7 +235,7 @@ def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optio
         pre, intra = tab[..., :K], tab[..., K:K + C]
         W = torch.gather(lc, -1, pre)      # weight of each chunk-start state, per token
         L = torch.gather(lc, -1, intra)    # weight of each earlier token of the chunk, per token
-        o_inter = torch.einsum("bhcj,bhcje->bhce", W, torch.einsum("bhcd,bhjde->bhcje", q_t, S))
+        o_inter = torch.einsum("bhcj,bhcd,bhjde->bhce", W, q_t, S)
         o_intra = (L * A) @ vc
         outs.append(scale * (o_inter + o_intra))
         slots = torch.arange(K, device=S.device)
@@ -249,7 +254,8 @@ def ignore_empty_slots(x: Tensor, counts: Tensor) -> Tensor:
     """Zero a per-slot tensor ([B, H, K, ...]) where the slot is empty: an empty slot contributes
     nothing, whatever its tensors hold."""
     held = counts > 0
-    return x * held.view(held.shape + (1,) * (x.dim() - 3)).to(x.dtype)
+    return torch.where(held.view(held.shape + (1,) * (x.dim() - 3)), x, torch.zeros((), dtype=x.dtype,
+                                                                                    device=x.device))
 
 
 def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
@@ -262,16 +268,16 @@ def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale
     return o.transpose(1, 2).to(q.dtype), states
 
 
-def _sequences(cu_seqlens: Optional[Tensor], B: int, T: int) -> list[tuple[slice, slice]]:
-    """(batch rows, token range) of each independent sequence; varlen packs them along T."""
+def _split_sequences(cu_seqlens: Optional[Tensor], along_t: list, per_seq: list):
+    """Yield each independent run's slices of the [B, T, ...] tensors and of the [N, ...] cache
+    tensors: the whole batch at once, or one packed sequence of ``cu_seqlens`` at a time."""
     if cu_seqlens is None:
-        return [(slice(0, B), slice(0, T))]
+        yield along_t, per_seq
+        return
     offsets = cu_seqlens.tolist()
-    return [(slice(0, 1), slice(s, e)) for s, e in zip(offsets[:-1], offsets[1:])]
-
-
-def _cache_rows(seq: int, rows: slice, varlen: bool) -> slice:
-    return slice(seq, seq + 1) if varlen else rows
+    for n, (s, e) in enumerate(zip(offsets[:-1], offsets[1:])):
+        yield ([None if x is None else x[:, s:e] for x in along_t],
+               [None if x is None else x[n:n + 1] for x in per_seq])
 
 
 def empty_cache_like(q: Tensor, v: Tensor, lam: Tensor, n: int, cdt: torch.dtype):
@@ -283,21 +289,15 @@ def empty_cache_like(q: Tensor, v: Tensor, lam: Tensor, n: int, cdt: torch.dtype
 def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: float, tau: float,
                       cu_seqlens: Optional[Tensor]):
     """The forward op on [B, T, H, ...] inputs. Returns o, I, boundary, merge, states, counts, info."""
-    B, T = q.shape[:2]
     cdt = states0.dtype
-    seqs = _sequences(cu_seqlens, B, T)
-    varlen = cu_seqlens is not None
     outs = []
-    for n, (rows, span) in enumerate(seqs):
-        cr = _cache_rows(n, rows, varlen)
-        sl = lambda x: None if x is None else x[rows, span]
+    for (q_, k_, v_, g_, lam_, beta_), (s0, c0, i0) in _split_sequences(
+            cu_seqlens, [q, k, v, g, lam, beta], [states0, counts0, info0]):
         I, boundary, merge, counts, info = schedule(
-            _time_major(sl(k), cdt), _time_major(sl(v), cdt), _time_major(sl(g), cdt),
-            _time_major(sl(beta), cdt), ignore_empty_slots(states0[cr], counts0[cr])[:, :, 0], counts0[cr],
-            ignore_empty_slots(info0[cr], counts0[cr]), tau)
+            *(_time_major(x, cdt) for x in (k_, v_, g_, beta_)), ignore_empty_slots(s0, c0)[:, :, 0], c0,
+            ignore_empty_slots(i0, c0), tau)
         I, boundary, merge = I.transpose(1, 2), boundary.transpose(1, 2), merge.transpose(1, 2)
-        o, states = _run_readout(sl(q), sl(k), sl(v), sl(g), sl(lam), sl(beta), states0[cr], counts0[cr],
-                                 boundary, merge, scale)
+        o, states = _run_readout(q_, k_, v_, g_, lam_, beta_, s0, c0, boundary, merge, scale)
         outs.append((o, I, boundary, merge, states, counts, info))
     along_t = [torch.cat(parts, 1) for parts in list(zip(*outs))[:4]]
     per_seq = [torch.cat(parts, 0) for parts in list(zip(*outs))[4:]]
@@ -308,20 +308,15 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
                        scale: float, cu_seqlens: Optional[Tensor]):
     """Gradients of (o, final states) with respect to q, k, v, g, lam, beta and the initial states,
     by autograd through the readout on the forward's schedule."""
-    B, T = q.shape[:2]
     inputs = [q, k, v, g, lam, beta, states0]
     # custom-op implementations run below the autograd dispatch key; re-enable it for this graph
     with torch.enable_grad(), torch._C._SetExcludeDispatchKeyGuard(
             torch._C.DispatchKey.AutogradFunctionality, False):
         leaves = [None if x is None else x.detach().requires_grad_() for x in inputs]
-        lq, lk, lv, lg, llam, lbeta, lstates = leaves
-        varlen = cu_seqlens is not None
         outs, finals = [], []
-        for n, (rows, span) in enumerate(_sequences(cu_seqlens, B, T)):
-            cr = _cache_rows(n, rows, varlen)
-            sl = lambda x: None if x is None else x[rows, span]
-            o, states = _run_readout(sl(lq), sl(lk), sl(lv), sl(lg), sl(llam), sl(lbeta), lstates[cr],
-                                     counts0[cr], boundary[rows, span], merge[rows, span], scale)
+        for (*xs, b_, m_), (s0, c0) in _split_sequences(cu_seqlens, leaves[:6] + [boundary, merge],
+                                                        [leaves[6], counts0]):
+            o, states = _run_readout(*xs, s0, c0, b_, m_, scale)
             outs.append(o)
             finals.append(states)
         o, states = torch.cat(outs, 1), torch.cat(finals, 0)
@@ -341,7 +336,7 @@ def token_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: f
     bc = None if beta is None else beta.to(cdt)
     I = information_score(states[:, :, 0], counts[..., 0], kc, vc)
     boundary = I >= tau
-    close, merge, mu, counts, info = bookkeeping(counts, info, I, boundary, None, 0)
+    close, merge, mu, counts, info = bookkeeping(counts, info, I, boundary)
     states = route(states, close, mu)
     first = _slot0(states.shape[2], states.device).to(cdt)[:, None, None]
     states = _transition(states, torch.exp(gc), kc, bc) + first * _write(kc, vc, bc).unsqueeze(2)
