@@ -51,10 +51,6 @@ class DLACache(NamedTuple):
             info=torch.zeros(batch, heads, capacity, dtype=dtype, device=device),
         )
 
-    @property
-    def capacity(self) -> int:
-        return self.states.shape[2]
-
 
 class DLASchedule(NamedTuple):
     """The discrete decisions of a run, each ``[B, T, H]``.

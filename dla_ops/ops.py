@@ -87,9 +87,7 @@ def _fwd_backward(ctx, do, dI, dboundary, dmerge, dstates, dcounts, dinfo):
     if do is None:
         do = q.new_zeros(*q.shape[:3], v.shape[-1])
     if dstates is None:
-        n = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
-        dstates = q.new_zeros(n, q.shape[2], lam.shape[-1], q.shape[3], v.shape[3],
-                              dtype=compute_dtype(q.dtype))
+        dstates = _initial_cache(q, v, lam, cu_seqlens, None, None, None)[0]
     dq, dk, dv, dg, dlam, dbeta, dstates0 = torch.ops.dla.bwd(
         do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens, ctx.scale)
     return (dq, dk, dv, dg, dlam, None if beta is None else dbeta,

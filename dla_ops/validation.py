@@ -40,6 +40,19 @@ def _check_side_dtype(name: str, x: Tensor, qdtype: torch.dtype) -> None:
         _fail(f"{name} must have q's dtype ({qdtype}) or float32, got {x.dtype}")
 
 
+def _check_dtypes_and_devices(q, k, v, g, lam, beta) -> None:
+    if q.dtype not in INPUT_DTYPES:
+        _fail(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        _fail(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    named = [("k", k), ("v", v), ("g", g), ("lam", lam)] + ([("beta", beta)] if beta is not None else [])
+    for name, x in named[2:]:
+        _check_side_dtype(name, x, q.dtype)
+    for name, x in named:
+        if x.device != q.device:
+            _fail(f"{name} is on {x.device} but q is on {q.device}")
+
+
 def _finite(x) -> bool:
     # comparisons rather than math.isfinite: under torch.compile(dynamic=True) a Python float can be
     # traced as a symbolic float, which comparisons handle (as guards) and math.isfinite does not
@@ -99,22 +112,11 @@ def check_attention_shapes(q, k, v, g, lam, beta, tau, scale, initial_cache, cu_
         _fail(f"lam must have shape [B, T, H, K] with [B, T, H] = {(b, t, h)}, got {tuple(lam.shape)}")
     if lam.shape[3] < 1:
         _fail(f"lam's last dimension is the capacity K and must be >= 1, got {lam.shape[3]}")
-    if q.dtype not in INPUT_DTYPES:
-        _fail(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        _fail(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _check_side_dtype("g", g, q.dtype)
-    _check_side_dtype("lam", lam, q.dtype)
-    named = [("k", k), ("v", v), ("g", g), ("lam", lam)]
     if beta is not None:
         _check_rank("beta", beta, 3, "[B, T, H]")
         if tuple(beta.shape) != (b, t, h):
             _fail(f"beta must have shape [B, T, H] = {(b, t, h)}, got {tuple(beta.shape)}")
-        _check_side_dtype("beta", beta, q.dtype)
-        named.append(("beta", beta))
-    for name, x in named:
-        if x.device != q.device:
-            _fail(f"{name} is on {x.device} but q is on {q.device}")
+    _check_dtypes_and_devices(q, k, v, g, lam, beta)
     _check_scalars(tau, scale)
     n = b
     if cu_seqlens is not None:
@@ -161,22 +163,11 @@ def check_decode_shapes(q, k, v, g, lam, beta, cache, tau, scale) -> None:
         _fail(f"g must have shape [B, H] = {(b, h)}, got {tuple(g.shape)}")
     if tuple(lam.shape[:2]) != (b, h) or lam.shape[2] < 1:
         _fail(f"lam must have shape [B, H, K >= 1] with [B, H] = {(b, h)}, got {tuple(lam.shape)}")
-    if q.dtype not in INPUT_DTYPES:
-        _fail(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        _fail(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    _check_side_dtype("g", g, q.dtype)
-    _check_side_dtype("lam", lam, q.dtype)
-    named = [("k", k), ("v", v), ("g", g), ("lam", lam)]
     if beta is not None:
         _check_rank("beta", beta, 2, "[B, H]")
         if tuple(beta.shape) != (b, h):
             _fail(f"beta must have shape [B, H] = {(b, h)}, got {tuple(beta.shape)}")
-        _check_side_dtype("beta", beta, q.dtype)
-        named.append(("beta", beta))
-    for name, x in named:
-        if x.device != q.device:
-            _fail(f"{name} is on {x.device} but q is on {q.device}")
+    _check_dtypes_and_devices(q, k, v, g, lam, beta)
     _check_scalars(tau, scale)
     if cache is None:
         _fail("cache is required: start from DLACache.empty(batch, heads, capacity, dk, dv)")

@@ -36,7 +36,7 @@ def _choices(pairs):
     # the op keeps slots newest-first, and merges right after closing the open state (slot 0)
     counts = torch.tensor([n for n, _ in reversed(pairs)]).view(1, 1, -1)
     info = torch.tensor([s for _, s in reversed(pairs)], dtype=torch.float64).view(1, 1, -1)
-    op = int(merge_choice(counts, info, torch.ones(1, 1, dtype=torch.bool), None, 0))
+    op = int(merge_choice(counts, info, torch.ones(1, 1, dtype=torch.bool)))
     return ref, op
 
 
@@ -48,3 +48,9 @@ def test_tie_band_is_relative_1e6_of_the_minimum():
     # pair scores 2.0, 1.000002, 1.0: pair 1 is 2e-6 above the minimum, outside the band
     outside = ([(1, 3.0), (1, 1.0 + 4e-6), (1, 1.0), (1, 1.0)])
     assert _choices(outside) == (2, 2)
+    # the band scales with the minimum: at scores near 1e3 a 2.5e-4 gap is inside it, 2e-3 outside
+    scaled_in = [(n, 1e3 * s) for n, s in inside]
+    scaled_out = [(n, 1e3 * s) for n, s in outside]
+    assert _choices(scaled_in) == (1, 1) and _choices(scaled_out) == (2, 2)
+    tiny_gap = [(1, 3e-3), (1, 1e-3), (1, 1e-3 + 4e-9), (1, 1e-3 - 4e-9)]   # scores 2e-3, 1e-3+2e-9, 1e-3
+    assert _choices(tiny_gap) == (2, 2)   # 2e-9 is below any absolute 1e-6 band, yet 2e-6 relative
