@@ -2,11 +2,12 @@
 
     python benchmarks/torch_path.py [--T 2048] [--K 16] [--device cpu|cuda] [--dtype float32|bfloat16]
 
-Prints a markdown table. The foundation issue's target is fwd+bwd < 10 s at B=1, H=4, T=2048,
+Prints a markdown table (median of --repeat runs after a short warm-up). The foundation issue's target is fwd+bwd < 10 s at B=1, H=4, T=2048,
 DK=DV=64, K=16 on a 2-core CPU; on a GPU the numbers are the baseline the Triton kernels replace."""
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -51,6 +52,7 @@ def main():
     p.add_argument("--K", type=int, default=16)
     p.add_argument("--tau", type=float, default=0.6)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs after a warm-up; the median is printed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     a = p.parse_args()
     where = torch.cuda.get_device_name(a.device) if a.device.startswith("cuda") else \
@@ -59,9 +61,11 @@ def main():
           f"tau={a.tau}, {a.dtype}")
     print("| base | fwd s | fwd+bwd s | boundary rate | merge rate |")
     print("|---|---|---|---|---|")
+    dtype = getattr(torch, a.dtype)
     for base in ("gla", "delta"):
-        fwd, total, brate, mrate = time_one(base, a.B, a.T, a.H, a.D, a.K, a.tau, a.device,
-                                            getattr(torch, a.dtype))
+        time_one(base, a.B, min(a.T, 128), a.H, a.D, a.K, a.tau, a.device, dtype)   # warm-up
+        runs = [time_one(base, a.B, a.T, a.H, a.D, a.K, a.tau, a.device, dtype) for _ in range(a.repeat)]
+        fwd, total, brate, mrate = (statistics.median(r[i] for r in runs) for i in range(4))
         print(f"| {base} | {fwd:.2f} | {total:.2f} | {brate:.2f} | {mrate:.2f} |")
 
 

@@ -11,7 +11,8 @@ from torch.export import Dim
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", help="a directory written by save_pretrained / dla train "
                                         "(default: a freshly initialised model of --preset)")
-    p.add_argument("--preset", default="tiny")
+    from dla_ops.models.train import PRESETS
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--mixer-base", choices=["gla", "delta"], default="gla")
     p.add_argument("--capacity", type=int)
     p.add_argument("--tau", type=float, default=0.6)

@@ -53,12 +53,21 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, size))
         nn.init.normal_(self.weight, std=size ** -0.5)
 
-    def forward(self, x: Tensor, state: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, state: Optional[Tensor] = None, mask: Optional[Tensor] = None
+                ) -> tuple[Tensor, Tensor]:
+        """x: [B, T, C], padded positions already zero. The returned state is the last ``size - 1``
+        inputs of real tokens (per row, under ``mask``), so right padding does not leak into it."""
         B, T, C = x.shape
         prev = x.new_zeros(B, self.size - 1, C) if state is None else state.to(x.dtype)
         xp = torch.cat([prev, x], 1)
         out = F.conv1d(xp.transpose(1, 2), self.weight.unsqueeze(1).to(x.dtype), groups=C).transpose(1, 2)
-        return F.silu(out), xp[:, -(self.size - 1):]
+        if mask is None:
+            return F.silu(out), xp[:, -(self.size - 1):]
+        kept = torch.cat([mask.new_ones(B, self.size - 1), mask], 1).bool()
+        rank = kept.long().cumsum(1)                                          # 1-based rank of each kept input
+        wanted = rank[:, -1:] - (self.size - 1) + 1 + torch.arange(self.size - 1, device=x.device)
+        pick = kept[:, None, :] & (rank[:, None, :] == wanted[:, :, None])    # [B, size - 1, size - 1 + T]
+        return F.silu(out), torch.einsum("bjt,btc->bjc", pick.to(x.dtype), xp)
 
 
 class DLAMixer(nn.Module):
@@ -94,9 +103,10 @@ class DLAMixer(nn.Module):
         copy_(self.lam_proj.weight, torch.zeros_like(self.lam_proj.weight))
         copy_(self.lam_proj.bias, torch.full_like(self.lam_proj.bias, LAM_BIAS))
 
-    def _features(self, x: Tensor, conv_state: Optional[Tensor]):
+    def _features(self, x: Tensor, conv_state: Optional[Tensor], mask: Optional[Tensor] = None):
         B, T, _ = x.shape
-        qkv, conv_state = self.conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), conv_state)
+        qkv, conv_state = self.conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), conv_state,
+                                    mask)
         q, k, v = qkv.split([self.H * self.DK, self.H * self.DK, self.H * self.DV], -1)
         q = F.normalize(q.view(B, T, self.H, self.DK), dim=-1)
         k = F.normalize(k.view(B, T, self.H, self.DK), dim=-1)
@@ -118,11 +128,14 @@ class DLAMixer(nn.Module):
         """x: [B, T, hidden]. attention_mask: [B, T] (1 = token, 0 = padding) or None. With a cache
         and T == 1 this is one decoding step; otherwise the whole sequence (continuing from the cache
         if one is given). Padding neither writes, nor makes a boundary, nor counts: padded tokens are
-        removed (varlen through cu_seqlens) before the DLA op."""
+        removed (varlen through cu_seqlens) before the DLA op. Each row's tokens must be one run
+        (left or right padding)."""
         B, T, _ = x.shape
         if attention_mask is not None:
+            _check_padding(attention_mask)
             x = x * attention_mask[..., None].to(x.dtype)   # padded inputs never reach the conv
-        q, k, v, g, lam, beta, conv_state = self._features(x, None if cache is None else cache.conv)
+        q, k, v, g, lam, beta, conv_state = self._features(x, None if cache is None else cache.conv,
+                                                           attention_mask)
         if cache is not None and T == 1 and attention_mask is None:
             o, dla_cache = dla_decode_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], lam[:, 0],
                                            None if beta is None else beta[:, 0], cache.dla, tau=self.tau)
@@ -147,6 +160,14 @@ class DLAMixer(nn.Module):
                                      output_final_cache=use_cache, cu_seqlens=cu)
         out = o.new_zeros(B * T, *o.shape[2:]).index_copy(0, idx, o[0])
         return out.view(B, T, *o.shape[2:]), dla_cache
+
+
+def _check_padding(mask: Tensor) -> None:
+    m = mask.bool()
+    runs = m[:, :1].long() + (m[:, 1:] & ~m[:, :-1]).long().sum(1, keepdim=True)
+    if bool((runs != 1).any()):
+        raise ValueError("attention_mask: every row needs its tokens in one run (left or right padding) "
+                         "and at least one token")
 
 
 class SwiGLU(nn.Module):

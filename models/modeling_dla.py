@@ -123,6 +123,8 @@ class DLAForCausalLM(DLAPreTrainedModel, GenerationMixin):
                 **kwargs) -> DLACausalLMOutput:
         """labels: [B, T] token ids, -100 to ignore; shifted inside (labels = input_ids works)."""
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if labels is not None and logits_to_keep:
+            raise ValueError("labels need the logits of every position: leave logits_to_keep at 0")
         hidden, new_cache = self.model(input_ids, attention_mask, dla_cache, use_cache)
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden).float()
         loss = None

@@ -65,3 +65,17 @@ def assert_rel(a, b, tol: float, what: str = ""):
 def run(impl, inputs, **kw):
     fn = dla_ops.dla_attention if impl == "op" else dla_ops.dla_reference
     return fn(inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["lam"], inputs["beta"], **kw)
+
+
+def tiny_lm(base="delta", layers=2, capacity=4, **kw):
+    """A small DLAForCausalLM whose readout weights vary (random lam projection): at initialisation
+    lam == 1 and, by P1, outputs would not depend on boundaries, merges or slots at all."""
+    from dla_ops.models import DLAConfig, DLAForCausalLM
+    torch.manual_seed(0)
+    cfg = DLAConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_heads=2,
+                    capacity=capacity, mixer_base=base, tau=0.6, **kw)
+    model = DLAForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mixer.lam_proj.weight.normal_(std=0.5)
+    return model

@@ -9,14 +9,11 @@ import torch
 from torch.export import Dim
 
 from dla_ops.lowering import DECOMPOSITIONS, LogitsModule, export_decode_step, export_forward, export_mlir
-from dla_ops.models import DLAConfig, DLAForCausalLM
+from helpers import tiny_lm
 
 
 def tiny(base="delta", layers=2):
-    torch.manual_seed(0)
-    cfg = DLAConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_heads=2, capacity=3,
-                    mixer_base=base)
-    return DLAForCausalLM(cfg).eval()
+    return tiny_lm(base, layers=layers, capacity=3)
 
 
 def dla_nodes(ep):

@@ -7,15 +7,26 @@ import torch
 
 from dla_ops.models import DLAConfig, DLAForCausalLM, DLAMixer
 from dla_ops.models.train import train
+from helpers import tiny_lm
 
 BASES = ["gla", "delta"]
 
 
-def tiny(base, **kw):
-    torch.manual_seed(0)
-    cfg = DLAConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_heads=2, capacity=4,
-                    mixer_base=base, tau=0.6, **kw)
-    return DLAForCausalLM(cfg).eval()
+def tiny(base):
+    return tiny_lm(base)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_the_test_models_depend_on_the_schedule(base):
+    # otherwise the checks below could not see a wrong boundary, merge or slot
+    m = tiny(base)
+    ids = torch.randint(0, 64, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        a = m(ids, use_cache=False).logits
+        for layer in m.model.layers:
+            layer.mixer.tau = 3.0   # no boundaries at all
+        b = m(ids, use_cache=False).logits
+    assert (a - b).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("base", BASES)
@@ -103,3 +114,28 @@ def test_the_lm_compiles_fullgraph_and_matches_eager():
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for gc, ge in zip(grads_c, (p.grad for p in m.parameters())):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_generation_continues_exactly_after_a_padded_prefill(base):
+    # the cache after a padded prefill (conv state included) equals the cache of the row alone
+    m = tiny(base)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[0, 9:] = 0          # right padding
+    mask[1, :4] = 0          # left padding
+    nxt = torch.randint(0, 64, (2, 1), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cache = m(ids, attention_mask=mask, use_cache=True).dla_cache
+        step = m(nxt, dla_cache=cache, use_cache=True).logits
+        alone0 = m(torch.cat([ids[:1, :9], nxt[:1]], 1), use_cache=False).logits[:, -1]
+        alone1 = m(torch.cat([ids[1:, 4:], nxt[1:]], 1), use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step[:, 0], torch.cat([alone0, alone1]), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_padding_is_refused():
+    m = tiny("gla")
+    ids = torch.randint(0, 64, (2, 6))
+    for bad in ([[1, 1, 0, 1, 1, 1], [1] * 6], [[0] * 6, [1] * 6]):   # a hole; an empty row
+        with pytest.raises(ValueError, match="attention_mask: every row needs its tokens in one run"):
+            m(ids, attention_mask=torch.tensor(bad), use_cache=False)
