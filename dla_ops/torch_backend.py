@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import backend
 from .reference import EPS, MERGE_TIE_RTOL
 
 CHUNK = 64
@@ -290,13 +291,19 @@ def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: flo
                       cu_seqlens: Optional[Tensor]):
     """The forward op on [B, T, H, ...] inputs. Returns o, I, boundary, merge, states, counts, info."""
     cdt = states0.dtype
+    triton_schedule = None
+    if backend.use_triton_schedule(q.device, cdt):
+        from dla_ops.kernels.schedule import schedule as triton_schedule
     outs = []
     for (q_, k_, v_, g_, lam_, beta_), (s0, c0, i0) in _split_sequences(
             cu_seqlens, [q, k, v, g, lam, beta], [states0, counts0, info0]):
-        I, boundary, merge, counts, info = schedule(
-            *(_time_major(x, cdt) for x in (k_, v_, g_, beta_)), ignore_empty_slots(s0, c0)[:, :, 0], c0,
-            ignore_empty_slots(i0, c0), tau)
-        I, boundary, merge = I.transpose(1, 2), boundary.transpose(1, 2), merge.transpose(1, 2)
+        open0, info0_ = ignore_empty_slots(s0, c0)[:, :, 0], ignore_empty_slots(i0, c0)
+        if triton_schedule is not None:
+            I, boundary, merge, counts, info, _ = triton_schedule(k_, v_, g_, beta_, open0, c0, info0_, tau)
+        else:
+            I, boundary, merge, counts, info = schedule(
+                *(_time_major(x, cdt) for x in (k_, v_, g_, beta_)), open0, c0, info0_, tau)
+            I, boundary, merge = I.transpose(1, 2), boundary.transpose(1, 2), merge.transpose(1, 2)
         o, states = _run_readout(q_, k_, v_, g_, lam_, beta_, s0, c0, boundary, merge, scale)
         outs.append((o, I, boundary, merge, states, counts, info))
     along_t = [torch.cat(parts, 1) for parts in list(zip(*outs))[:4]]

@@ -1,0 +1,122 @@
+"""Stage 1 (the schedule) as a Triton kernel: one program per (sequence, head), sequential over T.
+
+It computes exactly what ``dla_ops.torch_backend.schedule`` computes: the open state stays in
+registers (``[DK, DV]`` in fp32, inputs of any float dtype), the per-slot counts and information sums
+in ``[KP]`` vectors. A close and a merge are applied together as one selection matrix ``M[x, i]``
+(new slot x takes old slot i), because register vectors cannot be shifted in place.
+
+This replaces the launch-bound token loop of the PyTorch path on the GPU; it is still sequential in
+T, so its time grows with T / (B * H) programs. Under ``TRITON_INTERPRET=1`` (set before this module
+is imported) it runs on CPU tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dla_ops import reference
+
+# the spec's constants, from the one place that defines them (Triton reads globals as constexpr only)
+EPS = tl.constexpr(reference.EPS)
+MERGE_TIE_RTOL = tl.constexpr(reference.MERGE_TIE_RTOL)
+
+
+@triton.jit
+def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, c0_ptr, i0_ptr,
+                     I_ptr, bnd_ptr, merge_ptr, c_ptr, info_ptr, s_ptr,
+                     T, H, tau,
+                     DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+                     BDK: tl.constexpr, BDV: tl.constexpr, KP: tl.constexpr, IS_DELTA: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    slot = tl.arange(0, KP)
+    mdk = dk < DK
+    mdv = dv < DV
+    mk = slot < K
+    cache_sh = (n * H + h)
+    S = tl.load(s0_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :],
+                mask=mdk[:, None] & mdv[None, :], other=0.0).to(tl.float32)
+    counts = tl.load(c0_ptr + cache_sh * K + slot, mask=mk, other=0)
+    info = tl.load(i0_ptr + cache_sh * K + slot, mask=mk, other=0.0).to(tl.float32)
+    x2 = slot[:, None]   # new slot
+    i2 = slot[None, :]   # old slot
+    for t in range(0, T):
+        tok = (n * T + t) * H + h
+        kt = tl.load(k_ptr + tok * DK + dk, mask=mdk, other=0.0).to(tl.float32)
+        vt = tl.load(v_ptr + tok * DV + dv, mask=mdv, other=0.0).to(tl.float32)
+        gt = tl.load(g_ptr + tok).to(tl.float32)
+        # spec step 1: information score against the open state before this token
+        n_o = tl.sum(tl.where(slot == 0, counts, 0))
+        Sv = tl.sum(S * vt[None, :], 1)
+        num = tl.sum(kt * Sv)
+        den = tl.sqrt(tl.sum(kt * kt)) * tl.sqrt(tl.sum(vt * vt)) * tl.sqrt(tl.sum(S * S)) + EPS
+        cos = tl.where(n_o > 0, num / den, 0.0)
+        I = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
+        boundary = I >= tau
+        close = boundary & (n_o > 0) & (K > 1)
+        # spec step 2: merge the adjacent closed pair of least mean information, oldest among ties.
+        # Old slots j, j+1 (j <= K-2) are the chronological pair i = K-2-j after the close.
+        c_next = tl.sum(tl.where(i2 == x2 + 1, counts[None, :], 0), 1)
+        s_next = tl.sum(tl.where(i2 == x2 + 1, info[None, :], 0.0), 1)
+        pair_n = tl.maximum(counts + c_next, 1).to(tl.float32)
+        score = tl.where(slot <= K - 2, (info + s_next) / pair_n, float("inf"))
+        best = tl.min(score, 0)
+        tied = score <= best + MERGE_TIE_RTOL * tl.abs(best)
+        j_sel = tl.max(tl.where(tied & (slot <= K - 2), slot, -1), 0)
+        last = tl.sum(tl.where(slot == K - 1, counts, 0))
+        need = close & (last > 0)
+        merge = tl.where(need, K - 2 - j_sel, -1)
+        mu = tl.where(need, j_sel + 1, K)          # new slot of the merged state
+        shifted = tl.where(x2 < mu, i2 == x2 - 1, tl.where(x2 == mu, (i2 == mu - 1) | (i2 == mu), i2 == x2))
+        select = tl.where(close, shifted, i2 == x2)
+        counts = tl.sum(tl.where(select, counts[None, :], 0), 1)
+        info = tl.sum(tl.where(select, info[None, :], 0.0), 1)
+        # spec steps 3-4 for the open state (closed states do not matter to the schedule)
+        S = tl.where(close, 0.0, S)
+        alpha = tl.exp(gt)
+        if IS_DELTA:
+            bt = tl.load(beta_ptr + tok).to(tl.float32)
+            kS = tl.sum(kt[:, None] * S, 0)
+            S = alpha * (S - bt * kt[:, None] * kS[None, :]) + bt * kt[:, None] * vt[None, :]
+        else:
+            S = alpha * S + kt[:, None] * vt[None, :]
+        counts = counts + tl.where(slot == 0, 1, 0)
+        info = info + tl.where(slot == 0, I, 0.0)
+        tl.store(I_ptr + tok, I)
+        tl.store(bnd_ptr + tok, boundary.to(tl.int8))
+        tl.store(merge_ptr + tok, merge.to(tl.int64))
+    tl.store(c_ptr + cache_sh * K + slot, counts, mask=mk)
+    tl.store(info_ptr + cache_sh * K + slot, info, mask=mk)
+    tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
+
+
+def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
+             info0: Tensor, tau: float):
+    """k, v [B, T, H, D] (any float dtype), g, beta [B, T, H]; open0 [B, H, DK, DV], counts0, info0
+    [B, H, K] (float32 compute dtype; empty slots already zeroed). Returns I, boundary, merge
+    ([B, T, H]) and the final counts, info and open state."""
+    B, T, H, DK = k.shape
+    DV, K = v.shape[-1], counts0.shape[-1]
+    if open0.dtype != torch.float32:
+        raise ValueError(f"the Triton schedule computes in float32, got a {open0.dtype} cache")
+    k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
+    beta = g if beta is None else beta.contiguous()   # unused pointer for gla
+    dev = k.device
+    I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
+    merge = torch.empty(B, T, H, dtype=torch.int64, device=dev)
+    counts = torch.empty_like(counts0)
+    info = torch.empty_like(info0)
+    S = torch.empty_like(open0)
+    _schedule_kernel[(B, H)](
+        k, v, g, beta, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
+        I, boundary, merge, counts, info, S, T, H, float(tau),
+        DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
+        KP=triton.next_power_of_2(K), IS_DELTA=beta is not g)
+    return I, boundary.bool(), merge, counts, info, S
