@@ -1,22 +1,18 @@
 """The Triton schedule kernel against the PyTorch schedule pass, and the DLA_BACKEND switch.
 
-Without a GPU the kernel runs in Triton's interpreter on CPU tensors: TRITON_INTERPRET is read when a
-kernel is defined, so it is set here at collection time, before anything imports dla_ops.kernels."""
+Without a GPU the kernel runs in Triton's interpreter on CPU tensors (conftest.py sets
+TRITON_INTERPRET before anything imports triton)."""
 from __future__ import annotations
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-pytest.importorskip("triton")
+import dla_ops
+from dla_ops import torch_backend
+from helpers import make_inputs, run
+from test_op_vs_reference import random_cache
 
-import dla_ops  # noqa: E402
-from dla_ops import torch_backend  # noqa: E402
-from helpers import make_inputs, run  # noqa: E402
-from test_op_vs_reference import random_cache  # noqa: E402
+pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
