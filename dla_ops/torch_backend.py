@@ -151,36 +151,38 @@ def events(boundary: Tensor, merge: Tensor, counts0: Tensor) -> tuple[Tensor, Te
 
 
 def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int) -> Tensor:
-    """Stage 2. [B, H, T, K + C]: for token t of a chunk, the slot that holds (at time t) each of the
+    """Stage 2. [B, H, T', K + C] (T' = T padded to whole chunks): for token t of a chunk, the slot that holds (at time t) each of the
     K states present at the chunk start (columns :K) and each token s of the chunk (columns K:; only
-    s <= t is meaningful). Clamped to K - 1: only empty states can be pushed past it."""
+    s <= t is meaningful). Clamped to K - 1: only empty states can be pushed past it.
+
+    Chunks are independent (positions restart at each chunk start), so all chunks advance together:
+    C steps over [B, H, T / C, K + C] rather than T steps."""
     B, H, T = close.shape
-    tables = []
-    for c0 in range(0, T, chunk):
-        C = min(chunk, T - c0)
-        pos = torch.cat([torch.arange(K), torch.zeros(C, dtype=torch.long)]).to(close.device)
-        pos = pos.expand(B, H, K + C)
-        rows = []
-        for i in range(C):
-            t = c0 + i
-            pos = pos + close[..., t, None].long()
-            pos = pos - (pos > mu[..., t, None]).long()
-            pos = torch.cat([pos[..., :K + i], torch.zeros_like(pos[..., :1]), pos[..., K + i + 1:]], -1)
-            rows.append(F.pad(pos, (0, chunk - C)))
-        tables.append(torch.stack(rows, 2))
-    return torch.cat(tables, 2).clamp(max=K - 1)
+    n = -(-T // chunk)
+    pad = n * chunk - T
+    close = F.pad(close, (0, pad)).view(B, H, n, chunk)
+    mu = F.pad(mu, (0, pad), value=K).view(B, H, n, chunk)
+    cols = torch.arange(K + chunk, device=close.device)
+    pos = torch.where(cols < K, cols, 0).expand(B, H, n, K + chunk)
+    rows = []
+    for i in range(chunk):
+        pos = pos + close[..., i, None].long()
+        pos = pos - (pos > mu[..., i, None]).long()
+        pos = torch.where(cols == K + i, 0, pos)   # token i of each chunk enters the open state
+        rows.append(pos)
+    return torch.stack(rows, 3).view(B, H, n * chunk, K + chunk).clamp(max=K - 1)
 
 
 def _chunk_operators_gla(q: Tensor, k: Tensor, g: Tensor):
-    """Within one chunk for the scalar-decay base: q~_t = Phi(t, c0-1)^T q_t, the score matrix
-    A[t, s] = q_t^T Phi(t, s) k_s, k~_s = Phi(c_end, s) k_s, and S -> Phi(c_end, c0-1) S."""
+    """Within each chunk ([..., C, ...]) for the scalar-decay base: q~_t = Phi(t, c0-1)^T q_t, the
+    score matrix A[t, s] = q_t^T Phi(t, s) k_s, k~_s = Phi(c_end, s) k_s, and the chunk's transition
+    Phi(c_end, c0-1) (a scalar decay here, [..., 1, 1, 1] to broadcast over states)."""
     G = torch.cumsum(g, -1)
     q_t = q * torch.exp(G)[..., None]
     seg = _segment_sums(g)
     A = (q @ k.transpose(-1, -2)) * torch.exp(seg)
     k_t = k * torch.exp(seg[..., -1, :])[..., None]
-    decay = torch.exp(G[..., -1])[..., None, None, None]
-    return q_t, A, k_t, lambda S: decay * S
+    return q_t, A, k_t, torch.exp(G[..., -1])[..., None, None, None]
 
 
 def _segment_sums(g: Tensor) -> Tensor:
@@ -196,55 +198,61 @@ def _segment_sums(g: Tensor) -> Tensor:
 
 
 def _chunk_operators_delta(q: Tensor, k: Tensor, g: Tensor, beta: Tensor):
-    """Gated DeltaNet's chunk operators (as ``_chunk_operators_gla``; A and k~ include beta_s).
+    """Gated DeltaNet's chunk operators (as ``_chunk_operators_gla``; A and k~ include beta_s, and the
+    chunk's transition is a [..., DK, DK] matrix).
 
-    M = [Phi(t, c0-1) | Phi(t, s) beta_s k_s for s in the chunk] advances one token at a time:
-    O(C * DK * (DK + C)) per chunk, cheap next to the multi-state readout."""
-    B, H, C, DK = q.shape
-    M = torch.cat([torch.eye(DK, dtype=q.dtype, device=q.device).expand(B, H, DK, DK),
-                   q.new_zeros(B, H, DK, C)], -1)
+    M = [Phi(t, c0-1) | Phi(t, s) beta_s k_s for s in the chunk] advances one token at a time, in all
+    chunks at once: C steps of O(DK * (DK + C)), cheap next to the multi-state readout."""
+    *lead, C, DK = q.shape
+    M = torch.cat([torch.eye(DK, dtype=q.dtype, device=q.device).expand(*lead, DK, DK),
+                   q.new_zeros(*lead, DK, C)], -1)
     unit = torch.eye(DK + C, dtype=q.dtype, device=q.device)[DK:]
     rows = []
     for i in range(C):
-        kt, bt = k[:, :, i], beta[:, :, i]
-        alpha = torch.exp(g[:, :, i])[..., None, None]
+        kt, bt = k[..., i, :], beta[..., i]
+        alpha = torch.exp(g[..., i])[..., None, None]
         M = alpha * (M - bt[..., None, None] * kt[..., :, None] * (kt[..., None, :] @ M))
         M = M + (bt[..., None] * kt)[..., :, None] * unit[i]
-        rows.append((q[:, :, i, None, :] @ M).squeeze(-2))
-    R = torch.stack(rows, 2)
-    Z = M[..., :DK]
-    return R[..., :DK], R[..., DK:], M[..., DK:].transpose(-1, -2), \
-        lambda S: torch.einsum("bhde,bhjev->bhjdv", Z, S)
+        rows.append((q[..., i, None, :] @ M).squeeze(-2))
+    R = torch.stack(rows, -2)
+    return R[..., :DK], R[..., DK:], M[..., DK:].transpose(-1, -2), M[..., :DK]
 
 
 def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
             states0: Tensor, tables: Tensor, scale: float, chunk: int = CHUNK):
     """Stage 3 (differentiable). Inputs [B, H, T, ...] in the compute dtype, states0 [B, H, K, DK, DV],
-    tables from ``slot_tables``. Returns o [B, H, T, DV] and the final states [B, H, K, DK, DV]."""
-    T, K = g.shape[-1], states0.shape[2]
+    tables from ``slot_tables`` (padded to whole chunks). Returns o [B, H, T, DV] and the final states.
+
+    Everything within chunks runs for all chunks at once; only the K states passed from chunk to
+    chunk need a loop over chunks. Padding tokens (zero k, v, g and beta) change no state."""
+    B, H, T = g.shape
+    K = states0.shape[2]
+    n = tables.shape[2] // chunk
+    pad = n * chunk - T
+    chunks = lambda x: F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad)).unflatten(2, (n, chunk))
+    qc, kc, vc, gc, lc = (chunks(x) for x in (q, k, v, g, lam))
+    if beta is None:
+        q_t, A, k_t, decay = _chunk_operators_gla(qc, kc, gc)
+        advance = lambda S, c: decay[:, :, c] * S
+    else:
+        q_t, A, k_t, Z = _chunk_operators_delta(qc, kc, gc, chunks(beta))
+        advance = lambda S, c: torch.einsum("bhde,bhjev->bhjdv", Z[:, :, c], S)
+    tab = tables.unflatten(2, (n, chunk))
+    pre, intra = tab[..., :K], tab[..., K:]
+    W = torch.gather(lc, -1, pre)      # weight of each chunk-start state, per token
+    L = torch.gather(lc, -1, intra)    # weight of each earlier token of the chunk, per token
+    o_intra = (L * A) @ vc
+    slots = torch.arange(K, device=states0.device)
+    to_pre = (pre[..., -1, :, None] == slots).to(states0.dtype)     # [B, H, n, j, x]
+    to_in = (intra[..., -1, :, None] == slots).to(states0.dtype)    # [B, H, n, s, x]
     S = states0
-    outs = []
-    for c0 in range(0, T, chunk):
-        c1 = min(c0 + chunk, T)
-        C = c1 - c0
-        qc, kc, vc, gc, lc = q[:, :, c0:c1], k[:, :, c0:c1], v[:, :, c0:c1], g[:, :, c0:c1], lam[:, :, c0:c1]
-        if beta is None:
-            q_t, A, k_t, advance = _chunk_operators_gla(qc, kc, gc)
-        else:
-            q_t, A, k_t, advance = _chunk_operators_delta(qc, kc, gc, beta[:, :, c0:c1])
-        tab = tables[:, :, c0:c1]
-        pre, intra = tab[..., :K], tab[..., K:K + C]
-        W = torch.gather(lc, -1, pre)      # weight of each chunk-start state, per token
-        L = torch.gather(lc, -1, intra)    # weight of each earlier token of the chunk, per token
-        o_inter = torch.einsum("bhcj,bhcd,bhjde->bhce", W, q_t, S)
-        o_intra = (L * A) @ vc
-        outs.append(scale * (o_inter + o_intra))
-        slots = torch.arange(K, device=S.device)
-        to_pre = (pre[:, :, -1, :, None] == slots).to(S.dtype)     # [B, H, j, x]
-        to_in = (intra[:, :, -1, :, None] == slots).to(S.dtype)    # [B, H, s, x]
-        S = torch.einsum("bhjx,bhjdv->bhxdv", to_pre, advance(S)) + \
-            torch.einsum("bhsx,bhsd,bhsv->bhxdv", to_in, k_t, vc)
-    return torch.cat(outs, 2), S
+    o_inter = []
+    for c in range(n):
+        o_inter.append(torch.einsum("bhcj,bhcd,bhjde->bhce", W[:, :, c], q_t[:, :, c], S))
+        S = torch.einsum("bhjx,bhjdv->bhxdv", to_pre[:, :, c], advance(S, c)) + \
+            torch.einsum("bhsx,bhsd,bhsv->bhxdv", to_in[:, :, c], k_t[:, :, c], vc[:, :, c])
+    o = scale * (torch.stack(o_inter, 2) + o_intra)
+    return o.flatten(2, 3)[:, :, :T], S
 
 
 def _time_major(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
