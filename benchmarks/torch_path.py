@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dla_ops import dla_attention
+from dla_ops.torch_backend import empty_cache_like, schedule_stage
 
 
 def time_one(base: str, B: int, T: int, H: int, D: int, K: int, tau: float, device: str, dtype: torch.dtype,
@@ -31,6 +32,11 @@ def time_one(base: str, B: int, T: int, H: int, D: int, K: int, tau: float, devi
     leaves = [x.to(device, dtype if x.dim() == 4 and x is not lam else torch.float32).requires_grad_()
               for x in (q, k, v, g, lam) + ((beta,) if beta is not None else ())]
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    cache = empty_cache_like(leaves[0], leaves[2], leaves[4], B, torch.float32)
+    sync()
+    ts = time.perf_counter()
+    with torch.no_grad():
+        schedule_stage(leaves[1], leaves[2], leaves[3], leaves[5] if beta is not None else None, *cache, tau)
     sync()
     t0 = time.perf_counter()
     o, _, sched = dla_attention(*leaves[:5], leaves[5] if beta is not None else None, tau=tau,
@@ -40,7 +46,8 @@ def time_one(base: str, B: int, T: int, H: int, D: int, K: int, tau: float, devi
     o.float().square().mean().backward()
     sync()
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t0, sched.boundary.float().mean().item(), (sched.merge >= 0).float().mean().item()
+    return (t0 - ts, t1 - t0, t2 - t0, sched.boundary.float().mean().item(),
+            (sched.merge >= 0).float().mean().item())
 
 
 def main():
@@ -59,14 +66,14 @@ def main():
         f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {where}; B={a.B} T={a.T} H={a.H} DK=DV={a.D} K={a.K} "
           f"tau={a.tau}, {a.dtype}")
-    print("| base | fwd s | fwd+bwd s | boundary rate | merge rate |")
-    print("|---|---|---|---|---|")
+    print("| base | schedule stage s | fwd s | fwd+bwd s | boundary rate | merge rate |")
+    print("|---|---|---|---|---|---|")
     dtype = getattr(torch, a.dtype)
     for base in ("gla", "delta"):
         time_one(base, a.B, min(a.T, 128), a.H, a.D, a.K, a.tau, a.device, dtype)   # warm-up
         runs = [time_one(base, a.B, a.T, a.H, a.D, a.K, a.tau, a.device, dtype) for _ in range(a.repeat)]
-        fwd, total, brate, mrate = (statistics.median(r[i] for r in runs) for i in range(4))
-        print(f"| {base} | {fwd:.2f} | {total:.2f} | {brate:.2f} | {mrate:.2f} |")
+        sched, fwd, total, brate, mrate = (statistics.median(r[i] for r in runs) for i in range(5))
+        print(f"| {base} | {sched:.3f} | {fwd:.3f} | {total:.3f} | {brate:.2f} | {mrate:.2f} |")
 
 
 if __name__ == "__main__":

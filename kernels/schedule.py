@@ -60,25 +60,26 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, c0_ptr, i0_ptr,
         I = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
         boundary = I >= tau
         close = boundary & (n_o > 0) & (K > 1)
-        # spec step 2: merge the adjacent closed pair of least mean information, oldest among ties.
-        # Old slots j, j+1 (j <= K-2) are the chronological pair i = K-2-j after the close.
-        c_next = tl.sum(tl.where(i2 == x2 + 1, counts[None, :], 0), 1)
-        s_next = tl.sum(tl.where(i2 == x2 + 1, info[None, :], 0.0), 1)
-        pair_n = tl.maximum(counts + c_next, 1).to(tl.float32)
-        score = tl.where(slot <= K - 2, (info + s_next) / pair_n, float("inf"))
-        best = tl.min(score, 0)
-        tied = score <= best + MERGE_TIE_RTOL * tl.abs(best)
-        j_sel = tl.max(tl.where(tied & (slot <= K - 2), slot, -1), 0)
-        last = tl.sum(tl.where(slot == K - 1, counts, 0))
-        need = close & (last > 0)
-        merge = tl.where(need, K - 2 - j_sel, -1)
-        mu = tl.where(need, j_sel + 1, K)          # new slot of the merged state
-        shifted = tl.where(x2 < mu, i2 == x2 - 1, tl.where(x2 == mu, (i2 == mu - 1) | (i2 == mu), i2 == x2))
-        select = tl.where(close, shifted, i2 == x2)
-        counts = tl.sum(tl.where(select, counts[None, :], 0), 1)
-        info = tl.sum(tl.where(select, info[None, :], 0.0), 1)
+        # spec step 2: close the open state; if K states are then closed, merge the adjacent pair
+        # of least mean information, oldest among ties. Old slots j, j+1 (j <= K-2) are the
+        # chronological pair i = K-2-j after the close. Most tokens close nothing: skip the work.
+        merge = n_o * 0 - 1
+        if close:
+            c_next = tl.sum(tl.where(i2 == x2 + 1, counts[None, :], 0), 1)
+            s_next = tl.sum(tl.where(i2 == x2 + 1, info[None, :], 0.0), 1)
+            pair_n = tl.maximum(counts + c_next, 1).to(tl.float32)
+            score = tl.where(slot <= K - 2, (info + s_next) / pair_n, float("inf"))
+            best = tl.min(score, 0)
+            tied = score <= best + MERGE_TIE_RTOL * tl.abs(best)
+            j_sel = tl.max(tl.where(tied & (slot <= K - 2), slot, -1), 0)
+            need = tl.sum(tl.where(slot == K - 1, counts, 0)) > 0
+            merge = tl.where(need, K - 2 - j_sel, -1).to(tl.int64)
+            mu = tl.where(need, j_sel + 1, K)          # new slot of the merged state
+            select = tl.where(x2 < mu, i2 == x2 - 1, tl.where(x2 == mu, (i2 == mu - 1) | (i2 == mu), i2 == x2))
+            counts = tl.sum(tl.where(select, counts[None, :], 0), 1)
+            info = tl.sum(tl.where(select, info[None, :], 0.0), 1)
+            S = S * 0.0
         # spec steps 3-4 for the open state (closed states do not matter to the schedule)
-        S = tl.where(close, 0.0, S)
         alpha = tl.exp(gt)
         if IS_DELTA:
             bt = tl.load(beta_ptr + tok).to(tl.float32)
@@ -90,7 +91,7 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, c0_ptr, i0_ptr,
         info = info + tl.where(slot == 0, I, 0.0)
         tl.store(I_ptr + tok, I)
         tl.store(bnd_ptr + tok, boundary.to(tl.int8))
-        tl.store(merge_ptr + tok, merge.to(tl.int64))
+        tl.store(merge_ptr + tok, merge)
     tl.store(c_ptr + cache_sh * K + slot, counts, mask=mk)
     tl.store(info_ptr + cache_sh * K + slot, info, mask=mk)
     tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
