@@ -5,6 +5,7 @@ Stages (see docs/design.md):
 1. ``schedule``: the sequential pass that decides boundaries and merges. It only needs the open
    state (for the information score) and the per-slot counts and information sums (for the merge
    scores), so it loops over T vectorised over (B, H) with a ``[B, H, DK, DV]`` state.
+   ``schedule_stage`` runs it, or the Triton kernel that computes the same (``kernels/schedule.py``).
 2. ``events`` / ``slot_tables``: the schedule as slot maps. A close shifts every slot up by one; a
    merge at slot ``mu`` (the newer slot of the merged pair) shifts every slot above ``mu`` down by
    one. Per chunk, the tables give the slot at time t of each state present at the chunk start and of
