@@ -38,7 +38,8 @@ def dla_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
 def dla_decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
                     cache: DLACache, *, tau: float = 0.6, scale: Optional[float] = None):
     """One token: q, k [B, H, DK], v [B, H, DV], g [B, H], lam [B, H, K], beta [B, H] or None.
-    Returns ``(o [B, H, DV], new cache)``. Inference only: it has no autograd formula."""
+    Returns ``(o [B, H, DV], new cache)``. Inference only: it has no autograd formula. It captures
+    into a CUDA graph (the data checks are skipped during the capture)."""
     check_decode_shapes(q, k, v, g, lam, beta, cache, tau, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     o, states, counts, info = torch.ops.dla.decode_step(q, k, v, g, lam, beta, *cache, scale, float(tau))

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from .validation import check_cache_values, check_values, compute_dtype
+from .validation import capturing_cuda_graph, check_cache_values, check_values, compute_dtype
 
 
 def _initial_cache(q, v, lam, cu_seqlens, states, counts, info):
@@ -102,8 +102,9 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: O
                 states: Tensor, counts: Tensor, info: Tensor, scale: float, tau: float
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One token against the cache. Returns (o, states, counts, info)."""
-    check_values(q, k, v, g, lam, beta)
-    check_cache_values(states, counts, info, "cache")
+    if not capturing_cuda_graph(q):
+        check_values(q, k, v, g, lam, beta)
+        check_cache_values(states, counts, info, "cache")
     return torch_backend.decode_step(q, k, v, g, lam, beta, states, counts, info, scale, tau)
 
 

@@ -176,6 +176,12 @@ def check_decode_shapes(q, k, v, g, lam, beta, cache, tau, scale) -> None:
         _fail(f"cache has capacity {cache[0].shape[2]} but lam has K={lam.shape[2]}")
 
 
+def capturing_cuda_graph(x: Tensor) -> bool:
+    """Data checks read values back to the host, which a CUDA graph capture forbids: while one is
+    being captured they are skipped (the captured program is a replay of an already checked one)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_finite(**tensors: Optional[Tensor]) -> None:
     for name, x in tensors.items():
         if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):

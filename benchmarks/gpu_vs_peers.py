@@ -1,0 +1,171 @@
+"""DLA against its peers on one GPU, all in the same run: forward and forward+backward against
+flash-linear-attention's chunk_log_linear_attn (if fla is installed) and PyTorch SDPA (flash,
+causal), peak memory, the schedule stage alone, decode-step latency against SDPA decoding with a KV
+cache (both timed as CUDA graph replays), and the fraction of a roofline floor reached.
+
+    python benchmarks/gpu_vs_peers.py [--T 2048 8192 32768 65536] [--K 16 32] [--out docs/benchmarks.md]
+
+Writes a markdown table with the GPU's name to --out and a PNG plot beside it."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from dla_ops import DLACache, dla_attention, dla_decode_step
+from dla_ops.torch_backend import empty_cache_like, schedule_stage
+
+B, H, D = 2, 16, 64
+DEV = "cuda"
+
+
+def ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
+
+
+def graph_ms(fn) -> float:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return ms(graph.replay)
+
+
+def measure(fwd, grads_of) -> dict:
+    """fwd() -> output; grads_of: the leaves. Returns fwd and fwd+bwd ms and peak MiB."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    row = dict(fwd_ms=ms(fwd))
+    out = fwd()
+    do = torch.randn_like(out)
+    row["fwdbwd_ms"] = ms(lambda: torch.autograd.grad(fwd(), grads_of, do))
+    row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def inputs(T: int, K: int):
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device=DEV, generator=gen)
+    regime = torch.randint(0, 8, (B, T // 32 + 1), device=DEV, generator=gen).repeat_interleave(32, 1)[:, :T]
+    kv = rnd(8, H, 2 * D)[regime] + 0.2 * rnd(B, T, H, 2 * D)
+    q = rnd(B, T, H, D).bfloat16().requires_grad_()
+    k = F.normalize(kv[..., :D], dim=-1).bfloat16().requires_grad_()
+    v = kv[..., D:].bfloat16().requires_grad_()
+    g = F.logsigmoid(rnd(B, T, H) + 4).requires_grad_()
+    lam = (0.5 + torch.rand(B, T, H, K, device=DEV, generator=gen)).requires_grad_()
+    return q, k, v, g, lam
+
+
+def floors(T: int, K: int, peak_tflops: float, bandwidth_tbs: float) -> float:
+    """Forward floor in ms: the larger of reading q, k, v, g, lam and writing o (bf16/fp32) at full
+    bandwidth, and the readout's flops (2 T K DK DV for the states, 2 T C (DK + DV) within chunks)
+    at peak bf16 throughput."""
+    bytes_moved = B * T * H * (4 * D * 2 + 4 + 4 * K)
+    flops = 2 * B * H * T * (K * D * D + 64 * 2 * D)
+    return max(bytes_moved / (bandwidth_tbs * 1e12), flops / (peak_tflops * 1e12)) * 1e3
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
+    p.add_argument("--K", type=int, nargs="+", default=[16, 32])
+    p.add_argument("--ctx", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak (H200/H100 SXM: ~790)")
+    p.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s (H200: 4.8, H100 SXM: 3.35)")
+    p.add_argument("--out", default="docs/benchmarks.md")
+    a = p.parse_args()
+    name = torch.cuda.get_device_name()
+    try:
+        from fla.ops.log_linear_attn import chunk_log_linear_attn
+    except ImportError:
+        chunk_log_linear_attn = None
+    rows = []
+    for T in a.T:
+        q, k, v, g, lam16 = inputs(T, 16)
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        rows.append(dict(op="sdpa flash", T=T, K="-", **measure(
+            lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True), [q, k, v])))
+        if chunk_log_linear_attn is not None:
+            L = math.ceil(math.log2(T)) + 1
+            ls = torch.rand(B, T, H, L, device=DEV, dtype=torch.bfloat16, requires_grad=True)
+            rows.append(dict(op="fla log-linear", T=T, K=L, **measure(
+                lambda: chunk_log_linear_attn(q, k, v, g, ls)[0], [q, k, v, g, ls])))
+        for K in a.K:
+            lam = lam16 if K == 16 else inputs(T, K)[4]
+            row = dict(op="dla gla", T=T, K=K, **measure(lambda: dla_attention(q, k, v, g, lam)[0],
+                                                          [q, k, v, g, lam]))
+            cache = empty_cache_like(q, v, lam, B, torch.float32)
+            with torch.no_grad():
+                row["schedule_ms"] = ms(lambda: schedule_stage(k, v, g, None, *cache, 0.6))
+            row["floor_frac"] = floors(T, K, a.peak_tflops, a.bandwidth) / row["fwd_ms"]
+            rows.append(row)
+        torch.cuda.empty_cache()
+    decode = []
+    for ctx in a.ctx:
+        kc = torch.randn(B, H, ctx, D, device=DEV, dtype=torch.bfloat16)
+        qd = torch.randn(B, H, 1, D, device=DEV, dtype=torch.bfloat16)
+        decode.append(dict(op="sdpa decode", ctx=ctx, us=1e3 * graph_ms(lambda: F.scaled_dot_product_attention(qd, kc, kc))))
+    for K in a.K:
+        # DLA's step costs the same at any context: the cache holds K states whatever came before
+        tok = [torch.randn(B, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
+        gd = F.logsigmoid(torch.randn(B, H, device=DEV) + 4)
+        lamd = torch.ones(B, H, K, device=DEV)
+        cache = DLACache.empty(B, H, K, D, D, device=DEV)
+        decode.append(dict(op=f"dla gla decode K={K}", ctx="any",
+                           us=1e3 * graph_ms(lambda: dla_decode_step(tok[0], tok[1], tok[2], gd, lamd, None, cache))))
+    write(rows, decode, name, Path(a.out))
+
+
+def write(rows, decode, name, out: Path):
+    lines = [f"# Benchmarks on {name}", "",
+             f"`python benchmarks/gpu_vs_peers.py`, torch {torch.__version__}, triton {triton.__version__}; "
+             f"bf16 inputs, B={B}, H={H}, DK=DV={D}; medians of triton.testing.do_bench.", "",
+             "| op | T | K | fwd ms | fwd+bwd ms | peak MiB | schedule ms | floor fraction (fwd) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['op']} | {r['T']} | {r['K']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+                     f"{r['peak_mib']:.0f} | {r.get('schedule_ms', float('nan')):.3f} | "
+                     f"{r.get('floor_frac', float('nan')):.4f} |")
+    lines += ["", "Decode, one token, timed as a CUDA graph replay:", "", "| op | context | µs per step |",
+              "|---|---|---|"]
+    lines += [f"| {r['op']} | {r['ctx']} | {r['us']:.1f} |" for r in decode]
+    ratios = []
+    for T in sorted({r["T"] for r in rows}):
+        at = {(r["op"], r["K"]): r for r in rows if r["T"] == T}
+        dla = at.get(("dla gla", 16))
+        for (op, _), r in at.items():
+            if dla is not None and op != "dla gla":
+                ratios.append(f"| {T} | {op} | {dla['fwd_ms'] / r['fwd_ms']:.2f} | {dla['fwdbwd_ms'] / r['fwdbwd_ms']:.2f} |")
+    lines += ["", "DLA (K=16) time over each peer's, same run (< 1 means DLA is faster):", "",
+              "| T | peer | fwd ratio | fwd+bwd ratio |", "|---|---|---|---|"] + ratios
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(text)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for op in sorted({(r["op"], r["K"]) for r in rows}, key=str):
+        pts = sorted((r["T"], r["fwdbwd_ms"]) for r in rows if (r["op"], r["K"]) == op)
+        ax.loglog(*zip(*pts), "o-", label=f"{op[0]} (K={op[1]})" if op[1] != "-" else op[0])
+    ax.set_xlabel("T")
+    ax.set_ylabel("fwd+bwd ms")
+    ax.set_title(name)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+
+
+if __name__ == "__main__":
+    main()
