@@ -152,9 +152,9 @@ def events(boundary: Tensor, merge: Tensor, counts0: Tensor) -> tuple[Tensor, Te
 
 
 def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int) -> Tensor:
-    """Stage 2. [B, H, T', K + C] (T' = T padded to whole chunks): for token t of a chunk, the slot that holds (at time t) each of the
-    K states present at the chunk start (columns :K) and each token s of the chunk (columns K:; only
-    s <= t is meaningful). Clamped to K - 1: only empty states can be pushed past it.
+    """Stage 2. [B, H, T', K + C] (T' = T padded to whole chunks): for token t of a chunk, the slot
+    that holds (at time t) each of the K states present at the chunk start (columns :K) and each token
+    s of the chunk (columns K:; only s <= t is meaningful). Clamped to K - 1: only empty states can be pushed past it.
 
     Chunks are independent (positions restart at each chunk start), so all chunks advance together:
     C steps over [B, H, T / C, K + C] rather than T steps."""
