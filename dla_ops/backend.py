@@ -18,6 +18,12 @@ def requested() -> str | None:
     return name
 
 
+def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: str) -> bool:
+    """The readout and its backward: Triton covers the ``gla`` base in float32 compute. The ``delta``
+    readout has no kernel yet (it runs the PyTorch path under either backend)."""
+    return base == "gla" and use_triton_schedule(device, compute_dtype)
+
+
 def use_triton_schedule(device: torch.device, compute_dtype: torch.dtype) -> bool:
     """The schedule stage: Triton covers float32 compute (fp16/bf16/fp32 inputs) on any device
     Triton can run on."""

@@ -272,10 +272,29 @@ def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale
     """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H])."""
     cdt = states0.dtype
     close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
-    tables = slot_tables(close, mu, counts0.shape[-1], CHUNK)
     states0 = ignore_empty_slots(states0, counts0)
+    if _triton_readout(q, beta, cdt):
+        from dla_ops.kernels import readout as kernels
+        tables = kernels.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), counts0.shape[-1])
+        return kernels.forward(q, k, v, g, lam, states0, tables, scale)
+    tables = slot_tables(close, mu, counts0.shape[-1], CHUNK)
     o, states = readout(*(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)), states0, tables, scale)
     return o.transpose(1, 2).to(q.dtype), states
+
+
+def _triton_readout(q: Tensor, beta: Optional[Tensor], cdt: torch.dtype) -> bool:
+    return backend.use_triton_readout(q.device, cdt, "gla" if beta is None else "delta")
+
+
+def _kernel_backward(do, dstates, q, k, v, g, lam, states0, counts0, boundary, merge, scale):
+    """The Triton backward of one run: gradients of q, k, v, g, lam, (no beta) and the initial states."""
+    from dla_ops.kernels import readout as kernels
+    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
+    tables = kernels.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), counts0.shape[-1])
+    states0 = ignore_empty_slots(states0, counts0)
+    dq, dk, dv, dg, dlam, ds0 = kernels.backward(do, dstates, q, k, v, g, lam, states0, tables, scale)
+    return [dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), None,
+            ignore_empty_slots(ds0, counts0).to(states0.dtype)]
 
 
 def _split_sequences(cu_seqlens: Optional[Tensor], along_t: list, per_seq: list):
@@ -325,9 +344,15 @@ def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: flo
 
 def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge,
                        scale: float, cu_seqlens: Optional[Tensor]):
-    """Gradients of (o, final states) with respect to q, k, v, g, lam, beta and the initial states,
-    by autograd through the readout on the forward's schedule."""
+    """Gradients of (o, final states) with respect to q, k, v, g, lam, beta and the initial states on
+    the forward's schedule: by the Triton backward kernels where they cover the case, else by
+    autograd through the readout."""
     inputs = [q, k, v, g, lam, beta, states0]
+    if _triton_readout(q, beta, states0.dtype):
+        runs = [_kernel_backward(do_, ds_, *xs[:5], s0, c0, b_, m_, scale) for (do_, *xs, b_, m_), (ds_, s0, c0)
+                in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, boundary, merge], [dstates, states0, counts0])]
+        grads = [torch.cat(parts, 1) for parts in list(zip(*runs))[:5]] + [None, torch.cat([r[6] for r in runs], 0)]
+        return [None if x is None else dx for x, dx in zip(inputs, grads)]
     # custom-op implementations run below the autograd dispatch key; re-enable it for this graph
     with torch.enable_grad(), torch._C._SetExcludeDispatchKeyGuard(
             torch._C.DispatchKey.AutogradFunctionality, False):

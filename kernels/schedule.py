@@ -22,11 +22,12 @@ from dla_ops import reference
 
 # the spec's constants, from the one place that defines them (Triton reads globals as constexpr only)
 EPS = tl.constexpr(reference.EPS)
+WARPS = 8   # measured on an H200 at T = 32768: 18 ms at 8 warps, 27 ms at 4, 104 ms at 1
 MERGE_TIE_RTOL = tl.constexpr(reference.MERGE_TIE_RTOL)
 
 
 @triton.jit
-def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, c0_ptr, i0_ptr,
+def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_ptr,
                      I_ptr, bnd_ptr, merge_ptr, c_ptr, info_ptr, s_ptr,
                      T, H, tau,
                      DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
@@ -44,18 +45,29 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, c0_ptr, i0_ptr,
                 mask=mdk[:, None] & mdv[None, :], other=0.0).to(tl.float32)
     counts = tl.load(c0_ptr + cache_sh * K + slot, mask=mk, other=0)
     info = tl.load(i0_ptr + cache_sh * K + slot, mask=mk, other=0.0).to(tl.float32)
+    n_o = tl.sum(tl.where(slot == 0, counts, 0))
+    # ||S_o||^2, carried by ||a S + k v^T||^2 = a^2 ||S||^2 + 2 a k^T S v + ||k||^2 ||v||^2 for gla
+    # (one reduction per token instead of two)
+    S2 = tl.sum(tl.sum(S * S, 1), 0)
     x2 = slot[:, None]   # new slot
     i2 = slot[None, :]   # old slot
+    # this token's inputs are loaded one iteration ahead, so that the loads overlap the last token's work
+    tok = n * T * H + h
+    kt = tl.load(k_ptr + tok * DK + dk, mask=mdk, other=0.0).to(tl.float32)
+    vt = tl.load(v_ptr + tok * DV + dv, mask=mdv, other=0.0).to(tl.float32)
+    gt = tl.load(g_ptr + tok).to(tl.float32)
+    kvn = tl.load(kvn_ptr + tok)
     for t in range(0, T):
         tok = (n * T + t) * H + h
-        kt = tl.load(k_ptr + tok * DK + dk, mask=mdk, other=0.0).to(tl.float32)
-        vt = tl.load(v_ptr + tok * DV + dv, mask=mdv, other=0.0).to(tl.float32)
-        gt = tl.load(g_ptr + tok).to(tl.float32)
+        nxt = (n * T + tl.minimum(t + 1, T - 1)) * H + h
+        k_next = tl.load(k_ptr + nxt * DK + dk, mask=mdk, other=0.0).to(tl.float32)
+        v_next = tl.load(v_ptr + nxt * DV + dv, mask=mdv, other=0.0).to(tl.float32)
+        g_next = tl.load(g_ptr + nxt).to(tl.float32)
+        kvn_next = tl.load(kvn_ptr + nxt)
         # spec step 1: information score against the open state before this token
-        n_o = tl.sum(tl.where(slot == 0, counts, 0))
-        Sv = tl.sum(S * vt[None, :], 1)
-        num = tl.sum(kt * Sv)
-        den = tl.sqrt(tl.sum(kt * kt)) * tl.sqrt(tl.sum(vt * vt)) * tl.sqrt(tl.sum(S * S)) + EPS
+        kv = kt[:, None] * vt[None, :]
+        num = tl.sum(tl.sum(S * kv, 1), 0)
+        den = kvn * tl.sqrt(tl.maximum(S2, 0.0)) + EPS
         cos = tl.where(n_o > 0, num / den, 0.0)
         I = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
         boundary = I >= tau
@@ -79,19 +91,26 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, s0_ptr, c0_ptr, i0_ptr,
             counts = tl.sum(tl.where(select, counts[None, :], 0), 1)
             info = tl.sum(tl.where(select, info[None, :], 0.0), 1)
             S = S * 0.0
+            S2 = S2 * 0.0
+            num = num * 0.0
+            n_o = n_o * 0
         # spec steps 3-4 for the open state (closed states do not matter to the schedule)
         alpha = tl.exp(gt)
         if IS_DELTA:
             bt = tl.load(beta_ptr + tok).to(tl.float32)
             kS = tl.sum(kt[:, None] * S, 0)
-            S = alpha * (S - bt * kt[:, None] * kS[None, :]) + bt * kt[:, None] * vt[None, :]
+            S = alpha * (S - bt * kt[:, None] * kS[None, :]) + bt * kv
+            S2 = tl.sum(tl.sum(S * S, 1), 0)
         else:
-            S = alpha * S + kt[:, None] * vt[None, :]
+            S = alpha * S + kv
+            S2 = alpha * alpha * S2 + 2.0 * alpha * num + kvn * kvn
+        n_o = n_o + 1
         counts = counts + tl.where(slot == 0, 1, 0)
         info = info + tl.where(slot == 0, I, 0.0)
         tl.store(I_ptr + tok, I)
         tl.store(bnd_ptr + tok, boundary.to(tl.int8))
         tl.store(merge_ptr + tok, merge)
+        kt, vt, gt, kvn = k_next, v_next, g_next, kvn_next
     tl.store(c_ptr + cache_sh * K + slot, counts, mask=mk)
     tl.store(info_ptr + cache_sh * K + slot, info, mask=mk)
     tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
@@ -115,9 +134,11 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     counts = torch.empty_like(counts0)
     info = torch.empty_like(info0)
     S = torch.empty_like(open0)
+    # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
+    kvn = torch.linalg.vector_norm(k.float(), dim=-1) * torch.linalg.vector_norm(v.float(), dim=-1)
     _schedule_kernel[(B, H)](
-        k, v, g, beta, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
+        k, v, g, beta, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
         I, boundary, merge, counts, info, S, T, H, float(tau),
         DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
-        KP=triton.next_power_of_2(K), IS_DELTA=beta is not g)
+        KP=triton.next_power_of_2(K), IS_DELTA=beta is not g, num_warps=WARPS)
     return I, boundary.bool(), merge, counts, info, S

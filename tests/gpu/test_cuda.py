@@ -58,3 +58,17 @@ def test_cuda_language_model_generates():
         a = m.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
         b = m.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("decay", [0.0, 10.0])
+def test_cuda_long_bf16_sequences_stay_finite(decay):
+    """T = 65536 in bf16 with no decay (states only grow) or strong decay (exp underflows)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, D, K = 1, 65536, 2, 64, 16
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    g = torch.full((B, T, H), -decay, device="cuda").requires_grad_()
+    lam = torch.rand(B, T, H, K, device="cuda", generator=gen).requires_grad_()
+    o, cache = dla_ops.dla_attention(q, k, v, g, lam, output_final_cache=True)
+    (o.float().square().mean() + cache.states.square().mean()).backward()
+    for t in (o, cache.states, q.grad, k.grad, v.grad, g.grad, lam.grad):
+        assert torch.isfinite(t).all()

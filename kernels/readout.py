@@ -1,0 +1,357 @@
+"""Stages 2 and 3 of the ``gla`` base as Triton kernels: slot tables, the fused multi-state readout
+(forward) and its backward, on a given schedule.
+
+For ``gla`` the output is a masked linear attention,
+    o_t = scale * sum_{s <= t} lam_t[slot(t, s)] * exp(G_t - G_s) * (q_t . k_s) v_s,
+plus the initial cache's states, where slot(t, s) is the cache slot that holds token s at time t.
+Per chunk of C tokens the kernels need the slot, at each time t of the chunk, of each of the K cache
+entries present at the chunk start and of each earlier token of the chunk: ``_slot_table_kernel``
+writes those tables ([T', K + C] int8 per sequence and head) for all chunks in parallel, from each
+token's close and merge slot (as ``torch_backend.slot_tables`` does).
+
+The sweeps run one program per (sequence, head, block of the value dimension), sequential over
+chunks, with the K states of the cache at the chunk start in an fp32 scratch buffer (two copies,
+swapped per chunk; small enough to stay in L2). Per chunk they do the intra-chunk attention with the
+slot-dependent weights, the readout of the K chunk-start states, and the states at the chunk end:
+entry j at the chunk end is the sum of the chunk-start entries and chunk tokens that the table's
+last row maps to j. Nothing of size T * K * DK * DV is ever stored. (Holding the K states in
+registers instead, with the readout and the moves as single products over [KP, DK, BV] tensors, was
+measured slower on an H200 and runs out of shared memory at K = 32.)
+
+- ``_forward_sweep_kernel``: o and the final states. Run on (do, v, k) with the initial states
+  transposed it gives dq, and with ``WITH_DLAM`` the partial dlam of its block.
+- ``_reverse_sweep_kernel``: dk (partial per value block), dv and the gradient of the initial
+  states, going backwards through the chunks with the adjoint of each cache entry.
+- dg follows from the others: dg_t = <dS0, S0> + sum_{s < t} (k_s . dk_s - q_s . dq_s).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+CHUNK = 64
+SWEEP_WARPS = 4
+BLOCK_V = 16    # more programs per head: the sweeps are latency-bound, not throughput-bound
+
+
+@triton.jit
+def _slot_table_kernel(close_ptr, mu_ptr, tab_ptr, T, H, TP,
+                       K: tl.constexpr, C: tl.constexpr, WP: tl.constexpr):
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    W = K + C
+    cols = tl.arange(0, WP)
+    pos = tl.where(cols < K, cols, 0)
+    for i in range(C):
+        t = c * C + i
+        valid = t < T
+        close = tl.load(close_ptr + (b * T + t) * H + h, mask=valid, other=0).to(tl.int32)
+        mu = tl.load(mu_ptr + (b * T + t) * H + h, mask=valid, other=K).to(tl.int32)
+        pos = pos + close
+        pos = pos - (pos > mu).to(tl.int32)
+        pos = tl.where(cols == K + i, 0, pos)   # token i enters the open state
+        tl.store(tab_ptr + (bh * TP + t) * W + cols, tl.minimum(pos, K - 1).to(tl.int8), mask=cols < W)
+
+
+@triton.jit
+def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, buf_ptr, o_ptr, sT_ptr,
+                          x_ptr, dlam_ptr, T, H, TP, scale,
+                          DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                          C: tl.constexpr, BV: tl.constexpr, WITH_DLAM: tl.constexpr,
+                          PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    vb = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    W = K + C
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    rv = vb * BV + tl.arange(0, BV)
+    slots = tl.arange(0, KP)
+    tile = rk[:, None] * DV + rv[None, :]
+    SZ = DK * DV
+    buf = buf_ptr + bh * 2 * K * SZ
+    for j in range(K):
+        tl.store(buf + j * SZ + tile, tl.load(s0_ptr + (bh * K + j) * SZ + tile))
+    tl.debug_barrier()
+    causal = rc[None, :] <= rc[:, None]
+    NC = tl.cdiv(T, C)
+    for c in range(NC):
+        cur = buf + (c % 2) * K * SZ
+        nxt = buf + ((c + 1) % 2) * K * SZ
+        t = c * C + rc
+        valid = t < T
+        tok = (b * T + t) * H + h
+        q = tl.load(q_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        Gc = tl.cumsum(g, 0)
+        last = tl.minimum(T - c * C, C) - 1
+        G_last = tl.sum(tl.where(rc == last, Gc, 0.0), 0)
+        lam_row = lam_ptr + tok * K
+        tab_row = tab_ptr + (bh * TP + c * C + rc) * W
+        last_row = tab_ptr + (bh * TP + c * C + last) * W
+        # intra-chunk: slot-weighted, decayed causal attention
+        live = causal & valid[:, None]
+        slot_in = tl.load(tab_row[:, None] + K + rc[None, :], mask=live, other=0).to(tl.int32)
+        lam_in = tl.load(lam_row[:, None] + slot_in, mask=live, other=0.0).to(tl.float32)
+        decay = tl.exp(tl.where(live, Gc[:, None] - Gc[None, :], float("-inf")))
+        R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
+        o = tl.dot(R * lam_in, v, input_precision=PREC)
+        if WITH_DLAM:
+            x = tl.load(x_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            X = R * tl.dot(x, tl.trans(v), input_precision=PREC)
+            dlam = tl.zeros([C, KP], dtype=tl.float32)
+            for j in range(K):
+                part = tl.sum(tl.where(live & (slot_in == j), X, 0.0), 1)
+                dlam += tl.where(slots[None, :] == j, part[:, None], 0.0)
+        # the chunk-start entries: their readout, and where each goes at the chunk end (entries only
+        # move up or merge with a neighbour, so their images are non-decreasing)
+        held = valid[:, None] & (slots[None, :] < K)
+        pre = tl.load(tab_row[:, None] + slots[None, :], mask=held, other=0).to(tl.int32)
+        w_pre = tl.load(lam_row[:, None] + pre, mask=held, other=0.0).to(tl.float32)
+        e_old = tl.load(last_row + slots, mask=slots < K, other=KP).to(tl.int32)
+        q_start = q * tl.exp(Gc)[:, None]
+        chunk_decay = tl.exp(G_last)
+        for e in range(K):
+            S = tl.load(cur + e * SZ + tile)
+            P = tl.dot(q_start, S, input_precision=PREC)
+            o += tl.sum(tl.where(slots[None, :] == e, w_pre, 0.0), 1)[:, None] * P
+            if WITH_DLAM:
+                col = tl.sum(tl.where(slots[None, :] == e, pre, 0), 1)
+                dlam += tl.where(slots[None, :] == col[:, None], tl.sum(P * x, 1)[:, None], 0.0)
+            j = tl.sum(tl.where(slots == e, e_old, 0), 0)
+            dst = nxt + j * SZ + tile
+            before = tl.sum(tl.where(slots == e - 1, e_old, 0), 0)
+            if (e > 0) & (j == before):
+                tl.store(dst, tl.load(dst) + chunk_decay * S)   # merged into the entry before it
+            else:
+                tl.store(dst, chunk_decay * S)
+        tl.debug_barrier()
+        # the chunk's tokens make up entries 0..j_tok at the chunk end; only j_tok can also hold
+        # chunk-start entries (those are older than every token of the chunk)
+        e_tok = tl.load(last_row + K + rc, mask=valid, other=-1).to(tl.int32)
+        j_tok = tl.max(e_tok, 0)
+        first_old = tl.min(e_old, 0)
+        k_end = k * tl.exp(G_last - Gc)[:, None]
+        for j in range(0, j_tok + 1):
+            acc = tl.dot(tl.trans(tl.where((e_tok == j)[:, None], k_end, 0.0)), v, input_precision=PREC)
+            dst = nxt + j * SZ + tile
+            if j >= first_old:
+                acc += tl.load(dst)
+            tl.store(dst, acc)
+        tl.store(o_ptr + tok[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty),
+                 mask=valid[:, None])
+        if WITH_DLAM:
+            tl.store(dlam_ptr + (vb * (tl.num_programs(0) * T) + b * T * H + t * H + h)[:, None] * K
+                     + slots[None, :], scale * dlam, mask=held)
+        tl.debug_barrier()
+    final = buf + (NC % 2) * K * SZ
+    for j in range(K):
+        tl.store(sT_ptr + (bh * K + j) * SZ + tile, tl.load(final + j * SZ + tile))
+
+
+@triton.jit
+def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, dsT_ptr, buf_ptr,
+                          dk_ptr, dv_ptr, ds0_ptr, T, H, TP, scale,
+                          DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                          C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    bh = tl.program_id(0)
+    vb = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    W = K + C
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    rv = vb * BV + tl.arange(0, BV)
+    slots = tl.arange(0, KP)
+    tile = rk[:, None] * DV + rv[None, :]
+    SZ = DK * DV
+    buf = buf_ptr + bh * 2 * K * SZ
+    # the adjoint of each cache entry, starting from the final cache's gradient
+    for j in range(K):
+        tl.store(buf + j * SZ + tile, tl.load(dsT_ptr + (bh * K + j) * SZ + tile))
+    tl.debug_barrier()
+    causal = rc[None, :] <= rc[:, None]
+    NC = tl.cdiv(T, C)
+    for i in range(NC):
+        c = NC - 1 - i
+        cur = buf + (i % 2) * K * SZ
+        nxt = buf + ((i + 1) % 2) * K * SZ
+        t = c * C + rc
+        valid = t < T
+        tok = (b * T + t) * H + h
+        q = tl.load(q_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        do = tl.load(do_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        Gc = tl.cumsum(g, 0)
+        last = tl.minimum(T - c * C, C) - 1
+        G_last = tl.sum(tl.where(rc == last, Gc, 0.0), 0)
+        lam_row = lam_ptr + tok * K
+        tab_row = tab_ptr + (bh * TP + c * C + rc) * W
+        last_row = tab_ptr + (bh * TP + c * C + last) * W
+        live = causal & valid[:, None]
+        slot_in = tl.load(tab_row[:, None] + K + rc[None, :], mask=live, other=0).to(tl.int32)
+        lam_in = tl.load(lam_row[:, None] + slot_in, mask=live, other=0.0).to(tl.float32)
+        M = tl.exp(tl.where(live, Gc[:, None] - Gc[None, :], float("-inf"))) * lam_in
+        QK = tl.dot(q, tl.trans(k), input_precision=PREC)
+        DOV = tl.dot(do, tl.trans(v), input_precision=PREC)
+        dk = scale * tl.dot(tl.trans(M * DOV), q, input_precision=PREC)
+        dv = scale * tl.dot(tl.trans(M * QK), do, input_precision=PREC)
+        # the chunk's tokens read the adjoint of the entry that holds them at the chunk end
+        e_tok = tl.load(last_row + K + rc, mask=valid, other=-1).to(tl.int32)
+        to_end = tl.exp(G_last - Gc)
+        j_tok = tl.max(e_tok, 0)
+        for j in range(0, j_tok + 1):
+            U = tl.load(cur + j * SZ + tile)
+            f = tl.where(e_tok == j, to_end, 0.0)[:, None]
+            dk += f * tl.dot(v, tl.trans(U), input_precision=PREC)
+            dv += f * tl.dot(k, U, input_precision=PREC)
+        # the adjoint of each chunk-start entry: its chunk-end entry's, plus this chunk's readouts
+        held = valid[:, None] & (slots[None, :] < K)
+        pre = tl.load(tab_row[:, None] + slots[None, :], mask=held, other=0).to(tl.int32)
+        w_pre = tl.load(lam_row[:, None] + pre, mask=held, other=0.0).to(tl.float32)
+        e_old = tl.load(last_row + slots, mask=slots < K, other=0).to(tl.int32)
+        q_start = q * tl.exp(Gc)[:, None]
+        chunk_decay = tl.exp(G_last)
+        for e in range(K):
+            w = tl.sum(tl.where(slots[None, :] == e, w_pre, 0.0), 1)
+            j = tl.sum(tl.where(slots == e, e_old, 0), 0)
+            U = chunk_decay * tl.load(cur + j * SZ + tile) + \
+                scale * tl.dot(tl.trans(q_start * w[:, None]), do, input_precision=PREC)
+            tl.store(nxt + e * SZ + tile, U)
+        tl.store(dk_ptr + (vb * (tl.num_programs(0) * T) + b * T * H + t * H + h)[:, None] * DK + rk[None, :],
+                 dk, mask=valid[:, None])
+        tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=valid[:, None])
+        tl.debug_barrier()
+    final = buf + (NC % 2) * K * SZ
+    for j in range(K):
+        tl.store(ds0_ptr + (bh * K + j) * SZ + tile, tl.load(final + j * SZ + tile))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs need fp32-exact products (the 1e-4 contract); half inputs are already rounded far
+    # more coarsely than tf32's 10-bit mantissa
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _slots(K: int) -> int:
+    """K padded for the kernels: a power of two >= 16, the least inner size of tl.dot."""
+    return max(16, triton.next_power_of_2(K))
+
+
+def _block_v(DV: int) -> int:
+    return min(DV, BLOCK_V)
+
+
+def _check_covered(q: Tensor, K: int) -> None:
+    if not 1 <= K <= 120:
+        raise ValueError(f"the Triton readout covers K from 1 to 120 (int8 slot tables), got {K}")
+    if q.dtype == torch.float64:
+        raise ValueError("the Triton readout computes in float32; float64 inputs are not covered")
+
+
+def _width(d: int) -> int:
+    """Feature sizes run as powers of two >= 16 (tl.dot's minimum); zero padding is exact for gla."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _pad(x: Optional[Tensor], *sizes: int) -> Optional[Tensor]:
+    """Zero-pad the last len(sizes) dims of x to sizes (no copy when nothing changes)."""
+    if x is None:
+        return None
+    pads = []
+    for have, want in zip(reversed(x.shape[-len(sizes):]), reversed(sizes)):
+        pads += [0, want - have]
+    return x if not any(pads) else torch.nn.functional.pad(x, pads)
+
+
+def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int = CHUNK) -> Tensor:
+    """close, mu: [B, T, H] (bool, int). Returns [B, H, T', K + C] int8 (T' = T padded to chunks)."""
+    B, T, H = close.shape
+    n = triton.cdiv(T, chunk)
+    tab = torch.empty(B, H, n * chunk, K + chunk, dtype=torch.int8, device=close.device)
+    _slot_table_kernel[(B * H, n)](close.to(torch.int8).contiguous(), mu.to(torch.int32).contiguous(), tab,
+                                   T, H, n * chunk, K=K, C=chunk, WP=triton.next_power_of_2(K + chunk))
+    return tab
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states0: Tensor, tables: Tensor,
+            scale: float, *, x: Optional[Tensor] = None, chunk: int = CHUNK):
+    """o [B, T, H, DV] (q's dtype) and the final states [B, H, K, DK, DV] (fp32) on the schedule
+    behind ``tables``; states0 (fp32) must have its empty slots zeroed. With ``x`` ([B, T, H, DV])
+    also the weight gradient
+    dlam[t, j] = scale * sum_{s in slot j} exp(G_t - G_s) (q_t . k_s) (x_t . v_s), [B, T, H, K] fp32."""
+    DK, DV = q.shape[-1], v.shape[-1]
+    PK, PV = _width(DK), _width(DV)
+    outs = _forward(_pad(q, PK), _pad(k, PK), _pad(v, PV), g, lam, _pad(states0, PK, PV), tables, scale,
+                    x=_pad(x, PV), chunk=chunk)
+    return (outs[0][..., :DV], outs[1][..., :DK, :DV]) + outs[2:]
+
+
+def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=None):
+    B, T, H, DK = q.shape
+    DV, K = v.shape[-1], lam.shape[-1]
+    _check_covered(q, K)
+    BV = _block_v(DV)
+    nvb = DV // BV
+    q, k, v, g, lam = (t.contiguous() for t in (q, k, v, g, lam))
+    o = torch.empty(B, T, H, DV, dtype=out_dtype or q.dtype, device=q.device)
+    sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
+    buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
+    dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o
+    _forward_sweep_kernel[(B * H, nvb)](
+        q, k, v, g, lam, tables, states0.contiguous(), buf, o, sT, x.contiguous() if x is not None else v,
+        dlam, T, H, tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K),
+        C=chunk, BV=BV, WITH_DLAM=x is not None, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
+    if x is not None:
+        return o, sT, dlam.sum(0)
+    return o, sT
+
+
+def backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
+             states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
+    """Gradients (dq, dk, dv, dg, dlam, dstates0) of ``forward`` for the output gradient ``do`` and the
+    final states' gradient ``dstates``. states0 must have its empty slots zeroed (as ``forward``'s)."""
+    DK, DV = q.shape[-1], v.shape[-1]
+    PK, PV = _width(DK), _width(DV)
+    dq, dk, dv, dg, dlam, ds0 = _backward(_pad(do, PV), _pad(dstates, PK, PV), _pad(q, PK), _pad(k, PK),
+                                          _pad(v, PV), g, lam, _pad(states0, PK, PV), tables, scale, chunk)
+    return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, ds0[..., :DK, :DV]
+
+
+def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
+    B, T, H, DK = q.shape
+    DV, K = v.shape[-1], lam.shape[-1]
+    BV = _block_v(DV)
+    nvb = DV // BV
+    do, q, k, v, g, lam = (t.contiguous() for t in (do.to(q.dtype), q, k, v, g, lam))
+    # dq is the forward readout of (do, v, k) against the transposed initial states
+    # (in fp32: dg below is a difference of sums of q . dq and k . dk)
+    dq, _, dlam = _forward(do, v, k, g, lam, states0.transpose(-1, -2), tables, scale, x=q, chunk=chunk,
+                           out_dtype=torch.float32)
+    dk_part = torch.empty(nvb, B, T, H, DK, dtype=torch.float32, device=q.device)
+    dv = torch.empty(B, T, H, DV, dtype=v.dtype, device=q.device)
+    ds0 = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
+    buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
+    _reverse_sweep_kernel[(B * H, nvb)](
+        q, k, v, g, lam, do, tables, dstates.float().contiguous(), buf, dk_part, dv, ds0, T, H,
+        tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K), C=chunk,
+        BV=BV, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
+    dk = dk_part.sum(0)
+    # g_t scales every (sink at or after t, source before t) pair: sinks are outputs and the final
+    # cache, sources tokens and the initial cache; what remains after cancelling both totals is this
+    per_token = (k.float() * dk).sum(-1) - (q.float() * dq).sum(-1)
+    prefix = torch.cumsum(per_token.double(), 1) - per_token.double()
+    dg = (prefix + (ds0 * states0).sum((-1, -2, -3)).double()[:, None, :]).float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dlam, ds0
