@@ -26,6 +26,7 @@ measured slower on an H200 and runs out of shared memory at K = 32.)
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -336,10 +337,16 @@ def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
     BV = _block_v(DV)
     nvb = DV // BV
     do, q, k, v, g, lam = (t.contiguous() for t in (do.to(q.dtype), q, k, v, g, lam))
-    # dq is the forward readout of (do, v, k) against the transposed initial states
-    # (in fp32: dg below is a difference of sums of q . dq and k . dk)
-    dq, _, dlam = _forward(do, v, k, g, lam, states0.transpose(-1, -2), tables, scale, x=q, chunk=chunk,
-                           out_dtype=torch.float32)
+    # dq is the forward readout of (do, v, k) against the transposed initial states (in fp32: dg
+    # below is a difference of sums of q . dq and k . dk). It does not depend on the reverse sweep:
+    # on a GPU it runs on a second stream beside it, since both sweeps are latency-bound programs
+    # that leave most of each SM idle.
+    side = torch.cuda.Stream(q.device) if q.is_cuda else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(q.device))
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        dq, _, dlam = _forward(do, v, k, g, lam, states0.transpose(-1, -2), tables, scale, x=q, chunk=chunk,
+                               out_dtype=torch.float32)
     dk_part = torch.empty(nvb, B, T, H, DK, dtype=torch.float32, device=q.device)
     dv = torch.empty(B, T, H, DV, dtype=v.dtype, device=q.device)
     ds0 = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
@@ -348,6 +355,10 @@ def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
         q, k, v, g, lam, do, tables, dstates.float().contiguous(), buf, dk_part, dv, ds0, T, H,
         tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K), C=chunk,
         BV=BV, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
+    if side is not None:
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        for t in (dq, dlam):
+            t.record_stream(torch.cuda.current_stream(q.device))
     dk = dk_part.sum(0)
     # g_t scales every (sink at or after t, source before t) pair: sinks are outputs and the final
     # cache, sources tokens and the initial cache; what remains after cancelling both totals is this
