@@ -6,7 +6,10 @@ in ``[KP]`` vectors. A close and a merge are applied together as one selection m
 (new slot x takes old slot i), because register vectors cannot be shifted in place.
 
 This replaces the launch-bound token loop of the PyTorch path on the GPU; it is still sequential in
-T, so its time grows with T / (B * H) programs. Under ``TRITON_INTERPRET=1`` (set before this module
+T, so its time grows with T / (B * H) programs. (The chunked form of the spec's algorithmic note,
+Gram matrices per chunk and a walk over the closes only, was built and measured on an H200: no
+faster, 8.6 against 8.9 ms at T = 16384, B * H = 32, and 10-25x slower with fp32-exact products;
+it was removed. See docs/benchmarks.md.) Under ``TRITON_INTERPRET=1`` (set before this module
 is imported) it runs on CPU tensors.
 """
 from __future__ import annotations
@@ -22,7 +25,6 @@ from dla_ops import reference
 
 # the spec's constants, from the one place that defines them (Triton reads globals as constexpr only)
 EPS = tl.constexpr(reference.EPS)
-CHUNK = 64
 WARPS = 8   # measured on an H200 at T = 32768: 18 ms at 8 warps, 27 ms at 4, 104 ms at 1
 MERGE_TIE_RTOL = tl.constexpr(reference.MERGE_TIE_RTOL)
 
@@ -49,125 +51,6 @@ def _close(counts, info, K: tl.constexpr, KP: tl.constexpr):
     mu = tl.where(need, j_sel + 1, K)          # new slot of the merged state
     select = tl.where(x2 < mu, i2 == x2 - 1, tl.where(x2 == mu, (i2 == mu - 1) | (i2 == mu), i2 == x2))
     return tl.sum(tl.where(select, counts[None, :], 0), 1), tl.sum(tl.where(select, info[None, :], 0.0), 1), merge
-
-
-@triton.jit
-def _gla_chunked_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_ptr,
-                        I_ptr, bnd_ptr, merge_ptr, c_ptr, info_ptr, s_ptr,
-                        T, H, tau,
-                        DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
-                        BDK: tl.constexpr, BDV: tl.constexpr, KP: tl.constexpr, C: tl.constexpr):
-    """The same schedule for ``gla``, a chunk of C tokens at a time (the spec's algorithmic note).
-
-    For every token t of a chunk and every start s of the open segment inside the chunk (or the
-    segment carried in from before it), the score follows from the chunk's Gram matrices: with F =
-    (K K^T) * (V V^T) and Gc the cumulative log-decay within the chunk,
-        k_t^T S_[s,t) v_t = sum_{s<=r<t} exp(Gc[t-1] - Gc[r]) F[t, r],
-        ||S_[s,t)||^2    = sum_{s<=r'<t} exp(2 (Gc[t-1] - Gc[r'])) (F[r', r'] + 2 sum_{s<=r<r'} exp(Gc[r'] - Gc[r]) F[r, r']),
-    all as C x C products whose factors are <= 1 (no overflow under strong decay). The sequential
-    part is then a walk over the closes only: from a start s the next close is the first t > s
-    whose score against [s, t) reaches tau. The merges follow, one per close, as in the token kernel.
-    """
-    n = tl.program_id(0)
-    h = tl.program_id(1)
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    slot = tl.arange(0, KP)
-    rc = tl.arange(0, C)
-    mdk = dk < DK
-    mdv = dv < DV
-    mk = slot < K
-    cache_sh = (n * H + h)
-    S = tl.load(s0_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :],
-                mask=mdk[:, None] & mdv[None, :], other=0.0).to(tl.float32)
-    counts = tl.load(c0_ptr + cache_sh * K + slot, mask=mk, other=0)
-    info = tl.load(i0_ptr + cache_sh * K + slot, mask=mk, other=0.0).to(tl.float32)
-    n_o = tl.sum(tl.where(slot == 0, counts, 0))
-    isum_o = tl.sum(tl.where(slot == 0, info, 0.0))
-    r_ = rc[None, :]     # column index (a start s, or a source token r)
-    t_ = rc[:, None]     # row index (a token t)
-    for c in range(tl.cdiv(T, C)):
-        t = c * C + rc
-        valid = t < T
-        tok = (n * T + t) * H + h
-        k = tl.load(k_ptr + tok[:, None] * DK + dk[None, :], mask=valid[:, None] & mdk[None, :], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mdv[None, :], other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
-        Gc = tl.cumsum(g, 0)
-        Gp = Gc - g                                    # Gc[t - 1], 0 for the first token
-        F = tl.dot(k, tl.trans(k), input_precision="ieee") * tl.dot(v, tl.trans(v), input_precision="ieee")
-        before = r_ < t_                               # r < t
-        H_ = tl.where(before, tl.exp(tl.where(before, Gp[:, None] - Gc[None, :], 0.0)) * F, 0.0)
-        # ge[r, s] = [r >= s]: num[t, s] = sum_{r >= s} H[t, r]
-        ge = (t_ >= r_).to(tl.float32)
-        num = tl.dot(H_, ge, input_precision="ieee")
-        after = r_ > t_                                # [r, r'] with r < r'
-        L = tl.where(after, tl.exp(tl.where(after, Gc[None, :] - Gc[:, None], 0.0)) * F, 0.0)
-        Wm = tl.dot(tl.trans(ge), L, input_precision="ieee")   # W[s, r'] = sum_{r >= s} L[r, r']
-        Fd = tl.sum(tl.where(r_ == t_, F, 0.0), 1)
-        Z = tl.where(r_ >= t_, Fd[None, :], 0.0) + 2.0 * Wm    # [s, r']
-        E2 = tl.where(before, tl.exp(2.0 * tl.where(before, Gp[:, None] - Gc[None, :], 0.0)), 0.0)
-        N = tl.dot(E2, tl.trans(Z), input_precision="ieee")    # [t, s]
-        # the segment carried in: its state S enters through m_r = k_r^T S v_r
-        m = tl.sum(tl.dot(k, S, input_precision="ieee") * v, 1)
-        a = tl.exp(Gp)
-        Ed = tl.where(before, tl.exp(tl.where(before, Gp[:, None] - Gc[None, :], 0.0)), 0.0)
-        S2 = tl.sum(tl.sum(S * S, 1), 0)
-        num0 = tl.sum(tl.where(r_ == 0, num, 0.0), 1)
-        N0 = tl.sum(tl.where(r_ == 0, N, 0.0), 1)
-        num_c = a * m + num0
-        N_c = a * a * S2 + 2.0 * a * tl.sum(Ed * m[None, :], 1) + N0
-        cos = num / (kvn[:, None] * tl.sqrt(tl.maximum(N, 0.0)) + EPS)
-        I_in = tl.where(before, tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0)), 1.4142135623730951)
-        cos_c = tl.where((n_o > 0) | (rc > 0), num_c / (kvn * tl.sqrt(tl.maximum(N_c, 0.0)) + EPS), 0.0)
-        I_c = tl.sqrt(tl.maximum(2.0 - 2.0 * cos_c, 0.0))
-        # the walk: next close from each in-chunk start, and from the carried segment
-        hit = before & (I_in >= tau) & valid[:, None]
-        nxt = tl.min(tl.where(hit, t_, C), 0)                     # [s]
-        pos = tl.min(tl.where((I_c >= tau) & valid & ((n_o > 0) | (rc > 0)), rc, C), 0)
-        closes = rc < 0
-        if K > 1:
-            while pos < C:
-                closes = closes | (rc == pos)
-                pos = tl.sum(tl.where(rc == pos, nxt, 0), 0)
-        start = tl.max(tl.where(closes[None, :] & before, r_, -1), 1)   # [t]: -1 = carried segment
-        I = tl.where(start < 0, I_c, tl.sum(tl.where(r_ == start[:, None], I_in, 0.0), 1))
-        tl.store(I_ptr + tok, I, mask=valid)
-        tl.store(bnd_ptr + tok, (I >= tau).to(tl.int8), mask=valid)
-        # the merges, one close at a time, with the open segment's count and information sum
-        CI = tl.cumsum(tl.where(valid, I, 0.0), 0)
-        merges = tl.zeros([C], dtype=tl.int64) - 1
-        rank = tl.cumsum(closes.to(tl.int32), 0) - 1
-        n_closes = tl.sum(closes.to(tl.int32), 0)
-        for i in range(n_closes):
-            p = tl.sum(tl.where(closes & (rank == i), rc, 0), 0)
-            sp = tl.sum(tl.where(rc == p, start, 0), 0)
-            upto = tl.sum(tl.where(rc == p - 1, CI, 0.0), 0)
-            from_ = tl.sum(tl.where(rc == sp - 1, CI, 0.0), 0)
-            open_n = tl.where(sp < 0, n_o + p, p - sp)
-            open_i = tl.where(sp < 0, isum_o + upto, upto - from_)
-            counts = tl.where(slot == 0, open_n, counts)
-            info = tl.where(slot == 0, open_i, info)
-            counts, info, merge = _close(counts, info, K, KP)
-            merges = tl.where(rc == p, merge, merges)
-        tl.store(merge_ptr + tok, merges, mask=valid)
-        # carry the open segment to the next chunk
-        last = tl.minimum(T - c * C, C) - 1
-        G_last = tl.sum(tl.where(rc == last, Gc, 0.0), 0)
-        CI_last = tl.sum(tl.where(rc == last, CI, 0.0), 0)
-        p_last = tl.max(tl.where(closes, rc, -1), 0)
-        keep = p_last < 0
-        w = tl.where(valid & (rc >= p_last), tl.exp(G_last - Gc), 0.0)
-        S = tl.where(keep, tl.exp(G_last), 0.0) * S + tl.dot(tl.trans(k * w[:, None]), v, input_precision="ieee")
-        from_last = tl.sum(tl.where(rc == p_last - 1, CI, 0.0), 0)
-        n_o = tl.where(keep, n_o + last + 1, last + 1 - p_last)
-        isum_o = tl.where(keep, isum_o + CI_last, CI_last - from_last)
-    counts = tl.where(slot == 0, n_o, counts)
-    info = tl.where(slot == 0, isum_o, info)
-    tl.store(c_ptr + cache_sh * K + slot, counts, mask=mk)
-    tl.store(info_ptr + cache_sh * K + slot, info, mask=mk)
-    tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
 
 
 @triton.jit
@@ -247,16 +130,16 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_
 
 
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
-             info0: Tensor, tau: float, chunk: int = CHUNK):
+             info0: Tensor, tau: float):
     """k, v [B, T, H, D] (any float dtype), g, beta [B, T, H]; open0 [B, H, DK, DV], counts0, info0
     [B, H, K] (float32 compute dtype; empty slots already zeroed). Returns I, boundary, merge
-    ([B, T, H]) and the final counts, info and open state. ``gla`` runs chunk by chunk
-    (``_gla_chunked_kernel``), ``delta`` token by token."""
+    ([B, T, H]) and the final counts, info and open state."""
     B, T, H, DK = k.shape
     DV, K = v.shape[-1], counts0.shape[-1]
     if open0.dtype != torch.float32:
         raise ValueError(f"the Triton schedule computes in float32, got a {open0.dtype} cache")
     k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
+    beta = g if beta is None else beta.contiguous()   # unused pointer for gla
     dev = k.device
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
@@ -266,16 +149,9 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     S = torch.empty_like(open0)
     # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
     kvn = torch.linalg.vector_norm(k.float(), dim=-1) * torch.linalg.vector_norm(v.float(), dim=-1)
-    cache = (open0.contiguous(), counts0.contiguous(), info0.contiguous())
-    outs = (I, boundary, merge, counts, info, S)
-    if beta is None:
-        _gla_chunked_kernel[(B, H)](
-            k, v, g, kvn, *cache, *outs, T, H, float(tau), DK=DK, DV=DV, K=K,
-            BDK=max(16, triton.next_power_of_2(DK)), BDV=max(16, triton.next_power_of_2(DV)),
-            KP=triton.next_power_of_2(K), C=chunk, num_warps=WARPS)
-    else:
-        _schedule_kernel[(B, H)](
-            k, v, g, beta.contiguous(), kvn, *cache, *outs, T, H, float(tau),
-            DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
-            KP=triton.next_power_of_2(K), IS_DELTA=True, num_warps=WARPS)
+    _schedule_kernel[(B, H)](
+        k, v, g, beta, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
+        I, boundary, merge, counts, info, S, T, H, float(tau),
+        DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
+        KP=triton.next_power_of_2(K), IS_DELTA=beta is not g, num_warps=WARPS)
     return I, boundary.bool(), merge, counts, info, S

@@ -36,9 +36,8 @@ def test_kernel_matches_the_torch_schedule(base, K, tau, dtype, cache_kind, deca
     counts0 = init.counts.to(DEVICE)
     open0 = torch_backend.ignore_empty_slots(init.states.to(DEVICE), counts0)[:, :, 0]
     info0 = torch_backend.ignore_empty_slots(init.info.to(DEVICE), counts0)
-    # gla runs in chunks: 8 tokens here, so that T = 33 spans five of them and a partial one
     I, boundary, merge, counts, info, _ = triton_schedule(x["k"], x["v"], x["g"], x["beta"], open0, counts0,
-                                                          info0, tau, chunk=8)
+                                                          info0, tau)
     tm = lambda a: None if a is None else a.transpose(1, 2).float()
     rI, rb, rm, rc, ri = torch_backend.schedule(tm(x["k"]), tm(x["v"]), tm(x["g"]), tm(x["beta"]), open0,
                                                 counts0, info0, tau)
