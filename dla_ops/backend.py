@@ -18,10 +18,20 @@ def requested() -> str | None:
     return name
 
 
-def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: str) -> bool:
-    """The readout and its backward: Triton covers the ``gla`` base in float32 compute. The ``delta``
-    readout has no kernel yet (it runs the PyTorch path under either backend)."""
-    return base == "gla" and use_triton_schedule(device, compute_dtype)
+MAX_KERNEL_K = 120   # the gla kernels' slot tables are int8
+
+
+def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: str, K: int) -> bool:
+    """The readout and its backward: Triton covers the ``gla`` base in float32 compute with K up to
+    ``MAX_KERNEL_K``. The ``delta`` readout has no kernel yet (it runs the PyTorch path under either
+    backend)."""
+    if base != "gla" or not use_triton_schedule(device, compute_dtype):
+        return False
+    if K > MAX_KERNEL_K:
+        if requested() == "triton":
+            raise ValueError(f"DLA_BACKEND=triton: the gla kernels cover K <= {MAX_KERNEL_K}, got K={K}")
+        return False
+    return True
 
 
 def use_triton_schedule(device: torch.device, compute_dtype: torch.dtype) -> bool:

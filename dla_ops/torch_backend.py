@@ -273,7 +273,7 @@ def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale
     cdt = states0.dtype
     close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
     states0 = ignore_empty_slots(states0, counts0)
-    if _triton_readout(q, beta, cdt):
+    if _triton_readout(q, beta, lam, cdt):
         from dla_ops.kernels import readout as kernels
         tables = kernels.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), counts0.shape[-1])
         return kernels.forward(q, k, v, g, lam, states0, tables, scale)
@@ -282,8 +282,8 @@ def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale
     return o.transpose(1, 2).to(q.dtype), states
 
 
-def _triton_readout(q: Tensor, beta: Optional[Tensor], cdt: torch.dtype) -> bool:
-    return backend.use_triton_readout(q.device, cdt, "gla" if beta is None else "delta")
+def _triton_readout(q: Tensor, beta: Optional[Tensor], lam: Tensor, cdt: torch.dtype) -> bool:
+    return backend.use_triton_readout(q.device, cdt, "gla" if beta is None else "delta", lam.shape[-1])
 
 
 def _kernel_backward(do, dstates, q, k, v, g, lam, states0, counts0, boundary, merge, scale):
@@ -348,7 +348,7 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
     the forward's schedule: by the Triton backward kernels where they cover the case, else by
     autograd through the readout."""
     inputs = [q, k, v, g, lam, beta, states0]
-    if _triton_readout(q, beta, states0.dtype):
+    if _triton_readout(q, beta, lam, states0.dtype):
         runs = [_kernel_backward(do_, ds_, *xs[:5], s0, c0, b_, m_, scale) for (do_, *xs, b_, m_), (ds_, s0, c0)
                 in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, boundary, merge], [dstates, states0, counts0])]
         grads = [torch.cat(parts, 1) for parts in list(zip(*runs))[:5]] + [None, torch.cat([r[6] for r in runs], 0)]

@@ -34,6 +34,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dla_ops.backend import MAX_KERNEL_K
+
 CHUNK = 64
 SWEEP_WARPS = 4
 BLOCK_V = 16    # more programs per head: the sweeps are latency-bound, not throughput-bound
@@ -256,8 +258,8 @@ def _block_v(DV: int) -> int:
 
 
 def _check_covered(q: Tensor, K: int) -> None:
-    if not 1 <= K <= 120:
-        raise ValueError(f"the Triton readout covers K from 1 to 120 (int8 slot tables), got {K}")
+    if not 1 <= K <= MAX_KERNEL_K:
+        raise ValueError(f"the Triton readout covers K from 1 to {MAX_KERNEL_K} (int8 slot tables), got {K}")
     if q.dtype == torch.float64:
         raise ValueError("the Triton readout computes in float32; float64 inputs are not covered")
 
