@@ -1,0 +1,66 @@
+"""The recall tasks (models/tasks.py) and the ``dla demo`` loop on a tiny budget."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dla_ops.models import tasks
+from dla_ops.models.demo import run_one
+
+
+def _check_recall(x, y, n_pairs):
+    """Every label is the value that followed the first occurrence of the query key."""
+    for row_x, row_y in zip(x.tolist(), y.tolist()):
+        labelled = [p for p, lab in enumerate(row_y) if lab != tasks.IGNORE]
+        assert labelled, "no answer in a row"
+        for p in labelled:
+            key = row_x[p - 1]
+            first = row_x.index(key)
+            assert first < p - 1, "the query's key was never given"
+            assert row_y[p] == row_x[first + 1] == row_x[p]
+        keys = [row_x[p - 1] for p in labelled]
+        assert len(set(row_x[i] for i in range(len(row_x)) if row_x[i] in keys)) == len(set(keys))
+
+
+def test_mqar_answers_are_the_values_of_the_queried_keys():
+    x, y = tasks.mqar(8, 64, 6, vocab=40, gen=torch.Generator().manual_seed(0))
+    assert x.shape == y.shape == (8, 64)
+    _check_recall(x, y, 6)
+    keys = x[:, 0:12:2]
+    assert all(len(set(r)) == 6 for r in keys.tolist())          # distinct keys per row
+    assert ((keys >= 2) & (keys < 21)).all() and ((x[:, 1:12:2] >= 21) & (x[:, 1:12:2] < 40)).all()
+
+
+def test_bursty_mqar_puts_bursts_between_filler_and_queries_last():
+    x, y = tasks.bursty_mqar(8, 96, 8, 4, vocab=40, gen=torch.Generator().manual_seed(1))
+    _check_recall(x, y, 8)
+    body = 3 * 96 // 4
+    assert (y[:, :body] == tasks.IGNORE).all()
+    assert ((x[:, :body] != tasks.FILL).sum(1) == 16).all()      # 8 pairs, the rest filler
+
+
+def test_passkey_asks_for_the_hidden_key():
+    x, y = tasks.passkey(4, 40, key_len=3, vocab=50, gen=torch.Generator().manual_seed(2))
+    assert (x[:, -4] == tasks.ASK).all() and torch.equal(x[:, -3:], y[:, -3:])
+    for row_x in x.tolist():
+        key = row_x[-3:]
+        assert any(row_x[i:i + 3] == key for i in range(40 - 7))
+
+
+def test_tasks_refuse_what_cannot_fit():
+    with pytest.raises(ValueError, match="distinct keys"):
+        tasks.mqar(1, 64, 30, vocab=40)
+    with pytest.raises(ValueError, match="do not fit"):
+        tasks.mqar(1, 20, 8, vocab=40)
+
+
+def test_answer_accuracy_scores_only_the_labelled_positions():
+    x, y = tasks.mqar(2, 32, 4, vocab=40, gen=torch.Generator().manual_seed(3))
+    perfect = torch.nn.functional.one_hot(torch.roll(torch.where(y == tasks.IGNORE, 0, y), -1, 1), 40).float()
+    assert tasks.answer_accuracy(perfect, y) == 1.0
+    assert tasks.answer_accuracy(torch.zeros_like(perfect), y) == 0.0
+
+
+def test_demo_loop_runs():
+    row = run_one(capacity=2, task="bursty", steps=2, batch_size=4, lr=1e-2, seed=0, progress=False)
+    assert 0.0 <= row["accuracy"] <= 1.0 and torch.isfinite(torch.tensor(row["loss"]))
