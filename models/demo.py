@@ -24,17 +24,19 @@ TASKS = {
 
 
 def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, seed: int,
-            progress: bool = True) -> dict:
+            progress: bool = True, merge_policy: str = "dla", policy_block: int | None = None) -> dict:
     """Train one model from scratch; returns its held-out answer accuracy, final loss and seconds."""
     torch.manual_seed(seed)
     make = TASKS[task]
     model = DLAForCausalLM(DLAConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=2,
-                                     capacity=capacity, tau=0.6))
+                                     capacity=capacity, tau=0.6, merge_policy=merge_policy,
+                                     policy_block=policy_block))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     held_out = make(256, torch.Generator().manual_seed(seed + 10_000))
     start = time.time()
-    bar = tqdm(range(steps), desc=f"K={capacity}", disable=not progress)
+    name = f"K={capacity}" if merge_policy == "dla" else f"{merge_policy} K={capacity}"
+    bar = tqdm(range(steps), desc=name, disable=not progress)
     for _ in bar:
         x, y = make(batch_size, gen)
         loss = model(x, labels=y, use_cache=False).loss
@@ -45,7 +47,8 @@ def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, se
     with torch.no_grad():
         model.eval()
         accuracy = answer_accuracy(model(held_out[0], use_cache=False).logits, held_out[1])
-    return dict(capacity=capacity, accuracy=accuracy, loss=loss.item(), seconds=time.time() - start)
+    return dict(capacity=capacity, policy=merge_policy, accuracy=accuracy, loss=loss.item(),
+                seconds=time.time() - start)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,14 +57,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--capacities", type=int, nargs="+", default=[8, 1])
+    p.add_argument("--policies", nargs="*", default=[], choices=["fenwick", "blocks"],
+                   help="also train fixed merge policies at the first capacity")
+    p.add_argument("--block", type=int, default=4, help="block size of the blocks policy")
     p.add_argument("--seed", type=int, default=0)
 
 
 def main(args: argparse.Namespace) -> None:
     rows = [run_one(K, args.task, args.steps, args.batch_size, args.lr, args.seed) for K in args.capacities]
+    rows += [run_one(args.capacities[0], args.task, args.steps, args.batch_size, args.lr, args.seed,
+                     merge_policy=p, policy_block=args.block if p == "blocks" else None) for p in args.policies]
     print(f"\ntask {args.task}, {args.steps} steps of {args.batch_size} sequences, lr {args.lr}")
     print("| model | answer accuracy | final loss | seconds |")
     print("|---|---|---|---|")
     for r in rows:
-        name = "single state (K=1)" if r["capacity"] == 1 else f"DLA (K={r['capacity']})"
+        name = (f"{r['policy']} policy (K={r['capacity']})" if r["policy"] != "dla" else
+                "single state (K=1)" if r["capacity"] == 1 else f"DLA (K={r['capacity']})")
         print(f"| {name} | {r['accuracy']:.3f} | {r['loss']:.3f} | {r['seconds']:.0f} |")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dla_ops import DLACache, dla_attention, dla_decode_step
 from dla_ops.cache import register_serializable
+from dla_ops.policies import POLICIES, fixed_policy_attention
 
 # softplus(LAM_BIAS) == 1: with a zero-initialised lam projection every readout weight starts at 1,
 # so at initialisation the mixer computes its single-state base model (spec identity P1)
@@ -72,12 +73,17 @@ class ShortConv(nn.Module):
 
 class DLAMixer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, head_v_dim: int, capacity: int,
-                 tau: float, mixer_base: str = "gla", conv_size: int = 4, norm_eps: float = 1e-6):
+                 tau: float, mixer_base: str = "gla", conv_size: int = 4, norm_eps: float = 1e-6,
+                 merge_policy: str = "dla", policy_block: Optional[int] = None):
         super().__init__()
         if mixer_base not in ("gla", "delta"):
             raise ValueError(f"mixer_base must be 'gla' or 'delta', got {mixer_base!r}")
+        if merge_policy != "dla" and (merge_policy not in POLICIES or mixer_base != "gla"):
+            raise ValueError(f"merge_policy must be 'dla' or, with the gla base, one of {POLICIES}; "
+                             f"got {merge_policy!r} with {mixer_base!r}")
         self.H, self.DK, self.DV, self.K = num_heads, head_dim, head_v_dim, capacity
         self.tau, self.base = tau, mixer_base
+        self.policy, self.policy_block = merge_policy, policy_block
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=False)
@@ -131,6 +137,8 @@ class DLAMixer(nn.Module):
         removed (varlen through cu_seqlens) before the DLA op. Each row's tokens must be one run
         (left or right padding)."""
         B, T, _ = x.shape
+        if self.policy != "dla":
+            return self._fixed_policy(x, attention_mask, cache, use_cache)
         if attention_mask is not None:
             _check_padding(attention_mask)
             x = x * attention_mask[..., None].to(x.dtype)   # padded inputs never reach the conv
@@ -148,6 +156,15 @@ class DLAMixer(nn.Module):
             o, dla_cache = self._padded(q, k, v, g, lam, beta, attention_mask.bool(), cache, use_cache)
         new_cache = LayerCache(conv_state, dla_cache) if use_cache else None
         return self._output(o, x), new_cache
+
+    def _fixed_policy(self, x, attention_mask, cache, use_cache):
+        """A fixed merge policy's schedule instead of DLA's (for comparisons): whole sequences only."""
+        if cache is not None or use_cache or (attention_mask is not None and not bool(attention_mask.all())):
+            raise ValueError(f"merge_policy={self.policy!r} runs whole unpadded sequences only: "
+                             "no cache, no padding (use_cache=False)")
+        q, k, v, g, lam, _, _ = self._features(x, None)
+        o = fixed_policy_attention(q, k, v, g, lam, self.policy, block=self.policy_block)
+        return self._output(o, x), None
 
     def _padded(self, q, k, v, g, lam, beta, mask, cache, use_cache):
         """Remove padding, run the packed sequences (one per row) through varlen, put padding back."""
@@ -187,7 +204,7 @@ class DLABlock(nn.Module):
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = DLAMixer(config.hidden_size, config.num_heads, config.head_dim, config.head_v_dim,
                               config.capacity, config.tau, config.mixer_base, config.conv_size,
-                              config.rms_norm_eps)
+                              config.rms_norm_eps, config.merge_policy, config.policy_block)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 

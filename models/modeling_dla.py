@@ -27,7 +27,7 @@ class DLAConfig(PretrainedConfig):
                  intermediate_size: Optional[int] = None, mixer_base: str = "gla", capacity: int = 8,
                  tau: float = 0.6, conv_size: int = 4, rms_norm_eps: float = 1e-6,
                  initializer_range: float = 0.02, use_cache: bool = True, tie_word_embeddings: bool = True,
-                 **kwargs):
+                 merge_policy: str = "dla", policy_block: Optional[int] = None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -39,6 +39,9 @@ class DLAConfig(PretrainedConfig):
         self.capacity = capacity
         self.tau = tau
         self.conv_size = conv_size
+        # "dla" (information-aware), or a fixed policy of dla_ops.policies for comparisons
+        self.merge_policy = merge_policy
+        self.policy_block = policy_block
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache

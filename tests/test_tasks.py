@@ -61,6 +61,8 @@ def test_answer_accuracy_scores_only_the_labelled_positions():
     assert tasks.answer_accuracy(torch.zeros_like(perfect), y) == 0.0
 
 
-def test_demo_loop_runs():
-    row = run_one(capacity=2, task="bursty", steps=2, batch_size=4, lr=1e-2, seed=0, progress=False)
+@pytest.mark.parametrize("policy", ["dla", "fenwick"])
+def test_demo_loop_runs(policy):
+    row = run_one(capacity=8, task="bursty", steps=2, batch_size=4, lr=1e-2, seed=0, progress=False,
+                  merge_policy=policy)
     assert 0.0 <= row["accuracy"] <= 1.0 and torch.isfinite(torch.tensor(row["loss"]))
