@@ -24,12 +24,13 @@ TASKS = {
 
 
 def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, seed: int,
-            progress: bool = True, merge_policy: str = "dla", policy_block: int | None = None) -> dict:
+            progress: bool = True, merge_policy: str = "dla", policy_block: int | None = None,
+            tau: float = 0.6) -> dict:
     """Train one model from scratch; returns its held-out answer accuracy, final loss and seconds."""
     torch.manual_seed(seed)
     make = TASKS[task]
     model = DLAForCausalLM(DLAConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=2,
-                                     capacity=capacity, tau=0.6, merge_policy=merge_policy,
+                                     capacity=capacity, tau=tau, merge_policy=merge_policy,
                                      policy_block=policy_block))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -60,14 +61,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", nargs="*", default=[], choices=["fenwick", "blocks"],
                    help="also train fixed merge policies at the first capacity")
     p.add_argument("--block", type=int, default=4, help="block size of the blocks policy")
+    p.add_argument("--tau", type=float, default=0.6, help="DLA's boundary threshold (the spec's default)")
     p.add_argument("--seed", type=int, default=0)
 
 
 def main(args: argparse.Namespace) -> None:
-    rows = [run_one(K, args.task, args.steps, args.batch_size, args.lr, args.seed) for K in args.capacities]
+    rows = [run_one(K, args.task, args.steps, args.batch_size, args.lr, args.seed, tau=args.tau)
+            for K in args.capacities]
     rows += [run_one(args.capacities[0], args.task, args.steps, args.batch_size, args.lr, args.seed,
                      merge_policy=p, policy_block=args.block if p == "blocks" else None) for p in args.policies]
-    print(f"\ntask {args.task}, {args.steps} steps of {args.batch_size} sequences, lr {args.lr}")
+    print(f"\ntask {args.task}, {args.steps} steps of {args.batch_size} sequences, lr {args.lr}, tau {args.tau}")
     print("| model | answer accuracy | final loss | seconds |")
     print("|---|---|---|---|")
     for r in rows:
