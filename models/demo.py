@@ -23,23 +23,19 @@ TASKS = {
 }
 
 
-def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, seed: int,
-            progress: bool = True, merge_policy: str = "dla", policy_block: int | None = None,
-            tau: float = 0.6) -> dict:
-    """Train one model from scratch; returns its held-out answer accuracy, final loss and seconds."""
+def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float, seed: int,
+                 device: str = "cpu", progress: bool = True, desc: str = "", eval_size: int = 256) -> dict:
+    """Train ``DLAForCausalLM(config)`` from scratch on batches ``make(batch, generator)`` (inputs,
+    labels); returns its answer accuracy on a held-out set, the final loss and the seconds taken."""
     torch.manual_seed(seed)
-    make = TASKS[task]
-    model = DLAForCausalLM(DLAConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=2,
-                                     capacity=capacity, tau=tau, merge_policy=merge_policy,
-                                     policy_block=policy_block))
+    model = DLAForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    held_out = make(256, torch.Generator().manual_seed(seed + 10_000))
+    held_x, held_y = (t.to(device) for t in make(eval_size, torch.Generator().manual_seed(seed + 10_000)))
     start = time.time()
-    name = f"K={capacity}" if merge_policy == "dla" else f"{merge_policy} K={capacity}"
-    bar = tqdm(range(steps), desc=name, disable=not progress)
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
     for _ in bar:
-        x, y = make(batch_size, gen)
+        x, y = (t.to(device) for t in make(batch_size, gen))
         loss = model(x, labels=y, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -47,9 +43,19 @@ def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, se
         bar.set_postfix(loss=f"{loss.item():.3f}")
     with torch.no_grad():
         model.eval()
-        accuracy = answer_accuracy(model(held_out[0], use_cache=False).logits, held_out[1])
-    return dict(capacity=capacity, policy=merge_policy, accuracy=accuracy, loss=loss.item(),
-                seconds=time.time() - start)
+        accuracy = answer_accuracy(model(held_x, use_cache=False).logits, held_y)
+    return dict(accuracy=accuracy, loss=loss.item(), seconds=time.time() - start)
+
+
+def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, seed: int,
+            progress: bool = True, merge_policy: str = "dla", policy_block: int | None = None,
+            tau: float = 0.6) -> dict:
+    """One demo model: returns its held-out answer accuracy, final loss and seconds."""
+    config = DLAConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_heads=2, capacity=capacity,
+                       tau=tau, merge_policy=merge_policy, policy_block=policy_block)
+    name = f"K={capacity}" if merge_policy == "dla" else f"{merge_policy} K={capacity}"
+    row = train_recall(config, TASKS[task], steps, batch_size, lr, seed, progress=progress, desc=name)
+    return dict(capacity=capacity, policy=merge_policy, **row)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

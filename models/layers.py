@@ -17,6 +17,8 @@ from dla_ops import DLACache, dla_attention, dla_decode_step
 from dla_ops.cache import register_serializable
 from dla_ops.policies import POLICIES, fixed_policy_attention
 
+COMPARISONS = POLICIES + ("softmax",)   # merge_policy values other than "dla", for comparisons
+
 # softplus(LAM_BIAS) == 1: with a zero-initialised lam projection every readout weight starts at 1,
 # so at initialisation the mixer computes its single-state base model (spec identity P1)
 LAM_BIAS = math.log(math.e - 1)
@@ -78,8 +80,8 @@ class DLAMixer(nn.Module):
         super().__init__()
         if mixer_base not in ("gla", "delta"):
             raise ValueError(f"mixer_base must be 'gla' or 'delta', got {mixer_base!r}")
-        if merge_policy != "dla" and (merge_policy not in POLICIES or mixer_base != "gla"):
-            raise ValueError(f"merge_policy must be 'dla' or, with the gla base, one of {POLICIES}; "
+        if merge_policy != "dla" and (merge_policy not in COMPARISONS or mixer_base != "gla"):
+            raise ValueError(f"merge_policy must be 'dla' or, with the gla base, one of {COMPARISONS}; "
                              f"got {merge_policy!r} with {mixer_base!r}")
         self.H, self.DK, self.DV, self.K = num_heads, head_dim, head_v_dim, capacity
         self.tau, self.base = tau, mixer_base
@@ -158,12 +160,17 @@ class DLAMixer(nn.Module):
         return self._output(o, x), new_cache
 
     def _fixed_policy(self, x, attention_mask, cache, use_cache):
-        """A fixed merge policy's schedule instead of DLA's (for comparisons): whole sequences only."""
+        """For comparisons, on the same features: a fixed merge policy's schedule instead of DLA's, or
+        causal softmax attention ("softmax", the upper bound). Whole sequences only."""
         if cache is not None or use_cache or (attention_mask is not None and not bool(attention_mask.all())):
             raise ValueError(f"merge_policy={self.policy!r} runs whole unpadded sequences only: "
                              "no cache, no padding (use_cache=False)")
         q, k, v, g, lam, _, _ = self._features(x, None)
-        o = fixed_policy_attention(q, k, v, g, lam, self.policy, block=self.policy_block)
+        if self.policy == "softmax":
+            heads = lambda t: t.transpose(1, 2)
+            o = heads(F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True))
+        else:
+            o = fixed_policy_attention(q, k, v, g, lam, self.policy, block=self.policy_block)
         return self._output(o, x), None
 
     def _padded(self, q, k, v, g, lam, beta, mask, cache, use_cache):

@@ -39,7 +39,8 @@ class DLAConfig(PretrainedConfig):
         self.capacity = capacity
         self.tau = tau
         self.conv_size = conv_size
-        # "dla" (information-aware), or a fixed policy of dla_ops.policies for comparisons
+        # "dla" (information-aware); for comparisons a fixed policy of dla_ops.policies, or "softmax"
+        # (causal softmax attention on the same features)
         self.merge_policy = merge_policy
         self.policy_block = policy_block
         self.rms_norm_eps = rms_norm_eps
