@@ -271,12 +271,11 @@ def ignore_empty_slots(x: Tensor, counts: Tensor) -> Tensor:
 def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
     """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H])."""
     cdt = states0.dtype
-    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
     states0 = ignore_empty_slots(states0, counts0)
     if _triton_readout(q, beta, lam, cdt):
         from dla_ops.kernels import readout as kernels
-        tables = kernels.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), counts0.shape[-1])
-        return kernels.forward(q, k, v, g, lam, states0, tables, scale)
+        return kernels.forward(q, k, v, g, lam, states0, _kernel_tables(boundary, merge, counts0), scale)
+    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
     tables = slot_tables(close, mu, counts0.shape[-1], CHUNK)
     o, states = readout(*(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)), states0, tables, scale)
     return o.transpose(1, 2).to(q.dtype), states
@@ -286,13 +285,19 @@ def _triton_readout(q: Tensor, beta: Optional[Tensor], lam: Tensor, cdt: torch.d
     return backend.use_triton_readout(q.device, cdt, "gla" if beta is None else "delta", lam.shape[-1])
 
 
+def _kernel_tables(boundary: Tensor, merge: Tensor, counts0: Tensor) -> Tensor:
+    """Stage 2 by the Triton kernel, from a [B, T, H] schedule."""
+    from dla_ops.kernels import readout as kernels
+    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
+    return kernels.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), counts0.shape[-1])
+
+
 def _kernel_backward(do, dstates, q, k, v, g, lam, states0, counts0, boundary, merge, scale):
     """The Triton backward of one run: gradients of q, k, v, g, lam, (no beta) and the initial states."""
     from dla_ops.kernels import readout as kernels
-    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
-    tables = kernels.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), counts0.shape[-1])
     states0 = ignore_empty_slots(states0, counts0)
-    dq, dk, dv, dg, dlam, ds0 = kernels.backward(do, dstates, q, k, v, g, lam, states0, tables, scale)
+    dq, dk, dv, dg, dlam, ds0 = kernels.backward(do, dstates, q, k, v, g, lam, states0,
+                                                 _kernel_tables(boundary, merge, counts0), scale)
     return [dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), None,
             ignore_empty_slots(ds0, counts0).to(states0.dtype)]
 

@@ -66,6 +66,50 @@ def _slot_table_kernel(close_ptr, mu_ptr, tab_ptr, T, H, TP,
 
 
 @triton.jit
+def _copy_tiles(dst, src, tile, K: tl.constexpr, SZ: tl.constexpr):
+    """This program's block of K consecutive [DK, DV] states, from src to dst."""
+    for j in range(K):
+        tl.store(dst + j * SZ + tile, tl.load(src + j * SZ + tile))
+
+
+@triton.jit
+def _rows(ptr, tok, valid, cols, D: tl.constexpr):
+    """Columns ``cols`` of the chunk's rows ``tok`` of a [B, T, H, D] tensor, in fp32 (0 past T)."""
+    return tl.load(ptr + tok[:, None] * D + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _chunk(q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP,
+           DK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr):
+    """What both sweeps read of chunk c: its token rows, q and k, the cumulative log-decay within the
+    chunk (Gc, and G_last at its last token), the causal mask, the intra-chunk decay and slot weights
+    lam_t[slot(t, s)], the slot weights of the chunk-start entries, and the table's last row."""
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    slots = tl.arange(0, KP)
+    W = K + C
+    t = c * C + rc
+    valid = t < T
+    tok = (b * T + t) * H + h
+    q = _rows(q_ptr, tok, valid, rk, DK)
+    k = _rows(k_ptr, tok, valid, rk, DK)
+    Gc = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
+    last = tl.minimum(T - c * C, C) - 1
+    G_last = tl.sum(tl.where(rc == last, Gc, 0.0), 0)
+    lam_row = lam_ptr + tok * K
+    tab_row = tab_ptr + (bh * TP + c * C + rc) * W
+    last_row = tab_ptr + (bh * TP + c * C + last) * W
+    live = (rc[None, :] <= rc[:, None]) & valid[:, None]
+    slot_in = tl.load(tab_row[:, None] + K + rc[None, :], mask=live, other=0).to(tl.int32)
+    lam_in = tl.load(lam_row[:, None] + slot_in, mask=live, other=0.0).to(tl.float32)
+    decay = tl.exp(tl.where(live, Gc[:, None] - Gc[None, :], float("-inf")))
+    held = valid[:, None] & (slots[None, :] < K)
+    pre = tl.load(tab_row[:, None] + slots[None, :], mask=held, other=0).to(tl.int32)
+    w_pre = tl.load(lam_row[:, None] + pre, mask=held, other=0.0).to(tl.float32)
+    return tok, valid, q, k, Gc, G_last, last_row, live, slot_in, lam_in, decay, held, pre, w_pre
+
+
+@triton.jit
 def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, buf_ptr, o_ptr, sT_ptr,
                           x_ptr, dlam_ptr, T, H, TP, scale,
                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
@@ -75,7 +119,6 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
     vb = tl.program_id(1)
     b = bh // H
     h = bh % H
-    W = K + C
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     rv = vb * BV + tl.arange(0, BV)
@@ -83,36 +126,20 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
     tile = rk[:, None] * DV + rv[None, :]
     SZ = DK * DV
     buf = buf_ptr + bh * 2 * K * SZ
-    for j in range(K):
-        tl.store(buf + j * SZ + tile, tl.load(s0_ptr + (bh * K + j) * SZ + tile))
+    _copy_tiles(buf, s0_ptr + bh * K * SZ, tile, K, SZ)
     tl.debug_barrier()
-    causal = rc[None, :] <= rc[:, None]
     NC = tl.cdiv(T, C)
     for c in range(NC):
         cur = buf + (c % 2) * K * SZ
         nxt = buf + ((c + 1) % 2) * K * SZ
-        t = c * C + rc
-        valid = t < T
-        tok = (b * T + t) * H + h
-        q = tl.load(q_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        Gc = tl.cumsum(g, 0)
-        last = tl.minimum(T - c * C, C) - 1
-        G_last = tl.sum(tl.where(rc == last, Gc, 0.0), 0)
-        lam_row = lam_ptr + tok * K
-        tab_row = tab_ptr + (bh * TP + c * C + rc) * W
-        last_row = tab_ptr + (bh * TP + c * C + last) * W
+        tok, valid, q, k, Gc, G_last, last_row, live, slot_in, lam_in, decay, held, pre, w_pre = _chunk(
+            q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
+        v = _rows(v_ptr, tok, valid, rv, DV)
         # intra-chunk: slot-weighted, decayed causal attention
-        live = causal & valid[:, None]
-        slot_in = tl.load(tab_row[:, None] + K + rc[None, :], mask=live, other=0).to(tl.int32)
-        lam_in = tl.load(lam_row[:, None] + slot_in, mask=live, other=0.0).to(tl.float32)
-        decay = tl.exp(tl.where(live, Gc[:, None] - Gc[None, :], float("-inf")))
         R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
         o = tl.dot(R * lam_in, v, input_precision=PREC)
         if WITH_DLAM:
-            x = tl.load(x_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+            x = _rows(x_ptr, tok, valid, rv, DV)
             X = R * tl.dot(x, tl.trans(v), input_precision=PREC)
             dlam = tl.zeros([C, KP], dtype=tl.float32)
             for j in range(K):
@@ -120,9 +147,6 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
                 dlam += tl.where(slots[None, :] == j, part[:, None], 0.0)
         # the chunk-start entries: their readout, and where each goes at the chunk end (entries only
         # move up or merge with a neighbour, so their images are non-decreasing)
-        held = valid[:, None] & (slots[None, :] < K)
-        pre = tl.load(tab_row[:, None] + slots[None, :], mask=held, other=0).to(tl.int32)
-        w_pre = tl.load(lam_row[:, None] + pre, mask=held, other=0.0).to(tl.float32)
         e_old = tl.load(last_row + slots, mask=slots < K, other=KP).to(tl.int32)
         q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
@@ -156,12 +180,10 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         tl.store(o_ptr + tok[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty),
                  mask=valid[:, None])
         if WITH_DLAM:
-            tl.store(dlam_ptr + (vb * (tl.num_programs(0) * T) + b * T * H + t * H + h)[:, None] * K
+            tl.store(dlam_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * K
                      + slots[None, :], scale * dlam, mask=held)
         tl.debug_barrier()
-    final = buf + (NC % 2) * K * SZ
-    for j in range(K):
-        tl.store(sT_ptr + (bh * K + j) * SZ + tile, tl.load(final + j * SZ + tile))
+    _copy_tiles(sT_ptr + bh * K * SZ, buf + (NC % 2) * K * SZ, tile, K, SZ)
 
 
 @triton.jit
@@ -173,7 +195,6 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
     vb = tl.program_id(1)
     b = bh // H
     h = bh % H
-    W = K + C
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     rv = vb * BV + tl.arange(0, BV)
@@ -182,33 +203,18 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
     SZ = DK * DV
     buf = buf_ptr + bh * 2 * K * SZ
     # the adjoint of each cache entry, starting from the final cache's gradient
-    for j in range(K):
-        tl.store(buf + j * SZ + tile, tl.load(dsT_ptr + (bh * K + j) * SZ + tile))
+    _copy_tiles(buf, dsT_ptr + bh * K * SZ, tile, K, SZ)
     tl.debug_barrier()
-    causal = rc[None, :] <= rc[:, None]
     NC = tl.cdiv(T, C)
     for i in range(NC):
         c = NC - 1 - i
         cur = buf + (i % 2) * K * SZ
         nxt = buf + ((i + 1) % 2) * K * SZ
-        t = c * C + rc
-        valid = t < T
-        tok = (b * T + t) * H + h
-        q = tl.load(q_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        k = tl.load(k_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-        Gc = tl.cumsum(g, 0)
-        last = tl.minimum(T - c * C, C) - 1
-        G_last = tl.sum(tl.where(rc == last, Gc, 0.0), 0)
-        lam_row = lam_ptr + tok * K
-        tab_row = tab_ptr + (bh * TP + c * C + rc) * W
-        last_row = tab_ptr + (bh * TP + c * C + last) * W
-        live = causal & valid[:, None]
-        slot_in = tl.load(tab_row[:, None] + K + rc[None, :], mask=live, other=0).to(tl.int32)
-        lam_in = tl.load(lam_row[:, None] + slot_in, mask=live, other=0.0).to(tl.float32)
-        M = tl.exp(tl.where(live, Gc[:, None] - Gc[None, :], float("-inf"))) * lam_in
+        tok, valid, q, k, Gc, G_last, last_row, live, slot_in, lam_in, decay, held, pre, w_pre = _chunk(
+            q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
+        v = _rows(v_ptr, tok, valid, rv, DV)
+        do = _rows(do_ptr, tok, valid, rv, DV)
+        M = decay * lam_in
         QK = tl.dot(q, tl.trans(k), input_precision=PREC)
         DOV = tl.dot(do, tl.trans(v), input_precision=PREC)
         dk = scale * tl.dot(tl.trans(M * DOV), q, input_precision=PREC)
@@ -223,9 +229,6 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
             dk += f * tl.dot(v, tl.trans(U), input_precision=PREC)
             dv += f * tl.dot(k, U, input_precision=PREC)
         # the adjoint of each chunk-start entry: its chunk-end entry's, plus this chunk's readouts
-        held = valid[:, None] & (slots[None, :] < K)
-        pre = tl.load(tab_row[:, None] + slots[None, :], mask=held, other=0).to(tl.int32)
-        w_pre = tl.load(lam_row[:, None] + pre, mask=held, other=0.0).to(tl.float32)
         e_old = tl.load(last_row + slots, mask=slots < K, other=0).to(tl.int32)
         q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
@@ -235,14 +238,12 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
             U = chunk_decay * tl.load(cur + j * SZ + tile) + \
                 scale * tl.dot(tl.trans(q_start * w[:, None]), do, input_precision=PREC)
             tl.store(nxt + e * SZ + tile, U)
-        tl.store(dk_ptr + (vb * (tl.num_programs(0) * T) + b * T * H + t * H + h)[:, None] * DK + rk[None, :],
+        tl.store(dk_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * DK + rk[None, :],
                  dk, mask=valid[:, None])
         tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=valid[:, None])
         tl.debug_barrier()
-    final = buf + (NC % 2) * K * SZ
-    for j in range(K):
-        tl.store(ds0_ptr + (bh * K + j) * SZ + tile, tl.load(final + j * SZ + tile))
+    _copy_tiles(ds0_ptr + bh * K * SZ, buf + (NC % 2) * K * SZ, tile, K, SZ)
 
 
 def _precision(dtype: torch.dtype) -> str:
