@@ -1,0 +1,112 @@
+"""The decode step of the ``gla`` base as one Triton kernel: the information score against the open
+state, the boundary, the close and merge, the transition and write of every state, and the readout.
+
+The step is bound by memory: it reads and writes the K states of every (sequence, head), since
+every state decays at every token. One program handles one block of value columns of one
+(sequence, head) for all K slots at once, as a single [KP, DK, BV] load, so that all its loads are
+in flight together. The score needs the whole open state; each program reads it (again), which
+costs one extra [DK, DV] read per block instead of a second launch. The decisions are the
+schedule kernel's (``_close``), so decoding and the parallel forward take the same decisions.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dla_ops.kernels.schedule import EPS, _close
+
+WARPS = 8
+TILE_ELEMS = 16384   # elements of the [KP, DK, BV] state block per program (64 fp32 registers a thread at 8 warps)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, s_ptr, c_ptr, i_ptr,
+                   o_ptr, s_out, c_out, i_out, scale, tau,
+                   DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, BDK: tl.constexpr,
+                   BDV: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+    bh = tl.program_id(0)
+    vb = tl.program_id(1)
+    rk = tl.arange(0, BDK)
+    rv_all = tl.arange(0, BDV)
+    rv = vb * BV + tl.arange(0, BV)
+    slots = tl.arange(0, KP)
+    mk = rk < DK
+    mv = rv < DV
+    ms = slots < K
+    SZ = DK * DV
+    cache = s_ptr + bh * K * SZ
+    counts = tl.load(c_ptr + bh * K + slots, mask=ms, other=0)
+    info = tl.load(i_ptr + bh * K + slots, mask=ms & (counts > 0), other=0.0).to(tl.float32)
+    n_o = tl.sum(tl.where(slots == 0, counts, 0), 0)
+    k = tl.load(k_ptr + bh * DK + rk, mask=mk, other=0.0).to(tl.float32)
+    v_all = tl.load(v_ptr + bh * DV + rv_all, mask=rv_all < DV, other=0.0).to(tl.float32)
+    # spec step 1: the score against the whole open state (an empty slot reads as zero)
+    # (scalar conditions enter masks as vectors: Triton's interpreter rejects a broadcast scalar mask)
+    rows_open = mk & (tl.zeros([BDK], tl.int64) + n_o > 0)
+    S_o = tl.load(cache + rk[:, None] * DV + rv_all[None, :], mask=rows_open[:, None] & (rv_all < DV)[None, :],
+                  other=0.0)
+    num = tl.sum(tl.sum(S_o * (k[:, None] * v_all[None, :]), 1), 0)
+    norm_s = tl.sqrt(tl.sum(tl.sum(S_o * S_o, 1), 0))
+    den = tl.sqrt(tl.sum(k * k, 0)) * tl.sqrt(tl.sum(v_all * v_all, 0)) * norm_s + EPS
+    cos = tl.where(n_o > 0, num / den, 0.0)
+    I = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
+    close = (I >= tau) & (n_o > 0) & (K > 1)
+    # spec step 2, as in the schedule kernel
+    merge = n_o * 0 - 1
+    new_counts = counts
+    new_info = info
+    if close:
+        new_counts, new_info, merge = _close(counts, info, K, KP)
+    mu = tl.where(merge >= 0, K - 1 - merge, K)
+    # new slot x takes old slot x - 1 below mu (x = 0: a fresh open state), both mu - 1 and mu at mu,
+    # x above mu; without a close every slot keeps its state
+    src = tl.where(close, tl.where(slots < mu, slots - 1, tl.where(slots == mu, mu - 1, slots)), slots)
+    src_count = tl.sum(tl.where(slots[None, :] == src[:, None], counts[None, :], 0), 1)
+    held = (src >= 0) & ms & (src_count > 0)
+    tile = rk[:, None] * DV + rv[None, :]
+    tile_mask = mk[:, None] & mv[None, :]
+    S = tl.load(cache + src[:, None, None] * SZ + tile[None, :, :],
+                mask=held[:, None, None] & tile_mask[None, :, :], other=0.0)
+    mu_count = tl.sum(tl.where(slots == mu, counts, 0), 0)
+    rows_mu = mk & (tl.zeros([BDK], tl.int64) + mu < K) & (tl.zeros([BDK], tl.int64) + mu_count > 0)
+    S_mu = tl.load(cache + mu * SZ + tile, mask=rows_mu[:, None] & mv[None, :], other=0.0)
+    S += tl.where(slots == mu, 1.0, 0.0)[:, None, None] * S_mu[None, :, :]
+    # spec steps 3-4: every state decays, the open state takes the write
+    v = tl.load(v_ptr + bh * DV + rv, mask=mv, other=0.0).to(tl.float32)
+    alpha = tl.exp(tl.load(g_ptr + bh).to(tl.float32))
+    S = alpha * S + tl.where(slots == 0, 1.0, 0.0)[:, None, None] * (k[:, None] * v[None, :])[None, :, :]
+    tl.store(s_out + bh * K * SZ + slots[:, None, None] * SZ + tile[None, :, :], S,
+             mask=ms[:, None, None] & tile_mask[None, :, :])
+    # spec step 5 over the slots that hold a state
+    new_counts = new_counts + tl.where(slots == 0, 1, 0)
+    new_info = new_info + tl.where(slots == 0, I, 0.0)
+    lam = tl.load(lam_ptr + bh * K + slots, mask=ms & (new_counts > 0), other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + bh * DK + rk, mask=mk, other=0.0).to(tl.float32)
+    o = tl.sum(tl.sum(S * (lam[:, None, None] * q[None, :, None]), 1), 0)
+    tl.store(o_ptr + bh * DV + rv, (scale * o).to(o_ptr.dtype.element_ty), mask=mv)
+    if vb == 0:
+        tl.store(c_out + bh * K + slots, new_counts, mask=ms)
+        tl.store(i_out + bh * K + slots, new_info, mask=ms)
+
+
+def decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states: Tensor, counts: Tensor,
+                info: Tensor, scale: float, tau: float):
+    """q, k [B, H, DK], v [B, H, DV], g [B, H], lam [B, H, K]; the cache: states [B, H, K, DK, DV]
+    (float32), counts and info [B, H, K]. Returns o [B, H, DV] in q's dtype and the new cache."""
+    B, H, DK = q.shape
+    DV, K = v.shape[-1], lam.shape[-1]
+    if states.dtype != torch.float32:
+        raise ValueError(f"the Triton decode step computes in float32, got a {states.dtype} cache")
+    BDK, BDV, KP = triton.next_power_of_2(DK), triton.next_power_of_2(DV), triton.next_power_of_2(K)
+    BV = max(2, min(BDV, TILE_ELEMS // (KP * BDK)))
+    o = torch.empty(B, H, DV, dtype=q.dtype, device=q.device)
+    new_states = torch.empty_like(states)
+    new_counts = torch.empty_like(counts)
+    new_info = torch.empty(B, H, K, dtype=torch.float32, device=q.device)
+    q, k, v, g, lam, states, counts, info = (x.contiguous() for x in (q, k, v, g, lam, states, counts, info))
+    _decode_kernel[(B * H, triton.cdiv(DV, BV))](
+        q, k, v, g, lam, states, counts, info, o, new_states, new_counts, new_info, float(scale), float(tau),
+        DK=DK, DV=DV, K=K, BDK=BDK, BDV=BDV, KP=KP, BV=BV, num_warps=WARPS)
+    return o, new_states, new_counts, new_info
