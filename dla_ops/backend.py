@@ -4,7 +4,9 @@ case; it never falls back. Triton kernels are imported only when chosen, so that
 ``TRITON_INTERPRET=1`` (which Triton reads when a kernel is defined) can be set first."""
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
@@ -47,3 +49,35 @@ def use_triton_schedule(device: torch.device, compute_dtype: torch.dtype) -> boo
     if name == "torch":
         return False
     return device.type == "cuda" and covered
+
+
+_tracing = threading.local()
+
+
+@contextlib.contextmanager
+def tracing_kernels():
+    """While ``torch.compile`` traces a dla op into its Triton kernels (``ops.py``), kernels launch in
+    their traceable form (``torch.library.wrap_triton``) and nothing leaves the stream's order."""
+    before = getattr(_tracing, "on", False)
+    _tracing.on = True
+    try:
+        yield
+    finally:
+        _tracing.on = before
+
+
+def kernels_traceable(device: torch.device) -> bool:
+    """Kernel launches can become graph nodes only as compiled kernels on a GPU: under
+    ``TRITON_INTERPRET=1`` ``wrap_triton`` hands back the interpreted kernel, which cannot be traced."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0")
+
+
+def is_tracing_kernels() -> bool:
+    return getattr(_tracing, "on", False)
+
+
+def launch(kernel, grid):
+    """``kernel[grid]``, or ``wrap_triton(kernel)[grid]`` under ``tracing_kernels`` so that the launch
+    becomes a graph node Inductor compiles in (eagerly, the direct launch avoids the wrapper's
+    dispatch cost)."""
+    return torch.library.wrap_triton(kernel)[grid] if is_tracing_kernels() else kernel[grid]

@@ -5,9 +5,10 @@ using DLA trace under ``torch.compile(fullgraph=True)`` and ``torch.export`` as 
 The implementations validate tensor data (NaN/Inf, g > 0, beta range, cache consistency) because
 that needs real tensors; the Python wrappers in ``api.py`` only check shapes.
 
-The implementations here are the vectorised PyTorch path (``torch_backend``), registered for every
-device; a device-specific kernel (Triton on CUDA) can be registered on top with
-``fwd.register_kernel("cuda")``.
+The implementations dispatch per stage (``backend``): the Triton kernels where they cover the case,
+else the vectorised PyTorch path (``torch_backend``). Where the forward and backward run wholly on
+the kernels, ``torch.compile`` traces them into their kernel launches (``wrap_triton``), as
+``torch.library.triton_op`` does, so that Inductor sees the kernels; ``torch.export`` keeps the ops.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import torch_backend
+from . import backend, torch_backend
 from .validation import capturing_cuda_graph, check_cache_values, check_values, compute_dtype
 
 
@@ -27,12 +28,43 @@ def _initial_cache(q, v, lam, cu_seqlens, states, counts, info):
     return torch_backend.empty_cache_like(q, v, lam, n, compute_dtype(q.dtype))
 
 
+def _on_kernels(q: Tensor, lam: Tensor, beta: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> bool:
+    """Whether a whole call runs on the Triton kernels (decided from static properties only)."""
+    return cu_seqlens is None and torch_backend._triton_readout(q, beta, lam, compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("dla::checked_kv_norms", mutates_args=())
+def checked_kv_norms(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
+                     states: Optional[Tensor], counts: Optional[Tensor], info: Optional[Tensor]) -> Tensor:
+    """The data checks of a kernel-path forward, and ||k_t|| ||v_t|| ([B, T, H] float32), which the
+    schedule kernel needs. One op for both, so that when the forward is traced into its kernels the
+    checks feed them and stay in the graph (an op whose result nothing uses would be removed)."""
+    if not capturing_cuda_graph(q):
+        check_values(q, k, v, g, lam, beta, states, counts, info)
+    from dla_ops.kernels.schedule import key_value_norms
+    return key_value_norms(k, v)
+
+
+@checked_kv_norms.register_fake
+def _checked_kv_norms_fake(q, k, v, g, lam, beta, states, counts, info):
+    return k.new_empty(k.shape[:-1], dtype=torch.float32)
+
+
+def _kernel_fwd(q, k, v, g, lam, beta, initial_states, initial_counts, initial_info, cu_seqlens, scale, tau):
+    kvn = torch.ops.dla.checked_kv_norms(q, k, v, g, lam, beta, initial_states, initial_counts, initial_info)
+    cache = _initial_cache(q, v, lam, cu_seqlens, initial_states, initial_counts, initial_info)
+    return torch_backend.attention_forward(q, k, v, g, lam, beta, *cache, scale, tau, None, kvn)
+
+
 @torch.library.custom_op("dla::fwd", mutates_args=())
 def fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
         initial_states: Optional[Tensor], initial_counts: Optional[Tensor],
         initial_info: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, tau: float
         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (o, I, boundary, merge, final states, final counts, final info)."""
+    if _on_kernels(q, lam, beta, cu_seqlens):
+        return _kernel_fwd(q, k, v, g, lam, beta, initial_states, initial_counts, initial_info, cu_seqlens,
+                           scale, tau)
     check_values(q, k, v, g, lam, beta, initial_states, initial_counts, initial_info,
                  cu_seqlens=cu_seqlens, total_len=q.shape[1])
     cache = _initial_cache(q, v, lam, cu_seqlens, initial_states, initial_counts, initial_info)
@@ -58,6 +90,12 @@ def bwd(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor,
         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dg, dlam, dbeta, dinitial_states); dbeta and dinitial_states are empty
     (shape [0]) when beta or the initial cache is absent."""
+    return _bwd_impl(do, dstates, q, k, v, g, lam, beta, initial_states, initial_counts, boundary, merge,
+                     cu_seqlens, scale)
+
+
+def _bwd_impl(do, dstates, q, k, v, g, lam, beta, initial_states, initial_counts, boundary, merge,
+              cu_seqlens, scale):
     states0, counts0, _ = _initial_cache(q, v, lam, cu_seqlens, initial_states, initial_counts, None)
     grads = torch_backend.attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0,
                                              boundary, merge, scale, cu_seqlens)
@@ -95,6 +133,33 @@ def _fwd_backward(ctx, do, dI, dboundary, dmerge, dstates, dcounts, dinfo):
 
 
 fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def _trace_into_kernels(op, applies, kernel_impl) -> None:
+    """Under ``torch.compile`` (functionalisation in AOTAutograd), run ``kernel_impl`` in the tracing
+    mode where ``applies`` holds, so that the graph holds the kernel launches rather than an opaque
+    call: what ``torch.library.triton_op`` does for an op that is nothing but kernels. Elsewhere, and
+    always under ``torch.export`` (which keeps custom ops whole, as for triton_op), the op stays."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def rule(mode, func, types, args, kwargs):
+        keep = not getattr(torch._functorch.config, "decompose_custom_triton_ops", True)
+        if keep or not applies(*args, **kwargs):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        with mode, backend.tracing_kernels():
+            return kernel_impl(*args, **kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+def _traced_on_kernels(q, lam, beta, cu_seqlens) -> bool:
+    return backend.kernels_traceable(q.device) and _on_kernels(q, lam, beta, cu_seqlens)
+
+
+_trace_into_kernels(fwd, lambda q, k, v, g, lam, beta, *rest: _traced_on_kernels(q, lam, beta, rest[3]),
+                    _kernel_fwd)
+_trace_into_kernels(bwd, lambda do, ds, q, k, v, g, lam, beta, *rest: _traced_on_kernels(q, lam, beta, rest[4]),
+                    lambda *args: _bwd_impl(*args))
 
 
 @torch.library.custom_op("dla::decode_step", mutates_args=())

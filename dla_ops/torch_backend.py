@@ -320,26 +320,28 @@ def empty_cache_like(q: Tensor, v: Tensor, lam: Tensor, n: int, cdt: torch.dtype
             q.new_zeros(n, H, K, dtype=cdt))
 
 
-def schedule_stage(k, v, g, beta, states0, counts0, info0, tau: float):
+def schedule_stage(k, v, g, beta, states0, counts0, info0, tau: float, kvn: Optional[Tensor] = None):
     """Stage 1 on [B, T, H, ...] inputs and a cache, by the Triton kernel or the PyTorch pass as
-    ``backend`` decides. Returns I, boundary, merge [B, T, H] and the final counts and info."""
+    ``backend`` decides (kvn: the kernel's ||k_t|| ||v_t||, if the caller has them). Returns I,
+    boundary, merge [B, T, H] and the final counts and info."""
     cdt = states0.dtype
     open0, info0 = ignore_empty_slots(states0, counts0)[:, :, 0], ignore_empty_slots(info0, counts0)
     if backend.use_triton_schedule(k.device, cdt):
         from dla_ops.kernels.schedule import schedule as triton_schedule
-        return triton_schedule(k, v, g, beta, open0, counts0, info0, tau)[:5]
+        return triton_schedule(k, v, g, beta, open0, counts0, info0, tau, kvn)[:5]
     I, boundary, merge, counts, info = schedule(
         *(_time_major(x, cdt) for x in (k, v, g, beta)), open0, counts0, info0, tau)
     return I.transpose(1, 2), boundary.transpose(1, 2), merge.transpose(1, 2), counts, info
 
 
 def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: float, tau: float,
-                      cu_seqlens: Optional[Tensor]):
-    """The forward op on [B, T, H, ...] inputs. Returns o, I, boundary, merge, states, counts, info."""
+                      cu_seqlens: Optional[Tensor], kvn: Optional[Tensor] = None):
+    """The forward op on [B, T, H, ...] inputs. Returns o, I, boundary, merge, states, counts, info.
+    kvn: ||k_t|| ||v_t|| ([B, T, H]) for the Triton schedule, if the caller has them."""
     outs = []
-    for (q_, k_, v_, g_, lam_, beta_), (s0, c0, i0) in _split_sequences(
-            cu_seqlens, [q, k, v, g, lam, beta], [states0, counts0, info0]):
-        I, boundary, merge, counts, info = schedule_stage(k_, v_, g_, beta_, s0, c0, i0, tau)
+    for (q_, k_, v_, g_, lam_, beta_, kvn_), (s0, c0, i0) in _split_sequences(
+            cu_seqlens, [q, k, v, g, lam, beta, kvn], [states0, counts0, info0]):
+        I, boundary, merge, counts, info = schedule_stage(k_, v_, g_, beta_, s0, c0, i0, tau, kvn_)
         o, states = _run_readout(q_, k_, v_, g_, lam_, beta_, s0, c0, boundary, merge, scale)
         outs.append((o, I, boundary, merge, states, counts, info))
     along_t = [torch.cat(parts, 1) for parts in list(zip(*outs))[:4]]

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dla_ops.backend import MAX_KERNEL_K
+from dla_ops.backend import MAX_KERNEL_K, is_tracing_kernels, launch
 
 CHUNK = 64
 # measured on an H200, T=32768, K=16 (fwd sweep / backward ms): 16 columns and 4 warps 10.4 / 34.2,
@@ -288,7 +288,7 @@ def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int = CHUNK) -> Tensor
     B, T, H = close.shape
     n = triton.cdiv(T, chunk)
     tab = torch.empty(B, H, n * chunk, K + chunk, dtype=torch.int8, device=close.device)
-    _slot_table_kernel[(B * H, n)](close.to(torch.int8).contiguous(), mu.to(torch.int32).contiguous(), tab,
+    launch(_slot_table_kernel, (B * H, n))(close.to(torch.int8).contiguous(), mu.to(torch.int32).contiguous(), tab,
                                    T, H, n * chunk, K=K, C=chunk, WP=triton.next_power_of_2(K + chunk))
     return tab
 
@@ -317,7 +317,7 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=Non
     sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
     dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o
-    _forward_sweep_kernel[(B * H, nvb)](
+    launch(_forward_sweep_kernel, (B * H, nvb))(
         q, k, v, g, lam, tables, states0.contiguous(), buf, o, sT, x.contiguous() if x is not None else v,
         dlam, T, H, tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K),
         C=chunk, BV=BV, WITH_DLAM=x is not None, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
@@ -347,7 +347,8 @@ def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
     # below is a difference of sums of q . dq and k . dk). It does not depend on the reverse sweep:
     # on a GPU it runs on a second stream beside it, since both sweeps are latency-bound programs
     # that leave most of each SM idle.
-    side = torch.cuda.Stream(q.device) if q.is_cuda else None
+    # (not while torch.compile traces the kernels in: the graph has one stream)
+    side = torch.cuda.Stream(q.device) if q.is_cuda and not is_tracing_kernels() else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(q.device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
@@ -357,7 +358,7 @@ def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
     dv = torch.empty(B, T, H, DV, dtype=v.dtype, device=q.device)
     ds0 = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
-    _reverse_sweep_kernel[(B * H, nvb)](
+    launch(_reverse_sweep_kernel, (B * H, nvb))(
         q, k, v, g, lam, do, tables, dstates.float().contiguous(), buf, dk_part, dv, ds0, T, H,
         tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K), C=chunk,
         BV=BV, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)

@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dla_ops import reference
+from dla_ops.backend import launch
 
 # the spec's constants, from the one place that defines them (Triton reads globals as constexpr only)
 EPS = tl.constexpr(reference.EPS)
@@ -129,11 +130,17 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_
     tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
 
 
+def key_value_norms(k: Tensor, v: Tensor) -> Tensor:
+    """||k_t|| ||v_t|| in float32, the denominator of the information score less ||S_o||."""
+    return torch.linalg.vector_norm(k.float(), dim=-1) * torch.linalg.vector_norm(v.float(), dim=-1)
+
+
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
-             info0: Tensor, tau: float):
+             info0: Tensor, tau: float, kvn: Optional[Tensor] = None):
     """k, v [B, T, H, D] (any float dtype), g, beta [B, T, H]; open0 [B, H, DK, DV], counts0, info0
-    [B, H, K] (float32 compute dtype; empty slots already zeroed). Returns I, boundary, merge
-    ([B, T, H]) and the final counts, info and open state."""
+    [B, H, K] (float32 compute dtype; empty slots already zeroed); kvn: ||k_t|| ||v_t|| ([B, T, H]
+    float32) where the caller has it. Returns I, boundary, merge ([B, T, H]) and the final counts,
+    info and open state."""
     B, T, H, DK = k.shape
     DV, K = v.shape[-1], counts0.shape[-1]
     if open0.dtype != torch.float32:
@@ -148,8 +155,8 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     info = torch.empty_like(info0)
     S = torch.empty_like(open0)
     # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
-    kvn = torch.linalg.vector_norm(k.float(), dim=-1) * torch.linalg.vector_norm(v.float(), dim=-1)
-    _schedule_kernel[(B, H)](
+    kvn = key_value_norms(k, v) if kvn is None else kvn.contiguous()
+    launch(_schedule_kernel, (B, H))(
         k, v, g, beta, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
         I, boundary, merge, counts, info, S, T, H, float(tau),
         DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
