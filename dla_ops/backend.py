@@ -76,8 +76,22 @@ def is_tracing_kernels() -> bool:
     return getattr(_tracing, "on", False)
 
 
-def launch(kernel, grid):
-    """``kernel[grid]``, or ``wrap_triton(kernel)[grid]`` under ``tracing_kernels`` so that the launch
+def launch(kernel, grid, writes: tuple = ()):
+    """``kernel[grid]``, or under ``tracing_kernels`` ``wrap_triton(kernel)[grid]``, so that the launch
     becomes a graph node Inductor compiles in (eagerly, the direct launch avoids the wrapper's
-    dispatch cost)."""
-    return torch.library.wrap_triton(kernel)[grid] if is_tracing_kernels() else kernel[grid]
+    dispatch cost).
+
+    ``writes`` names the pointer parameters the kernel stores to. When traced, every other tensor
+    argument is passed as a copy: torch's mutation analysis of the kernel's TTIR also marks tensors
+    that only feed store addresses or loop bounds as written (measured: the sweeps' q, k, g, lam),
+    and a graph input marked as written cannot be a leaf that requires grad. The copies are
+    intermediates Inductor may reuse in place."""
+    if not is_tracing_kernels():
+        return kernel[grid]
+    traced = torch.library.wrap_triton(kernel)[grid]
+    names = kernel.arg_names
+
+    def call(*args, **kwargs):
+        copy = lambda name, x: x.clone() if isinstance(x, torch.Tensor) and name not in writes else x
+        return traced(*(copy(n, x) for n, x in zip(names, args)), **{n: copy(n, x) for n, x in kwargs.items()})
+    return call

@@ -107,7 +107,7 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states:
     new_counts = torch.empty_like(counts)
     new_info = torch.empty(B, H, K, dtype=torch.float32, device=q.device)
     q, k, v, g, lam, states, counts, info = (x.contiguous() for x in (q, k, v, g, lam, states, counts, info))
-    launch(_decode_kernel, (B * H, triton.cdiv(DV, BV)))(
+    launch(_decode_kernel, (B * H, triton.cdiv(DV, BV)), ("o_ptr", "s_out", "c_out", "i_out"))(
         q, k, v, g, lam, states, counts, info, o, new_states, new_counts, new_info, float(scale), float(tau),
         DK=DK, DV=DV, K=K, BDK=BDK, BDV=BDV, KP=KP, BV=BV, num_warps=WARPS)
     return o, new_states, new_counts, new_info

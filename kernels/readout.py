@@ -42,6 +42,7 @@ CHUNK = 64
 # more, smaller programs per head win.
 SWEEP_WARPS = 4
 BLOCK_V = 16
+GATE_BLOCK = 1024
 
 
 @triton.jit
@@ -246,6 +247,24 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
     _copy_tiles(ds0_ptr + bh * K * SZ, buf + (NC % 2) * K * SZ, tile, K, SZ)
 
 
+@triton.jit
+def _gate_gradient_kernel(per_token_ptr, start_ptr, dg_ptr, T, H, BLOCK: tl.constexpr):
+    """dg_t = start + sum_{s < t} per_token_s for one (sequence, head), summed in float64 (a difference
+    of sums over the whole sequence) and written in float32. A kernel rather than a float64 cumsum in
+    PyTorch: Inductor (torch 2.11) failed to generate code for float64 buffers fused with the
+    surrounding layer's broadcast loads."""
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    carry = tl.load(start_ptr + bh).to(tl.float64)
+    for t0 in range(0, T, BLOCK):
+        t = t0 + tl.arange(0, BLOCK)
+        x = tl.load(per_token_ptr + (b * T + t) * H + h, mask=t < T, other=0.0).to(tl.float64)
+        inclusive = tl.cumsum(x, 0)
+        tl.store(dg_ptr + (b * T + t) * H + h, (carry + inclusive - x).to(tl.float32), mask=t < T)
+        carry += tl.sum(x, 0)
+
+
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs need fp32-exact products (the 1e-4 contract); half inputs are already rounded far
     # more coarsely than tf32's 10-bit mantissa
@@ -288,7 +307,7 @@ def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int = CHUNK) -> Tensor
     B, T, H = close.shape
     n = triton.cdiv(T, chunk)
     tab = torch.empty(B, H, n * chunk, K + chunk, dtype=torch.int8, device=close.device)
-    launch(_slot_table_kernel, (B * H, n))(close.to(torch.int8).contiguous(), mu.to(torch.int32).contiguous(), tab,
+    launch(_slot_table_kernel, (B * H, n), ("tab_ptr",))(close.to(torch.int8).contiguous(), mu.to(torch.int32).contiguous(), tab,
                                    T, H, n * chunk, K=K, C=chunk, WP=triton.next_power_of_2(K + chunk))
     return tab
 
@@ -317,7 +336,7 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=Non
     sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
     dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o
-    launch(_forward_sweep_kernel, (B * H, nvb))(
+    launch(_forward_sweep_kernel, (B * H, nvb), ("buf_ptr", "o_ptr", "sT_ptr", "dlam_ptr"))(
         q, k, v, g, lam, tables, states0.contiguous(), buf, o, sT, x.contiguous() if x is not None else v,
         dlam, T, H, tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K),
         C=chunk, BV=BV, WITH_DLAM=x is not None, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
@@ -358,7 +377,7 @@ def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
     dv = torch.empty(B, T, H, DV, dtype=v.dtype, device=q.device)
     ds0 = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
-    launch(_reverse_sweep_kernel, (B * H, nvb))(
+    launch(_reverse_sweep_kernel, (B * H, nvb), ("buf_ptr", "dk_ptr", "dv_ptr", "ds0_ptr"))(
         q, k, v, g, lam, do, tables, dstates.float().contiguous(), buf, dk_part, dv, ds0, T, H,
         tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K), C=chunk,
         BV=BV, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
@@ -369,7 +388,8 @@ def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
     dk = dk_part.sum(0)
     # g_t scales every (sink at or after t, source before t) pair: sinks are outputs and the final
     # cache, sources tokens and the initial cache; what remains after cancelling both totals is this
-    per_token = (k.float() * dk).sum(-1) - (q.float() * dq).sum(-1)
-    prefix = torch.cumsum(per_token.double(), 1) - per_token.double()
-    dg = (prefix + (ds0 * states0).sum((-1, -2, -3)).double()[:, None, :]).float()
+    per_token = ((k.float() * dk).sum(-1) - (q.float() * dq).sum(-1)).contiguous()
+    from_cache = (ds0 * states0).sum((-1, -2, -3)).contiguous()
+    dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    launch(_gate_gradient_kernel, (B * H,), ("dg_ptr",))(per_token, from_cache, dg, T, H, BLOCK=GATE_BLOCK)
     return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dlam, ds0

@@ -156,7 +156,7 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     S = torch.empty_like(open0)
     # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
     kvn = key_value_norms(k, v) if kvn is None else kvn.contiguous()
-    launch(_schedule_kernel, (B, H))(
+    launch(_schedule_kernel, (B, H), ("I_ptr", "bnd_ptr", "merge_ptr", "c_ptr", "info_ptr", "s_ptr"))(
         k, v, g, beta, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
         I, boundary, merge, counts, info, S, T, H, float(tau),
         DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),

@@ -62,7 +62,9 @@ def test_inductor_compiled_gla_op_equals_eager():
     eager = _loss_and_grads(_attention, leaves)
     compiled = _loss_and_grads(torch.compile(_attention, fullgraph=True), leaves)
     for a, b in zip(eager, compiled):
-        assert rel_err(b, a) <= 1e-5
+        # the kernels are the same; Inductor fuses the casts around them differently, so bf16
+        # results may differ by an ulp (2^-8 relative) here and there
+        assert rel_err(b, a) <= (5e-3 if a.dtype == torch.bfloat16 else 1e-5)
 
 
 def test_compiled_op_still_checks_its_inputs():
