@@ -36,6 +36,11 @@ def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: s
     return True
 
 
+def use_triton_decode(device: torch.device, compute_dtype: torch.dtype) -> bool:
+    """The decode step: one Triton kernel for both bases, with the schedule kernel's coverage."""
+    return use_triton_schedule(device, compute_dtype)
+
+
 def use_triton_schedule(device: torch.device, compute_dtype: torch.dtype) -> bool:
     """The schedule stage: Triton covers float32 compute (fp16/bf16/fp32 inputs) on any device
     Triton can run on."""

@@ -397,9 +397,9 @@ def token_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: f
 
 def decode_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: float):
     """One token against the cache. Returns o [B, H, DV] in q's dtype and the new cache."""
-    if _triton_readout(q, beta, lam, states.dtype):
+    if backend.use_triton_decode(q.device, states.dtype):
         from dla_ops.kernels import decode as kernels
-        return kernels.decode_step(q, k, v, g, lam, states, counts, info, scale, tau)
+        return kernels.decode_step(q, k, v, g, lam, beta, states, counts, info, scale, tau)
     states, info = ignore_empty_slots(states, counts), ignore_empty_slots(info, counts)
     o, _, _, _, states, counts, info = token_step(q, k, v, g, lam, beta, states, counts, info, scale, tau)
     return o, states, counts, info

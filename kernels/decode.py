@@ -1,4 +1,4 @@
-"""The decode step of the ``gla`` base as one Triton kernel: the information score against the open
+"""The decode step as one Triton kernel, for both bases: the information score against the open
 state, the boundary, the close and merge, the transition and write of every state, and the readout.
 
 The step is bound by memory: it reads and writes the K states of every (sequence, head), since
@@ -9,6 +9,8 @@ costs one extra [DK, DV] read per block instead of a second launch. The decision
 schedule kernel's (``_close``), so decoding and the parallel forward take the same decisions.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -28,10 +30,10 @@ TILE_ELEMS = 32768
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, s_ptr, c_ptr, i_ptr,
+def _decode_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, lam_ptr, s_ptr, c_ptr, i_ptr,
                    o_ptr, s_out, c_out, i_out, scale, tau,
                    DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, BDK: tl.constexpr,
-                   BDV: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr):
+                   BDV: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, IS_DELTA: tl.constexpr):
     bh = tl.program_id(0)
     vb = tl.program_id(1)
     rk = tl.arange(0, BDK)
@@ -79,10 +81,19 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, s_ptr, c_ptr, i_ptr,
     rows_mu = mk & (tl.zeros([BDK], tl.int64) + mu < K) & (tl.zeros([BDK], tl.int64) + mu_count > 0)
     S_mu = tl.load(cache + mu * SZ + tile, mask=rows_mu[:, None] & mv[None, :], other=0.0)
     S += tl.where(slots == mu, 1.0, 0.0)[:, None, None] * S_mu[None, :, :]
-    # spec steps 3-4: every state decays, the open state takes the write
+    # spec steps 3-4: every state takes the transition, the open state the write
     v = tl.load(v_ptr + bh * DV + rv, mask=mv, other=0.0).to(tl.float32)
     alpha = tl.exp(tl.load(g_ptr + bh).to(tl.float32))
-    S = alpha * S + tl.where(slots == 0, 1.0, 0.0)[:, None, None] * (k[:, None] * v[None, :])[None, :, :]
+    kv = k[:, None] * v[None, :]
+    if IS_DELTA:
+        # alpha (I - beta k k^T) S: k^T S is a reduction over DK, which each program holds whole
+        beta = tl.load(beta_ptr + bh).to(tl.float32)
+        kS = tl.sum(S * k[None, :, None], 1)
+        S = alpha * (S - beta * k[None, :, None] * kS[:, None, :])
+        kv = beta * kv
+    else:
+        S = alpha * S
+    S += tl.where(slots == 0, 1.0, 0.0)[:, None, None] * kv[None, :, :]
     tl.store(s_out + bh * K * SZ + slots[:, None, None] * SZ + tile[None, :, :], S,
              mask=ms[:, None, None] & tile_mask[None, :, :])
     # spec step 5 over the slots that hold a state
@@ -97,10 +108,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, s_ptr, c_ptr, i_ptr,
         tl.store(i_out + bh * K + slots, new_info, mask=ms)
 
 
-def decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states: Tensor, counts: Tensor,
-                info: Tensor, scale: float, tau: float):
-    """q, k [B, H, DK], v [B, H, DV], g [B, H], lam [B, H, K]; the cache: states [B, H, K, DK, DV]
-    (float32), counts and info [B, H, K]. Returns o [B, H, DV] in q's dtype and the new cache."""
+def decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor], states: Tensor,
+                counts: Tensor, info: Tensor, scale: float, tau: float):
+    """q, k [B, H, DK], v [B, H, DV], g [B, H], lam [B, H, K], beta [B, H] (``delta``) or None
+    (``gla``); the cache: states [B, H, K, DK, DV] (float32), counts and info [B, H, K]. Returns
+    o [B, H, DV] in q's dtype and the new cache."""
     B, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     if states.dtype != torch.float32:
@@ -111,8 +123,10 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states:
     new_states = torch.empty_like(states)
     new_counts = torch.empty_like(counts)
     new_info = torch.empty(B, H, K, dtype=torch.float32, device=q.device)
-    q, k, v, g, lam, states, counts, info = (x.contiguous() for x in (q, k, v, g, lam, states, counts, info))
+    is_delta = beta is not None
+    beta = g if beta is None else beta   # an unused pointer for gla
+    q, k, v, g, beta, lam, states, counts, info = (x.contiguous() for x in (q, k, v, g, beta, lam, states, counts, info))
     launch(_decode_kernel, (B * H, triton.cdiv(DV, BV)), ("o_ptr", "s_out", "c_out", "i_out"))(
-        q, k, v, g, lam, states, counts, info, o, new_states, new_counts, new_info, float(scale), float(tau),
-        DK=DK, DV=DV, K=K, BDK=BDK, BDV=BDV, KP=KP, BV=BV, num_warps=WARPS)
+        q, k, v, g, beta, lam, states, counts, info, o, new_states, new_counts, new_info, float(scale), float(tau),
+        DK=DK, DV=DV, K=K, BDK=BDK, BDV=BDV, KP=KP, BV=BV, IS_DELTA=is_delta, num_warps=WARPS)
     return o, new_states, new_counts, new_info

@@ -1,6 +1,6 @@
-"""The Triton decode step of the ``gla`` base (``kernels/decode.py``) against the spec's token step in
-float64, one token at a time from the same cache, and (P7 on the kernel path) decoding token by token
-against the parallel op. Without a GPU they run in Triton's interpreter on CPU tensors."""
+"""The Triton decode step (``kernels/decode.py``, both bases) against the spec's token step in float64,
+one token at a time from the same cache, and (P7 on the kernel path) decoding token by token against
+the parallel op. Without a GPU they run in Triton's interpreter on CPU tensors."""
 from __future__ import annotations
 
 import os
@@ -26,21 +26,23 @@ def _token(x: dict, t: int, dtype=None, device=DEVICE) -> dict:
     return {n: None if a is None else a[:, t].to(device, dtype or a.dtype) for n, a in x.items()}
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), K=st.integers(1, 6), dims=st.sampled_from([(3, 5), (8, 16), (16, 16)]),
-       tau=st.sampled_from([0.0, 0.3, 0.6, 1.0, 2.5]), cache_kind=st.sampled_from(["normal", "open_empty", "garbage"]))
-def test_gla_decode_kernel_matches_the_float64_step(seed, K, dims, tau, cache_kind):
+       tau=st.sampled_from([0.0, 0.3, 0.6, 1.0, 2.5]), cache_kind=st.sampled_from(["normal", "open_empty", "garbage"]),
+       base=st.sampled_from(["gla", "delta"]))
+def test_decode_kernel_matches_the_float64_step(seed, K, dims, tau, cache_kind, base):
     DK, DV = dims
-    x = make_inputs(seed, B=2, T=12, H=3, DK=DK, DV=DV, K=K, dtype=torch.float32, decay=1.0)
+    x = make_inputs(seed, B=2, T=12, H=3, DK=DK, DV=DV, K=K, base=base, dtype=torch.float32, decay=1.0)
     cache = random_cache(seed, 2, 3, K, DK, DV, torch.float32, kind=cache_kind)
     cache = DLACache(*(c.to(DEVICE) for c in cache))
     for t in range(12):
         tok = _token(x, t)
         with mock.patch.dict(os.environ, TRITON):
-            o, new = dla_ops.dla_decode_step(tok["q"], tok["k"], tok["v"], tok["g"], tok["lam"], None, cache, tau=tau)
+            o, new = dla_ops.dla_decode_step(tok["q"], tok["k"], tok["v"], tok["g"], tok["lam"], tok["beta"], cache,
+                                             tau=tau)
         tok64 = _token(x, t, torch.float64, "cpu")
-        ro, *rcache = torch_backend.decode_step(tok64["q"], tok64["k"], tok64["v"], tok64["g"], tok64["lam"], None,
-                                                cache.states.cpu().double(), cache.counts.cpu(),
+        ro, *rcache = torch_backend.decode_step(tok64["q"], tok64["k"], tok64["v"], tok64["g"], tok64["lam"],
+                                                tok64["beta"], cache.states.cpu().double(), cache.counts.cpu(),
                                                 cache.info.cpu().double(), DK ** -0.5, tau)
         assert o.dtype == torch.float32
         assert torch.equal(new.counts.cpu(), rcache[1]), f"token {t}: decisions differ"
@@ -68,17 +70,18 @@ def test_gla_decoding_with_the_kernel_equals_the_parallel_kernels(dtype, tol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="large shapes: GPU only")
+@pytest.mark.parametrize("base", ["gla", "delta"])
 @pytest.mark.parametrize("K,DK,DV", [(16, 64, 64), (64, 128, 128), (33, 32, 128), (1, 128, 32)])
-def test_gla_decode_kernel_at_the_benchmark_shapes(K, DK, DV):
-    x = make_inputs(K, B=2, T=20, H=4, DK=DK, DV=DV, K=K, dtype=torch.bfloat16, decay=1.0)
+def test_decode_kernel_at_the_benchmark_shapes(K, DK, DV, base):
+    x = make_inputs(K, B=2, T=20, H=4, DK=DK, DV=DV, K=K, base=base, dtype=torch.bfloat16, decay=1.0)
     cache = random_cache(K, 2, 4, K, DK, DV, torch.float32, m=K - 1)
     cache = DLACache(*(c.to(DEVICE) for c in cache))
     for t in range(20):
         tok = _token(x, t)
         with mock.patch.dict(os.environ, TRITON):
-            o, new = dla_ops.dla_decode_step(tok["q"], tok["k"], tok["v"], tok["g"], tok["lam"], None, cache)
+            o, new = dla_ops.dla_decode_step(tok["q"], tok["k"], tok["v"], tok["g"], tok["lam"], tok["beta"], cache)
         tok64 = _token(x, t, torch.float64, "cpu")
-        ro, *rcache = torch_backend.decode_step(tok64["q"], tok64["k"], tok64["v"], tok64["g"], tok64["lam"], None,
+        ro, *rcache = torch_backend.decode_step(tok64["q"], tok64["k"], tok64["v"], tok64["g"], tok64["lam"], tok64["beta"],
                                                 cache.states.cpu().double(), cache.counts.cpu(),
                                                 cache.info.cpu().double(), DK ** -0.5, 0.6)
         assert torch.equal(new.counts.cpu(), rcache[1]), f"token {t}: decisions differ"
