@@ -42,6 +42,19 @@ def task(name: str, T: int, N: int, vocab: int):
     return lambda b, gen: passkey(b, T, key_len=N, vocab=vocab, gen=gen)
 
 
+FLA = ("fla log-linear (K=16)", dict(capacity=16, merge_policy="fla-log-linear"))   # fla's own kernel
+
+
+def with_fla(device: str) -> dict:
+    """MIXERS plus flash-linear-attention's Log-Linear kernel (the cross-check of "fenwick") where fla is
+    installed and the device is a GPU."""
+    try:
+        import fla.ops.log_linear_attn  # noqa: F401
+    except ImportError:
+        return dict(MIXERS)
+    return dict(MIXERS, **dict([FLA])) if device.startswith("cuda") else dict(MIXERS)
+
+
 def run(grid: dict, device: str, mixers=MIXERS, progress: bool = True) -> list[dict]:
     rows = []
     for name, T, N in grid["settings"]:
@@ -97,12 +110,14 @@ def main():
     grid = dict(TINY if a.tiny else FULL)
     if a.task:
         grid["settings"] = [s for s in grid["settings"] if s[0] == a.task]
-    rows = run(grid, a.device)
+    mixers = MIXERS if a.tiny else with_fla(a.device)
+    rows = run(grid, a.device, mixers)
     where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
     header = (f"# Recall results ({'tiny check' if a.tiny else 'full grid'}, {where})\n\n"
               f"`python benchmarks/recall.py{' --tiny' if a.tiny else ''}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
-              f"best of lr in {grid['lrs']}.")
+              f"best of lr in {grid['lrs']}."
+              + ("" if FLA[0] in mixers else " flash-linear-attention was not available: no fla row."))
     print(write(rows, Path(a.out), header))
 
 

@@ -17,7 +17,9 @@ from dla_ops import DLACache, dla_attention, dla_decode_step
 from dla_ops.cache import register_serializable
 from dla_ops.policies import POLICIES, fixed_policy_attention
 
-COMPARISONS = POLICIES + ("softmax",)   # merge_policy values other than "dla", for comparisons
+# merge_policy values other than "dla", for comparisons: our fixed policies, flash-linear-attention's
+# Log-Linear kernel (a cross-check of "fenwick"; needs fla and a GPU) and softmax attention
+COMPARISONS = POLICIES + ("fla-log-linear", "softmax")
 
 # softplus(LAM_BIAS) == 1: with a zero-initialised lam projection every readout weight starts at 1,
 # so at initialisation the mixer computes its single-state base model (spec identity P1)
@@ -169,6 +171,8 @@ class DLAMixer(nn.Module):
         if self.policy == "softmax":
             heads = lambda t: t.transpose(1, 2)
             o = heads(F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True))
+        elif self.policy == "fla-log-linear":
+            o = _fla_log_linear(q, k, v, g, lam)
         else:
             o = fixed_policy_attention(q, k, v, g, lam, self.policy, block=self.policy_block)
         return self._output(o, x), None
@@ -184,6 +188,20 @@ class DLAMixer(nn.Module):
                                      output_final_cache=use_cache, cu_seqlens=cu)
         out = o.new_zeros(B * T, *o.shape[2:]).index_copy(0, idx, o[0])
         return out.view(B, T, *o.shape[2:]), dla_cache
+
+
+def _fla_log_linear(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor) -> Tensor:
+    """flash-linear-attention's ``chunk_log_linear_attn`` on the mixer's features: Log-Linear Attention
+    with lam's first L = ceil(log2 T) + 1 columns as its per-level weights."""
+    try:
+        from fla.ops.log_linear_attn import chunk_log_linear_attn
+    except ImportError as e:
+        raise ImportError("merge_policy='fla-log-linear' needs flash-linear-attention (fla-core) and a GPU") from e
+    levels = math.ceil(math.log2(q.shape[1])) + 1
+    if lam.shape[-1] < levels:
+        raise ValueError(f"merge_policy='fla-log-linear' at T={q.shape[1]} needs capacity >= {levels} "
+                         f"(one weight per level), got {lam.shape[-1]}")
+    return chunk_log_linear_attn(q, k, v, g, lam[..., :levels].contiguous())[0]
 
 
 def _check_padding(mask: Tensor) -> None:

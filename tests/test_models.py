@@ -139,3 +139,15 @@ def test_bad_padding_is_refused():
     for bad in ([[1, 1, 0, 1, 1, 1], [1] * 6], [[0] * 6, [1] * 6]):   # a hole; an empty row
         with pytest.raises(ValueError, match="attention_mask: every row needs its tokens in one run"):
             m(ids, attention_mask=torch.tensor(bad), use_cache=False)
+
+
+def test_fla_mixer_without_fla_says_what_it_needs():
+    try:
+        import fla.ops.log_linear_attn  # noqa: F401
+        pytest.skip("fla is installed here")
+    except ImportError:
+        pass
+    from dla_ops.models.layers import DLAMixer
+    layer = DLAMixer(32, 2, 16, 16, capacity=8, tau=0.6, merge_policy="fla-log-linear")
+    with pytest.raises(ImportError, match="flash-linear-attention"):
+        layer(torch.randn(1, 8, 32))

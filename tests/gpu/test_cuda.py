@@ -72,3 +72,20 @@ def test_cuda_long_bf16_sequences_stay_finite(decay):
     (o.float().square().mean() + cache.states.square().mean()).backward()
     for t in (o, cache.states, q.grad, k.grad, v.grad, g.grad, lam.grad):
         assert torch.isfinite(t).all()
+
+
+@pytest.mark.xfail(strict=True, reason="measured on the H200 (2026-11-27): relative error 0.022, largest at the "
+                   "first tokens (0.0508 vs 0.0623 at t=0), later rows within 1e-3; cause not found yet")
+def test_fla_log_linear_mixer_at_init_equals_the_dla_mixer():
+    """At initialisation lam == 1, so Log-Linear Attention (every level weighted 1) and DLA (P1) both
+    reduce to the single-state base model on the same features: a check of the fla mixer's wiring
+    (layout, decay, scale)."""
+    pytest.importorskip("fla.ops.log_linear_attn")
+    from dla_ops.models.layers import DLAMixer
+    torch.manual_seed(0)
+    dla = DLAMixer(128, 2, 64, 64, capacity=16, tau=0.6).cuda()
+    fla = DLAMixer(128, 2, 64, 64, capacity=16, tau=0.6, merge_policy="fla-log-linear").cuda()
+    fla.load_state_dict(dla.state_dict())
+    x = torch.randn(2, 256, 128, device="cuda")
+    # fla's kernels use tf32-class products
+    assert rel_err(fla(x)[0], dla(x)[0]) <= 5e-3
