@@ -201,7 +201,8 @@ def _fla_log_linear(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor) -> 
     if lam.shape[-1] < levels:
         raise ValueError(f"merge_policy='fla-log-linear' at T={q.shape[1]} needs capacity >= {levels} "
                          f"(one weight per level), got {lam.shape[-1]}")
-    return chunk_log_linear_attn(q, k, v, g, lam[..., :levels].contiguous())[0]
+    # fla's log-linear op defaults to scale 1.0 (its other ops to DK^-0.5): pass ours explicitly
+    return chunk_log_linear_attn(q, k, v, g, lam[..., :levels].contiguous(), scale=q.shape[-1] ** -0.5)[0]
 
 
 def _check_padding(mask: Tensor) -> None:
