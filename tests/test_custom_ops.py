@@ -50,6 +50,19 @@ def test_opcheck_decode_step(base):
     torch.library.opcheck(torch.ops.dla.decode_step.default, args)
 
 
+@pytest.mark.parametrize("with_cache", [False, True])
+def test_opcheck_checked_kv_norms(with_cache):
+    """The kernel path's data checks, which also give the schedule kernel ||k_t|| ||v_t||."""
+    q, k, v, g, lam, beta, states, counts, info, *_ = _fwd_args("gla", with_cache, False, requires_grad=False)
+    args = (q, k, v, g, lam, beta, states, counts, info)
+    torch.library.opcheck(torch.ops.dla.checked_kv_norms.default, args)
+    kvn = torch.ops.dla.checked_kv_norms(*args)
+    assert kvn.dtype == torch.float32 and kvn.shape == q.shape[:3]
+    assert torch.allclose(kvn.double(), k.norm(dim=-1) * v.norm(dim=-1), rtol=1e-6)
+    with pytest.raises(ValueError, match="log-decay"):
+        torch.ops.dla.checked_kv_norms(q, k, v, g.abs(), lam, beta, states, counts, info)
+
+
 def test_fake_rule_shapes_and_dtypes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     x = make_inputs(0, B=1, T=10, H=2, DK=4, DV=3, K=5, dtype=torch.bfloat16)
