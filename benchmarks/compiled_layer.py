@@ -3,8 +3,7 @@ torch.compile(fullgraph=True), on one GPU, in the same run: forward+backward, an
 
 "compiled" lets Inductor see the Triton kernels (the dla ops are traced into their launches);
 "compiled, opaque op" keeps the dla ops as single calls (the decomposition switched off), to show
-what seeing the kernels is worth on its own. The decode step (one token through the layer, as a
-CUDA graph for all three) is timed too.
+what seeing the kernels is worth on its own.
 
     python benchmarks/compiled_layer.py [--T 2048 8192] [--out docs/compiled_layer.md]
 """

@@ -117,7 +117,7 @@ def main():
               f"`python benchmarks/recall.py{' --tiny' if a.tiny else ''}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
               f"best of lr in {grid['lrs']}."
-              + ("" if FLA[0] in mixers else " flash-linear-attention was not available: no fla row."))
+              + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row."))
     print(write(rows, Path(a.out), header))
 
 

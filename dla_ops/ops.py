@@ -41,8 +41,7 @@ def checked_kv_norms(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, be
     checks feed them and stay in the graph (an op whose result nothing uses would be removed)."""
     if not capturing_cuda_graph(q):
         check_values(q, k, v, g, lam, beta, states, counts, info)
-    from dla_ops.kernels.schedule import key_value_norms
-    return key_value_norms(k, v)
+    return torch_backend.key_value_norms(k, v)
 
 
 @checked_kv_norms.register_fake
@@ -159,7 +158,7 @@ def _traced_on_kernels(q, lam, beta, cu_seqlens) -> bool:
 _trace_into_kernels(fwd, lambda q, k, v, g, lam, beta, *rest: _traced_on_kernels(q, lam, beta, rest[3]),
                     _kernel_fwd)
 _trace_into_kernels(bwd, lambda do, ds, q, k, v, g, lam, beta, *rest: _traced_on_kernels(q, lam, beta, rest[4]),
-                    lambda *args: _bwd_impl(*args))
+                    _bwd_impl)
 
 
 @torch.library.custom_op("dla::decode_step", mutates_args=())

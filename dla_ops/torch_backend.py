@@ -120,6 +120,11 @@ def _slot0(K: int, device) -> Tensor:
     return (torch.arange(K, device=device) == 0).long()
 
 
+def key_value_norms(k: Tensor, v: Tensor) -> Tensor:
+    """||k_t|| ||v_t|| in float32 (the information score's denominator, less ||S_o||) for the kernels."""
+    return torch.linalg.vector_norm(k.float(), dim=-1) * torch.linalg.vector_norm(v.float(), dim=-1)
+
+
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
              info0: Tensor, tau: float):
     """Stage 1. Inputs [B, H, T, ...] in the compute dtype; open0 [B, H, DK, DV]; counts0, info0

@@ -22,8 +22,9 @@ from dla_ops.kernels.schedule import EPS, _close
 
 # measured on an H200 (B=2, H=16, DK=DV=64; benchmarks/decode_tiles.py): 16 value columns per
 # program is best at K=16 (11.0 us) and K=32 (13.9 us); fewer columns repeat the score's full-state
-# read in more programs, more columns leave too few programs. Capped at 32768 elements of the
-# [KP, DK, BV] block per program (128 fp32 registers a thread at 8 warps).
+# read in more programs, more columns leave too few programs. Fewer columns where the [KP, DK, BV]
+# block would pass 32768 elements (128 fp32 registers a thread at 8 warps), down to 2 (large K * DK
+# then spills registers: slower, not wrong).
 WARPS = 8
 BLOCK_V = 16
 TILE_ELEMS = 32768
@@ -34,7 +35,7 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, lam_ptr, s_ptr, c_ptr, 
                    o_ptr, s_out, c_out, i_out, scale, tau,
                    DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, BDK: tl.constexpr,
                    BDV: tl.constexpr, KP: tl.constexpr, BV: tl.constexpr, IS_DELTA: tl.constexpr):
-    bh = tl.program_id(0)
+    bh = tl.program_id(0).to(tl.int64)   # cache offsets pass 2^31 elements at serving batch sizes
     vb = tl.program_id(1)
     rk = tl.arange(0, BDK)
     rv_all = tl.arange(0, BDV)

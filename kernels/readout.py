@@ -335,7 +335,8 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=Non
     o = torch.empty(B, T, H, DV, dtype=out_dtype or q.dtype, device=q.device)
     sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
-    dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o
+    # (without x the kernel never touches dlam: an empty tensor, so no argument aliases o)
+    dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o.new_empty(0)
     launch(_forward_sweep_kernel, (B * H, nvb), ("buf_ptr", "o_ptr", "sT_ptr", "dlam_ptr"))(
         q, k, v, g, lam, tables, states0.contiguous(), buf, o, sT, x.contiguous() if x is not None else v,
         dlam, T, H, tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K),

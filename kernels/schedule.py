@@ -23,6 +23,7 @@ from torch import Tensor
 
 from dla_ops import reference
 from dla_ops.backend import launch
+from dla_ops.torch_backend import key_value_norms
 
 # the spec's constants, from the one place that defines them (Triton reads globals as constexpr only)
 EPS = tl.constexpr(reference.EPS)
@@ -128,11 +129,6 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_
     tl.store(c_ptr + cache_sh * K + slot, counts, mask=mk)
     tl.store(info_ptr + cache_sh * K + slot, info, mask=mk)
     tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
-
-
-def key_value_norms(k: Tensor, v: Tensor) -> Tensor:
-    """||k_t|| ||v_t|| in float32, the denominator of the information score less ||S_o||."""
-    return torch.linalg.vector_norm(k.float(), dim=-1) * torch.linalg.vector_norm(v.float(), dim=-1)
 
 
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,

@@ -196,7 +196,8 @@ def _fla_log_linear(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor) -> 
     try:
         from fla.ops.log_linear_attn import chunk_log_linear_attn
     except ImportError as e:
-        raise ImportError("merge_policy='fla-log-linear' needs flash-linear-attention (fla-core) and a GPU") from e
+        raise ImportError("merge_policy='fla-log-linear' needs flash-linear-attention (fla-core; checked with "
+                          "0.6.0, whose chunk_log_linear_attn takes scale=) and a GPU") from e
     levels = math.ceil(math.log2(q.shape[1])) + 1
     if lam.shape[-1] < levels:
         raise ValueError(f"merge_policy='fla-log-linear' at T={q.shape[1]} needs capacity >= {levels} "
