@@ -152,7 +152,11 @@ def _trace_into_kernels(op, applies, kernel_impl) -> None:
 
 
 def _traced_on_kernels(q, lam, beta, cu_seqlens) -> bool:
-    return backend.kernels_traceable(q.device) and _on_kernels(q, lam, beta, cu_seqlens)
+    # static shapes only: the launch grids, scratch sizes and padding are decided on the host from
+    # sizes; with symbolic sizes (torch.compile(dynamic=True)) the op stays one opaque call, whose fake
+    # rule handles them
+    static = not any(isinstance(d, torch.SymInt) for d in (*q.shape, *lam.shape))
+    return static and backend.kernels_traceable(q.device) and _on_kernels(q, lam, beta, cu_seqlens)
 
 
 _trace_into_kernels(fwd, lambda q, k, v, g, lam, beta, *rest: _traced_on_kernels(q, lam, beta, rest[3]),
