@@ -74,6 +74,24 @@ def _copy_tiles(dst, src, tile, K: tl.constexpr, SZ: tl.constexpr):
 
 
 @triton.jit
+def _sweep_start(buf_ptr, start_ptr, T, H, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+                 KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr):
+    """Where a sweep program works: its (sequence, head) bh = (b, h) and value block vb, the index
+    ranges, its [DK, BV] tile of a state and its scratch buffer, into which it copies its tiles of the
+    K entries it starts from (``start_ptr``: the initial states, or the final states' gradient), and
+    the number of chunks NC."""
+    bh = tl.program_id(0)
+    vb = tl.program_id(1)
+    rk = tl.arange(0, DK)
+    rv = vb * BV + tl.arange(0, BV)
+    tile = rk[:, None] * DV + rv[None, :]
+    buf = buf_ptr + bh * 2 * K * DK * DV
+    _copy_tiles(buf, start_ptr + bh * K * DK * DV, tile, K, DK * DV)
+    tl.debug_barrier()
+    return bh, vb, bh // H, bh % H, tl.arange(0, C), rk, rv, tl.arange(0, KP), tile, buf, tl.cdiv(T, C)
+
+
+@triton.jit
 def _rows(ptr, tok, valid, cols, D: tl.constexpr):
     """Columns ``cols`` of the chunk's rows ``tok`` of a [B, T, H, D] tensor, in fp32 (0 past T)."""
     return tl.load(ptr + tok[:, None] * D + cols[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
@@ -116,20 +134,8 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                           C: tl.constexpr, BV: tl.constexpr, WITH_DLAM: tl.constexpr,
                           PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    vb = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, DK)
-    rv = vb * BV + tl.arange(0, BV)
-    slots = tl.arange(0, KP)
-    tile = rk[:, None] * DV + rv[None, :]
+    bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, s0_ptr, T, H, DK, DV, K, KP, C, BV)
     SZ = DK * DV
-    buf = buf_ptr + bh * 2 * K * SZ
-    _copy_tiles(buf, s0_ptr + bh * K * SZ, tile, K, SZ)
-    tl.debug_barrier()
-    NC = tl.cdiv(T, C)
     for c in range(NC):
         cur = buf + (c % 2) * K * SZ
         nxt = buf + ((c + 1) % 2) * K * SZ
@@ -192,21 +198,9 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
                           dk_ptr, dv_ptr, ds0_ptr, T, H, TP, scale,
                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                           C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    bh = tl.program_id(0)
-    vb = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, DK)
-    rv = vb * BV + tl.arange(0, BV)
-    slots = tl.arange(0, KP)
-    tile = rk[:, None] * DV + rv[None, :]
-    SZ = DK * DV
-    buf = buf_ptr + bh * 2 * K * SZ
     # the adjoint of each cache entry, starting from the final cache's gradient
-    _copy_tiles(buf, dsT_ptr + bh * K * SZ, tile, K, SZ)
-    tl.debug_barrier()
-    NC = tl.cdiv(T, C)
+    bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, dsT_ptr, T, H, DK, DV, K, KP, C, BV)
+    SZ = DK * DV
     for i in range(NC):
         c = NC - 1 - i
         cur = buf + (i % 2) * K * SZ
