@@ -5,8 +5,9 @@ The step is bound by memory: it reads and writes the K states of every (sequence
 every state decays at every token. One program handles one block of value columns of one
 (sequence, head) for all K slots at once, as a single [KP, DK, BV] load, so that all its loads are
 in flight together. The score needs the whole open state; each program reads it (again), which
-costs one extra [DK, DV] read per block instead of a second launch. The decisions are the
-schedule kernel's (``_close``), so decoding and the parallel forward take the same decisions.
+costs one extra [DK, DV] read per block instead of a second launch. The score and the
+decisions are the schedule kernel's (``_score``, ``_close``), so decoding and the parallel forward
+take the same decisions.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dla_ops.backend import launch
-from dla_ops.kernels.schedule import EPS, _close
+from dla_ops.kernels.schedule import _close, _score
 
 # measured on an H200 (B=2, H=16, DK=DV=64; benchmarks/decode_tiles.py): 16 value columns per
 # program is best at K=16 (11.0 us) and K=32 (13.9 us); fewer columns repeat the score's full-state
@@ -57,11 +58,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, lam_ptr, s_ptr, c_ptr, 
     S_o = tl.load(cache + rk[:, None] * DV + rv_all[None, :], mask=rows_open[:, None] & (rv_all < DV)[None, :],
                   other=0.0)
     num = tl.sum(tl.sum(S_o * (k[:, None] * v_all[None, :]), 1), 0)
-    norm_s = tl.sqrt(tl.sum(tl.sum(S_o * S_o, 1), 0))
-    den = tl.sqrt(tl.sum(k * k, 0)) * tl.sqrt(tl.sum(v_all * v_all, 0)) * norm_s + EPS
-    cos = tl.where(n_o > 0, num / den, 0.0)
-    I = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
-    close = (I >= tau) & (n_o > 0) & (K > 1)
+    kvn = tl.sqrt(tl.sum(k * k, 0)) * tl.sqrt(tl.sum(v_all * v_all, 0))
+    I, _, close = _score(num, kvn, tl.sum(tl.sum(S_o * S_o, 1), 0), n_o, tau, K)
     # spec step 2, as in the schedule kernel
     merge = n_o * 0 - 1
     new_counts = counts

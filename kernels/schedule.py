@@ -32,6 +32,17 @@ MERGE_TIE_RTOL = tl.constexpr(reference.MERGE_TIE_RTOL)
 
 
 @triton.jit
+def _score(num, kvn, S2, n_o, tau, K: tl.constexpr):
+    """Spec steps 1-2's decisions from num = k^T S_o v, kvn = ||k|| ||v||, S2 = ||S_o||^2 and the open
+    state's count n_o: the information score I, the raw boundary and the effective close (the open
+    state holds a token and K > 1). Shared with the decode kernel, so both decide alike."""
+    cos = tl.where(n_o > 0, num / (kvn * tl.sqrt(tl.maximum(S2, 0.0)) + EPS), 0.0)
+    I = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
+    boundary = I >= tau
+    return I, boundary, boundary & (n_o > 0) & (K > 1)
+
+
+@triton.jit
 def _close(counts, info, K: tl.constexpr, KP: tl.constexpr):
     """Spec step 2 on the per-slot counts and information sums ([KP]; slot 0 holds the open state
     being closed): the close, and the merge it makes due. Returns the new counts, info and the
@@ -94,11 +105,7 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_
         # spec step 1: information score against the open state before this token
         kv = kt[:, None] * vt[None, :]
         num = tl.sum(tl.sum(S * kv, 1), 0)
-        den = kvn * tl.sqrt(tl.maximum(S2, 0.0)) + EPS
-        cos = tl.where(n_o > 0, num / den, 0.0)
-        I = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
-        boundary = I >= tau
-        close = boundary & (n_o > 0) & (K > 1)
+        I, boundary, close = _score(num, kvn, S2, n_o, tau, K)
         # spec step 2: close the open state; if K states are then closed, merge the adjacent pair
         # of least mean information, oldest among ties. Old slots j, j+1 (j <= K-2) are the
         # chronological pair i = K-2-j after the close. Most tokens close nothing: skip the work.
