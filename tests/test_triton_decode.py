@@ -26,6 +26,20 @@ def _token(x: dict, t: int, dtype=None, device=DEVICE) -> dict:
     return {n: None if a is None else a[:, t].to(device, dtype or a.dtype) for n, a in x.items()}
 
 
+def _kernel_and_float64_step(x: dict, t: int, cache: DLACache, tau: float):
+    """Token t of x through the Triton decode step, and through the spec's token step in float64 from
+    the same cache. Returns (o, new cache) and (o, [states, counts, info]) of the float64 step."""
+    tok = _token(x, t)
+    with mock.patch.dict(os.environ, TRITON):
+        o, new = dla_ops.dla_decode_step(tok["q"], tok["k"], tok["v"], tok["g"], tok["lam"], tok["beta"], cache,
+                                         tau=tau)
+    tok64 = _token(x, t, torch.float64, "cpu")
+    ro, *rcache = torch_backend.decode_step(tok64["q"], tok64["k"], tok64["v"], tok64["g"], tok64["lam"],
+                                            tok64["beta"], cache.states.cpu().double(), cache.counts.cpu(),
+                                            cache.info.cpu().double(), x["q"].shape[-1] ** -0.5, tau)
+    return o, new, ro, rcache
+
+
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000), K=st.integers(1, 6), dims=st.sampled_from([(3, 5), (8, 16), (16, 16)]),
        tau=st.sampled_from([0.0, 0.3, 0.6, 1.0, 2.5]), cache_kind=st.sampled_from(["normal", "open_empty", "garbage"]),
@@ -36,14 +50,7 @@ def test_decode_kernel_matches_the_float64_step(seed, K, dims, tau, cache_kind, 
     cache = random_cache(seed, 2, 3, K, DK, DV, torch.float32, kind=cache_kind)
     cache = DLACache(*(c.to(DEVICE) for c in cache))
     for t in range(12):
-        tok = _token(x, t)
-        with mock.patch.dict(os.environ, TRITON):
-            o, new = dla_ops.dla_decode_step(tok["q"], tok["k"], tok["v"], tok["g"], tok["lam"], tok["beta"], cache,
-                                             tau=tau)
-        tok64 = _token(x, t, torch.float64, "cpu")
-        ro, *rcache = torch_backend.decode_step(tok64["q"], tok64["k"], tok64["v"], tok64["g"], tok64["lam"],
-                                                tok64["beta"], cache.states.cpu().double(), cache.counts.cpu(),
-                                                cache.info.cpu().double(), DK ** -0.5, tau)
+        o, new, ro, rcache = _kernel_and_float64_step(x, t, cache, tau)
         assert o.dtype == torch.float32
         assert torch.equal(new.counts.cpu(), rcache[1]), f"token {t}: decisions differ"
         assert rel_err(o.cpu(), ro) <= 1e-5, t
@@ -77,13 +84,7 @@ def test_decode_kernel_at_the_benchmark_shapes(K, DK, DV, base):
     cache = random_cache(K, 2, 4, K, DK, DV, torch.float32, m=K - 1)
     cache = DLACache(*(c.to(DEVICE) for c in cache))
     for t in range(20):
-        tok = _token(x, t)
-        with mock.patch.dict(os.environ, TRITON):
-            o, new = dla_ops.dla_decode_step(tok["q"], tok["k"], tok["v"], tok["g"], tok["lam"], tok["beta"], cache)
-        tok64 = _token(x, t, torch.float64, "cpu")
-        ro, *rcache = torch_backend.decode_step(tok64["q"], tok64["k"], tok64["v"], tok64["g"], tok64["lam"], tok64["beta"],
-                                                cache.states.cpu().double(), cache.counts.cpu(),
-                                                cache.info.cpu().double(), DK ** -0.5, 0.6)
+        o, new, ro, rcache = _kernel_and_float64_step(x, t, cache, 0.6)
         assert torch.equal(new.counts.cpu(), rcache[1]), f"token {t}: decisions differ"
         assert rel_err(o.float().cpu(), ro) <= 5e-3, t
         assert rel_err(new.states.cpu(), rcache[0]) <= 1e-5, t
