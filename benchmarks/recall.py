@@ -48,11 +48,13 @@ FLA = ("fla log-linear (K=16)", dict(capacity=16, merge_policy="fla-log-linear")
 def with_fla(device: str) -> dict:
     """MIXERS plus flash-linear-attention's Log-Linear kernel (the cross-check of "fenwick") where fla is
     installed and the device is a GPU."""
+    if not device.startswith("cuda"):
+        return dict(MIXERS)
     try:
         import fla.ops.log_linear_attn  # noqa: F401
     except ImportError:
         return dict(MIXERS)
-    return dict(MIXERS, **dict([FLA])) if device.startswith("cuda") else dict(MIXERS)
+    return {**MIXERS, FLA[0]: FLA[1]}
 
 
 def run(grid: dict, device: str, mixers=MIXERS, progress: bool = True) -> list[dict]:
