@@ -10,6 +10,7 @@ and the learning rate that gave it."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -107,16 +108,22 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the CPU check: tiny model, three steps per run")
     p.add_argument("--task", choices=["mqar", "bursty", "passkey"], help="only this task's settings")
+    p.add_argument("--steps", type=int, help="training steps per run (default: the grid's)")
+    p.add_argument("--lrs", type=float, nargs="+", help="the learning-rate sweep (default: the grid's)")
     p.add_argument("--out", default="docs/results.md")
     a = p.parse_args()
     grid = dict(TINY if a.tiny else FULL)
     if a.task:
         grid["settings"] = [s for s in grid["settings"] if s[0] == a.task]
+    if a.steps:
+        grid["steps"] = a.steps
+    if a.lrs:
+        grid["lrs"] = tuple(a.lrs)
     mixers = MIXERS if a.tiny else with_fla(a.device)
     rows = run(grid, a.device, mixers)
     where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
-    header = (f"# Recall results ({'tiny check' if a.tiny else 'full grid'}, {where})\n\n"
-              f"`python benchmarks/recall.py{' --tiny' if a.tiny else ''}`: 2 layers, d_model {grid['hidden']}, "
+    header = (f"# Recall results ({'tiny check' if a.tiny else a.task or 'all tasks'}, {where})\n\n"
+              f"`python benchmarks/recall.py {' '.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
               f"best of lr in {grid['lrs']}."
               + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row."))

@@ -1,3 +1,4 @@
-"""Triton kernels for DLA (``dla_ops.kernels``). So far: the schedule stage (``schedule.py``); the
-readout and the backward still run the vectorised PyTorch path. Modules here are imported only when
-``dla_ops.backend`` chooses Triton, so that ``TRITON_INTERPRET=1`` can be set first."""
+"""Triton kernels for DLA (``dla_ops.kernels``): the schedule stage (``schedule.py``, both bases), the
+``gla`` slot tables, readout and backward (``readout.py``) and the decode step (``decode.py``, both
+bases). Modules here are imported only when ``dla_ops.backend`` chooses Triton, so that
+``TRITON_INTERPRET=1`` can be set first."""

