@@ -157,12 +157,14 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         e_old = tl.load(last_row + slots, mask=slots < K, other=KP).to(tl.int32)
         q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
-        # each entry's tile is loaded one iteration ahead, before the previous entry's store: a load
-        # may not pass a store in program order, so without this every load's latency is exposed
+        # each entry's tile is loaded two iterations ahead, before the previous entries' stores: a
+        # load may not pass a store in program order, so without this every load's latency is exposed
         S_next = tl.load(cur + tile)
+        S_after = tl.load(cur + SZ + tile, mask=(1 < K) & (tile >= 0), other=0.0)
         for e in range(K):
             S = S_next
-            S_next = tl.load(cur + (e + 1) * SZ + tile, mask=(e + 1 < K) & (tile >= 0), other=0.0)
+            S_next = S_after
+            S_after = tl.load(cur + (e + 2) * SZ + tile, mask=(e + 2 < K) & (tile >= 0), other=0.0)
             P = tl.dot(q_start, S, input_precision=PREC)
             o += tl.sum(tl.where(slots[None, :] == e, w_pre, 0.0), 1)[:, None] * P
             if WITH_DLAM:
@@ -231,12 +233,15 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
         e_old = tl.load(last_row + slots, mask=slots < K, other=0).to(tl.int32)
         q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
-        # loads one entry ahead of the stores, as in the forward sweep
+        # loads two entries ahead of the stores, as in the forward sweep
         U_next = tl.load(cur + tl.sum(tl.where(slots == 0, e_old, 0), 0) * SZ + tile)
+        U_after = tl.load(cur + tl.sum(tl.where(slots == 1, e_old, 0), 0) * SZ + tile,
+                          mask=(1 < K) & (tile >= 0), other=0.0)
         for e in range(K):
             U_end = U_next
-            j_next = tl.sum(tl.where(slots == e + 1, e_old, 0), 0)
-            U_next = tl.load(cur + j_next * SZ + tile, mask=(e + 1 < K) & (tile >= 0), other=0.0)
+            U_next = U_after
+            j_after = tl.sum(tl.where(slots == e + 2, e_old, 0), 0)
+            U_after = tl.load(cur + j_after * SZ + tile, mask=(e + 2 < K) & (tile >= 0), other=0.0)
             w = tl.sum(tl.where(slots[None, :] == e, w_pre, 0.0), 1)
             U = chunk_decay * U_end + scale * tl.dot(tl.trans(q_start * w[:, None]), do, input_precision=PREC)
             tl.store(nxt + e * SZ + tile, U)
