@@ -215,7 +215,7 @@ def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, n
     mask, found by pointer doubling) and the last of them; and the columns num0, sq0."""
     c = tl.program_id(0)
     nh = tl.program_id(1)
-    n = nh // H
+    n = (nh // H).to(tl.int64)   # token offsets pass 2^31 elements at large B * T * H * D
     h = nh % H
     _, nxt, num0, sq0 = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
     i = tl.arange(0, C)
@@ -243,7 +243,7 @@ def _gla_carry_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, last_ptr, num0_ptr, sq0_ptr,
     state's share of each token's score, the first token of the chunk that closes it (the chunk's
     entry; the rest of the chunk's closes follow from the table), and the open state at the chunk's
     end, rebuilt from its tokens by one product."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     nh = n * H + h
     i = tl.arange(0, C)
@@ -304,7 +304,7 @@ def _gla_chunk_fill_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, entry_ptr, I
     before it."""
     c = tl.program_id(0)
     nh = tl.program_id(1)
-    n = nh // H
+    n = (nh // H).to(tl.int64)
     h = nh % H
     entry = tl.load(entry_ptr + nh * NC + c)
     if entry < C:
@@ -325,7 +325,7 @@ def _merge_pass_kernel(I_ptr, entry_ptr, orbit_ptr, c0_ptr, i0_ptr, bnd_ptr, mer
                        STAGES: tl.constexpr):
     """Spec step 2's merges, from the closes and I: one program per (sequence, head), sequential over
     the closes only. A closed segment's information sum is a difference of float64 prefix sums of I."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     nh = n * H + h
     slot = tl.arange(0, KP)
