@@ -1,7 +1,7 @@
 """Stage 1 (the schedule) in Triton: information scores, boundaries, closes and merges.
 
 It computes what ``dla_ops.torch_backend.schedule`` computes (the spec's steps 1-2), in float32 for
-inputs of any float dtype.
+inputs of any float dtype, up to rounding (see the gla path's limit below).
 
 - ``gla``: chunked (the spec's algorithmic note). Within a chunk of C tokens, every token's score
   against every open segment that could have started in the chunk comes from Gram matrices, without
@@ -9,8 +9,12 @@ inputs of any float dtype.
   in parallel for every possible entry. Four launches: the chunk tables (parallel over chunks), the
   carry walk (sequential over chunks: the carried-in open state's share of the scores, the chunk's
   first close, the open state at its end), the remaining scores (parallel), and the merges
-  (sequential over the closes only). H200, B * H = 32, T = 32768: 9.1 ms against 17.2 ms for the
-  token-sequential kernel it replaced (docs/benchmarks.md).
+  (sequential over the closes only). H200, B * H = 32, T = 32768: 8.4 ms against 17.2 ms for the
+  token-sequential kernel it replaced (docs/benchmarks.md). Its ||S_o||^2 is a sum of expanded
+  terms, not the norm of a built state: where a state nearly cancels, that sum keeps only rounding
+  noise, so I there is no better than the clamp in ``_score``. Such scores are ill-conditioned in
+  the reference too, but the band where the kernel and the reference can disagree is wider than
+  for the token-sequential kernels.
 - ``delta``: one program per (sequence, head), sequential over T, with the open state in registers
   (its transition mixes the state's rows, so it has no such Gram form).
 
@@ -42,8 +46,12 @@ MERGE_TIE_RTOL = tl.constexpr(reference.MERGE_TIE_RTOL)
 def _score(num, kvn, S2, n_o, tau, K: tl.constexpr):
     """Spec steps 1-2's decisions from num = k^T S_o v, kvn = ||k|| ||v||, S2 = ||S_o||^2 and the open
     state's count n_o: the information score I, the raw boundary and the effective close (the open
-    state holds a token and K > 1). Shared with the decode kernel, so both decide alike."""
+    state holds a token and K > 1). Every kernel decides through it. cos is clamped to [-1, 1],
+    where it lies exactly (Cauchy-Schwarz): the chunked gla path's expanded ||S_o||^2 can cancel to
+    rounding noise when a state nearly cancels, and an unclamped cos then pushes I far past 2 (a
+    boundary even at tau > 2)."""
     cos = tl.where(n_o > 0, num / (kvn * tl.sqrt(tl.maximum(S2, 0.0)) + EPS), 0.0)
+    cos = tl.minimum(tl.maximum(cos, -1.0), 1.0)
     I = tl.sqrt(tl.maximum(2.0 - 2.0 * cos, 0.0))
     boundary = I >= tau
     return I, boundary, boundary & (n_o > 0) & (K > 1)
@@ -213,8 +221,8 @@ def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, n
     """Per chunk, independent of what comes before it: for every token s at which a segment could
     start, the set of tokens that then close a state in this chunk (the orbit of nxt from s, as a bit
     mask, found by pointer doubling) and the last of them; and the columns num0, sq0."""
-    c = tl.program_id(0)
-    nh = tl.program_id(1)
+    nh = tl.program_id(0)
+    c = tl.program_id(1)
     n = (nh // H).to(tl.int64)   # token offsets pass 2^31 elements at large B * T * H * D
     h = nh % H
     _, nxt, num0, sq0 = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
@@ -302,8 +310,8 @@ def _gla_chunk_fill_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, entry_ptr, I
                            BDK: tl.constexpr, BDV: tl.constexpr):
     """I of the tokens after a chunk's entry: each against the segment started at the last close
     before it."""
-    c = tl.program_id(0)
-    nh = tl.program_id(1)
+    nh = tl.program_id(0)
+    c = tl.program_id(1)
     n = (nh // H).to(tl.int64)
     h = nh % H
     entry = tl.load(entry_ptr + nh * NC + c)
@@ -374,7 +382,8 @@ def _merge_pass_kernel(I_ptr, entry_ptr, orbit_ptr, c0_ptr, i0_ptr, bnd_ptr, mer
 def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = CHUNK):
     """The gla schedule in four launches: the chunk tables (parallel over chunks), the carry walk
     (sequential over chunks), the scores after each chunk's entry (parallel) and the merges
-    (sequential over closes)."""
+    (sequential over closes). The parallel grids put B * H first: CUDA limits the second grid
+    dimension to 65535 (here NC, T <= 4M tokens)."""
     B, T, H, DK = k.shape
     DV, K = v.shape[-1], counts0.shape[-1]
     C = chunk
@@ -390,11 +399,11 @@ def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = 
     counts, info, S = torch.empty_like(counts0), torch.empty_like(info0), torch.empty_like(open0)
     blocks = dict(DK=DK, DV=DV, K=K, C=C, BDK=max(16, triton.next_power_of_2(DK)),
                   BDV=max(16, triton.next_power_of_2(DV)), num_warps=CHUNK_WARPS)
-    launch(_gla_chunk_table_kernel, (NC, B * H), ("orbit_ptr", "last_ptr", "num0_ptr", "sq0_ptr"))(
+    launch(_gla_chunk_table_kernel, (B * H, NC), ("orbit_ptr", "last_ptr", "num0_ptr", "sq0_ptr"))(
         k, v, g, kvn, orbit, last, num0, sq0, T, H, NC, float(tau), LOG2C=C.bit_length() - 1, **blocks)
     launch(_gla_carry_kernel, (B, H), ("I_ptr", "entry_ptr", "s_ptr"))(
         k, v, g, kvn, last, num0, sq0, open0, counts0, I, entry, S, T, H, NC, float(tau), STAGES=STAGES, **blocks)
-    launch(_gla_chunk_fill_kernel, (NC, B * H), ("I_ptr",))(
+    launch(_gla_chunk_fill_kernel, (B * H, NC), ("I_ptr",))(
         k, v, g, kvn, orbit, entry, I, T, H, NC, float(tau), **blocks)
     launch(_merge_pass_kernel, (B, H), ("bnd_ptr", "merge_ptr", "c_ptr", "info_ptr"))(
         I, entry, orbit, counts0, info0, boundary, merge, counts, info, T, H, NC, float(tau),
@@ -416,6 +425,8 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
     kvn = key_value_norms(k, v) if kvn is None else kvn.contiguous()
     if beta is None:
+        if chunk not in (16, 32, 64):   # tl.dot needs 16 rows; a chunk's closes are one int64 bit mask
+            raise ValueError(f"the gla schedule's chunk must be 16, 32 or 64, got {chunk}")
         return _gla_schedule(k, v, g, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(), tau, chunk)
     dev = k.device
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
