@@ -427,6 +427,8 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     if beta is None:
         if chunk not in (16, 32, 64):   # tl.dot needs 16 rows; a chunk's closes are one int64 bit mask
             raise ValueError(f"the gla schedule's chunk must be 16, 32 or 64, got {chunk}")
+        if triton.cdiv(T, chunk) > 65535:   # the chunks are the second grid dimension
+            raise ValueError(f"the gla schedule kernels cover T <= {65535 * chunk} tokens per sequence, got {T}")
         return _gla_schedule(k, v, g, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(), tau, chunk)
     dev = k.device
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)

@@ -116,12 +116,15 @@ def test_a_nearly_cancelling_state_keeps_scores_in_range():
     assert I.min() >= 0 and I.max() <= 2 and not boundary.any()
 
 
-def test_the_gla_schedule_refuses_an_unsupported_chunk():
+def test_the_gla_schedule_refuses_an_unsupported_chunk_or_length():
     from dla_ops.kernels.schedule import schedule as triton_schedule
     x = torch.zeros(1, 4, 1, 16)
     init = dla_ops.DLACache.empty(1, 1, 2, 16, 16)
     with pytest.raises(ValueError, match="chunk must be 16, 32 or 64"):
         triton_schedule(x, x, x[..., 0], None, init.states[:, :, 0], init.counts, init.info, 0.6, chunk=128)
+    x = torch.zeros(1, 65535 * 16 + 1, 1, 16)   # one chunk more than CUDA's second grid dimension holds
+    with pytest.raises(ValueError, match="cover T <= 1048560 tokens"):
+        triton_schedule(x, x, x[..., 0], None, init.states[:, :, 0], init.counts, init.info, 0.6, chunk=16)
 
 
 @pytest.mark.parametrize("base", ["gla", "delta"])
