@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import backend, torch_backend
-from .validation import capturing_cuda_graph, check_cache_values, check_values, compute_dtype
+from .validation import capturing_cuda_graph, check_values, compute_dtype
 
 
 def _initial_cache(q, v, lam, cu_seqlens, states, counts, info):
@@ -171,8 +171,7 @@ def decode_step(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: O
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One token against the cache. Returns (o, states, counts, info)."""
     if not capturing_cuda_graph(q):
-        check_values(q, k, v, g, lam, beta)
-        check_cache_values(states, counts, info, "cache")
+        check_values(q, k, v, g, lam, beta, states, counts, info, cache_name="cache")
     return torch_backend.decode_step(q, k, v, g, lam, beta, states, counts, info, scale, tau)
 
 

@@ -182,35 +182,50 @@ def capturing_cuda_graph(x: Tensor) -> bool:
     return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def check_finite(**tensors: Optional[Tensor]) -> None:
-    for name, x in tensors.items():
-        if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            _fail(f"{name} contains NaN or Inf")
+def _finite_flags(**tensors: Optional[Tensor]) -> list:
+    return [(~torch.isfinite(x).all(), f"{name} contains NaN or Inf") for name, x in tensors.items()
+            if x is not None and x.is_floating_point()]
+
+
+def _cache_flags(states: Tensor, counts: Tensor, info: Tensor, name: str) -> list:
+    closed = counts[..., 1:] > 0
+    flags = _finite_flags(**{f"{name}.states": states, f"{name}.info": info})
+    flags.append(((counts < 0).any() | (info < 0).any(), f"{name}.counts and {name}.info must be >= 0"))
+    # closed states fill slots 1..m without gaps: once a slot is empty, all later ones are
+    if closed.shape[-1] > 1:
+        flags.append(((closed[..., 1:] & ~closed[..., :-1]).any(),
+                      f"{name}.counts: closed states must fill slots 1..m without gaps"))
+    return flags
+
+
+def _any_failed(*groups: list) -> bool:
+    """Every check's flag, read back to the host at once: one sync instead of one per check."""
+    flags = [flag for group in groups for flag, _ in group]
+    return bool(torch.stack(flags).any()) if flags else False
+
+
+def _raise_first(flags: list) -> None:
+    for flag, message in flags:
+        if bool(flag):
+            _fail(message)
 
 
 def check_values(q, k, v, g, lam, beta, states=None, counts=None, info=None, cu_seqlens=None,
                  total_len: Optional[int] = None, cache_name: str = "initial_cache") -> None:
     """Data checks, run inside the op implementations (and the reference) on real tensors."""
-    check_finite(q=q, k=k, v=v, g=g, lam=lam, beta=beta)
-    if bool((g > 0).any()):
-        _fail("g is a log-decay and must be <= 0 everywhere (alpha = exp(g) <= 1)")
-    if beta is not None and bool(((beta < 0) | (beta > 1)).any()):
-        _fail("beta must lie in [0, 1]")
+    inputs = _finite_flags(q=q, k=k, v=v, g=g, lam=lam, beta=beta)
+    inputs.append(((g > 0).any(), "g is a log-decay and must be <= 0 everywhere (alpha = exp(g) <= 1)"))
+    if beta is not None:
+        inputs.append((((beta < 0) | (beta > 1)).any(), "beta must lie in [0, 1]"))
+    cache = [] if states is None else _cache_flags(states, counts, info, cache_name)
+    failed = _any_failed(inputs, cache)
+    if failed:
+        _raise_first(inputs)
     if cu_seqlens is not None:
         offsets = cu_seqlens.tolist()
         if offsets[0] != 0 or offsets[-1] != total_len:
             _fail(f"cu_seqlens must start at 0 and end at T={total_len}, got {offsets[0]}..{offsets[-1]}")
         if any(b <= a for a, b in zip(offsets[:-1], offsets[1:])):
             _fail("cu_seqlens must be strictly increasing: empty sequences are not allowed")
-    if states is not None:
-        check_cache_values(states, counts, info, cache_name)
-
-
-def check_cache_values(states: Tensor, counts: Tensor, info: Tensor, name: str) -> None:
-    check_finite(**{f"{name}.states": states, f"{name}.info": info})
-    if bool((counts < 0).any()) or bool((info < 0).any()):
-        _fail(f"{name}.counts and {name}.info must be >= 0")
-    closed = counts[..., 1:] > 0
-    # closed states fill slots 1..m without gaps: once a slot is empty, all later ones are
-    if closed.shape[-1] > 1 and bool((closed[..., 1:] & ~closed[..., :-1]).any()):
-        _fail(f"{name}.counts: closed states must fill slots 1..m without gaps")
+    if failed:
+        _raise_first(cache)
