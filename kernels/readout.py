@@ -159,6 +159,7 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         chunk_decay = tl.exp(G_last)
         # each entry's tile is loaded two iterations ahead, before the previous entries' stores: a
         # load may not pass a store in program order, so without this every load's latency is exposed
+        # (`& (tile >= 0)` makes the scalar condition a tensor mask, which the interpreter requires)
         S_next = tl.load(cur + tile)
         S_after = tl.load(cur + SZ + tile, mask=(1 < K) & (tile >= 0), other=0.0)
         for e in range(K):

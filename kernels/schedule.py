@@ -206,8 +206,8 @@ def _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau,
     a = tl.exp(2.0 * gp)[:, None] + tl.zeros([C, C], tl.float32)
     b = tl.where(i2 - 1 >= u2, 2.0 * tl.exp(gp)[:, None] * nump + (kvnp * kvnp)[:, None], 0.0)
     _, sq = tl.associative_scan((a, b), 0, _decay_then_add)
-    I, boundary, _ = _score(num, kvn[:, None], sq, 1, tau, K)
-    closes = boundary & (u2 < i2) & valid[:, None] & (K > 1)
+    I, _, close = _score(num, kvn[:, None], sq, 1, tau, K)   # a segment [s, i) with s < i holds a token
+    closes = close & (u2 < i2) & valid[:, None]
     nxt = tl.min(tl.where(closes, i2, C), 0)
     num0 = tl.sum(A, 1)
     sq0 = tl.sum(tl.where(u2 == 0, sq, 0.0), 1)
@@ -259,7 +259,7 @@ def _gla_carry_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, last_ptr, num0_ptr, sq0_ptr,
     dv = tl.arange(0, BDV)
     mk = dk[None, :] < DK
     mv = dv[None, :] < DV
-    sofs = nh.to(tl.int64) * DK * DV + dk[:, None] * DV + dv[None, :]
+    sofs = nh * DK * DV + dk[:, None] * DV + dv[None, :]
     smask = (dk[:, None] < DK) & mv
     S = tl.load(s0_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
     n_o = tl.load(c0_ptr + nh * K)
@@ -275,7 +275,7 @@ def _gla_carry_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, last_ptr, num0_ptr, sq0_ptr,
         vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
         gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
-        row = (nh.to(tl.int64) * NC + c) * C + i
+        row = (nh * NC + c) * C + i
         last = tl.load(last_ptr + row)
         num0 = tl.load(num0_ptr + row)
         sq0 = tl.load(sq0_ptr + row)
@@ -353,7 +353,7 @@ def _merge_pass_kernel(I_ptr, entry_ptr, orbit_ptr, c0_ptr, i0_ptr, bnd_ptr, mer
         Ic = tl.load(I_ptr + tok, mask=valid, other=0.0)
         tl.store(bnd_ptr + tok, (Ic >= tau).to(tl.int8), mask=valid)
         entry = tl.load(entry_ptr + nh * NC + c)
-        orbit = tl.load(orbit_ptr + (nh.to(tl.int64) * NC + c) * C + entry, mask=entry < C, other=0)
+        orbit = tl.load(orbit_ptr + (nh * NC + c) * C + entry, mask=entry < C, other=0)
         closes = ((orbit >> i.to(tl.int64)) & 1) != 0
         I64 = Ic.to(tl.float64)
         P = before + tl.cumsum(I64, 0) - I64                   # prefix sum of I before token i
