@@ -122,7 +122,9 @@ def _slot0(K: int, device) -> Tensor:
 
 def key_value_norms(k: Tensor, v: Tensor) -> Tensor:
     """||k_t|| ||v_t|| in float32 (the information score's denominator, less ||S_o||) for the kernels."""
-    return torch.linalg.vector_norm(k.float(), dim=-1) * torch.linalg.vector_norm(v.float(), dim=-1)
+    # (accumulated in float32 without a float32 copy of k and v)
+    return (torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
+            * torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32))
 
 
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,

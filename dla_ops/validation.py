@@ -183,8 +183,10 @@ def capturing_cuda_graph(x: Tensor) -> bool:
 
 
 def _finite_flags(**tensors: Optional[Tensor]) -> list:
-    return [(~torch.isfinite(x).all(), f"{name} contains NaN or Inf") for name, x in tensors.items()
-            if x is not None and x.is_floating_point()]
+    # min and max propagate NaN and reach any Inf: one reading pass, where isfinite(x).all() also
+    # writes and rereads a bool tensor of x's size
+    return [(~torch.isfinite(torch.stack(torch.aminmax(x))).all(), f"{name} contains NaN or Inf")
+            for name, x in tensors.items() if x is not None and x.is_floating_point() and x.numel() > 0]
 
 
 def _cache_flags(states: Tensor, counts: Tensor, info: Tensor, name: str) -> list:

@@ -33,6 +33,18 @@ def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K):
             assert rel_err(xc[n].grad.cpu(), x64[n].grad) <= TOL[dtype], n
 
 
+@pytest.mark.parametrize("name", ["q", "k", "v", "g", "lam"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cuda_kernel_path_rejects_nan_and_inf(name, bad):
+    """The kernel path's one-pass finite check (min and max of each input) on CUDA reductions."""
+    x = {n: None if a is None else a.cuda() for n, a in make_inputs(3, B=1, T=70, H=2, DK=16, DV=16, K=4,
+                                                                     dtype=torch.bfloat16).items()}
+    x[name] = x[name].clone()
+    x[name][0, 65, 1] = bad
+    with pytest.raises(ValueError, match=f"^{name} contains NaN or Inf"):
+        run("op", x, tau=0.6)
+
+
 @pytest.mark.parametrize("base", ["gla", "delta"])
 def test_cuda_decode_equals_parallel(base):
     x = make_inputs(8, B=2, T=50, H=2, DK=16, DV=16, K=4, base=base, dtype=torch.float32)
