@@ -101,8 +101,8 @@ def _rows(ptr, tok, valid, cols, D: tl.constexpr):
 def _chunk(q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP,
            DK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr):
     """What both sweeps read of chunk c: its token rows, q and k, the cumulative log-decay within the
-    chunk (Gc, and G_last at its last token), the causal mask, the intra-chunk decay and slot weights
-    lam_t[slot(t, s)], the slot weights of the chunk-start entries, and the table's last row."""
+    chunk (Gc, and G_last at its last token), the chunk's rows of the table and of lam, the table's
+    last row, the causal mask, the intra-chunk decay and slot weights lam_t[slot(t, s)]."""
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     slots = tl.arange(0, KP)
@@ -123,9 +123,15 @@ def _chunk(q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP,
     lam_in = tl.load(lam_row[:, None] + slot_in, mask=live, other=0.0).to(tl.float32)
     decay = tl.exp(tl.where(live, Gc[:, None] - Gc[None, :], float("-inf")))
     held = valid[:, None] & (slots[None, :] < K)
-    pre = tl.load(tab_row[:, None] + slots[None, :], mask=held, other=0).to(tl.int32)
-    w_pre = tl.load(lam_row[:, None] + pre, mask=held, other=0.0).to(tl.float32)
-    return tok, valid, q, k, Gc, G_last, last_row, live, slot_in, lam_in, decay, held, pre, w_pre
+    return tok, valid, q, k, Gc, G_last, tab_row, lam_row, last_row, live, slot_in, lam_in, decay, held
+
+@triton.jit
+def _entry_weight(tab_row, lam_row, valid, e):
+    """Chunk-start entry e's slot at each time t of the chunk and its weight lam_t[slot] there: loads
+    of one table column (cached), rather than reductions over a [C, K] register tile, which cost each
+    entry of the sweeps a cross-warp exchange."""
+    slot = tl.load(tab_row + e, mask=valid, other=0).to(tl.int32)
+    return slot, tl.load(lam_row + slot, mask=valid, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -139,7 +145,7 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
     for c in range(NC):
         cur = buf + (c % 2) * K * SZ
         nxt = buf + ((c + 1) % 2) * K * SZ
-        tok, valid, q, k, Gc, G_last, last_row, live, slot_in, lam_in, decay, held, pre, w_pre = _chunk(
+        tok, valid, q, k, Gc, G_last, tab_row, lam_row, last_row, live, slot_in, lam_in, decay, held = _chunk(
             q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
         v = _rows(v_ptr, tok, valid, rv, DV)
         # intra-chunk: slot-weighted, decayed causal attention
@@ -154,7 +160,6 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
                 dlam += tl.where(slots[None, :] == j, part[:, None], 0.0)
         # the chunk-start entries: their readout, and where each goes at the chunk end (entries only
         # move up or merge with a neighbour, so their images are non-decreasing)
-        e_old = tl.load(last_row + slots, mask=slots < K, other=KP).to(tl.int32)
         q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
         # each entry's tile is loaded two iterations ahead, before the previous entries' stores: a
@@ -167,13 +172,13 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
             S_next = S_after
             S_after = tl.load(cur + (e + 2) * SZ + tile, mask=(e + 2 < K) & (tile >= 0), other=0.0)
             P = tl.dot(q_start, S, input_precision=PREC)
-            o += tl.sum(tl.where(slots[None, :] == e, w_pre, 0.0), 1)[:, None] * P
+            slot_e, w_e = _entry_weight(tab_row, lam_row, valid, e)
+            o += w_e[:, None] * P
             if WITH_DLAM:
-                col = tl.sum(tl.where(slots[None, :] == e, pre, 0), 1)
-                dlam += tl.where(slots[None, :] == col[:, None], tl.sum(P * x, 1)[:, None], 0.0)
-            j = tl.sum(tl.where(slots == e, e_old, 0), 0)
+                dlam += tl.where(slots[None, :] == slot_e[:, None], tl.sum(P * x, 1)[:, None], 0.0)
+            j = tl.load(last_row + e).to(tl.int32)
             dst = nxt + j * SZ + tile
-            before = tl.sum(tl.where(slots == e - 1, e_old, 0), 0)
+            before = tl.load(last_row + tl.maximum(e - 1, 0)).to(tl.int32)
             if (e > 0) & (j == before):
                 tl.store(dst, tl.load(dst) + chunk_decay * S)   # merged into the entry before it
             else:
@@ -183,7 +188,7 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         # chunk-start entries (those are older than every token of the chunk)
         e_tok = tl.load(last_row + K + rc, mask=valid, other=-1).to(tl.int32)
         j_tok = tl.max(e_tok, 0)
-        first_old = tl.min(e_old, 0)
+        first_old = tl.load(last_row).to(tl.int32)    # the lowest image: entry 0's
         k_end = k * tl.exp(G_last - Gc)[:, None]
         for j in range(0, j_tok + 1):
             acc = tl.dot(tl.trans(tl.where((e_tok == j)[:, None], k_end, 0.0)), v, input_precision=PREC)
@@ -212,7 +217,7 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
         c = NC - 1 - i
         cur = buf + (i % 2) * K * SZ
         nxt = buf + ((i + 1) % 2) * K * SZ
-        tok, valid, q, k, Gc, G_last, last_row, live, slot_in, lam_in, decay, held, pre, w_pre = _chunk(
+        tok, valid, q, k, Gc, G_last, tab_row, lam_row, last_row, live, slot_in, lam_in, decay, held = _chunk(
             q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
         v = _rows(v_ptr, tok, valid, rv, DV)
         do = _rows(do_ptr, tok, valid, rv, DV)
@@ -231,19 +236,18 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
             dk += f * tl.dot(v, tl.trans(U), input_precision=PREC)
             dv += f * tl.dot(k, U, input_precision=PREC)
         # the adjoint of each chunk-start entry: its chunk-end entry's, plus this chunk's readouts
-        e_old = tl.load(last_row + slots, mask=slots < K, other=0).to(tl.int32)
         q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
         # loads two entries ahead of the stores, as in the forward sweep
-        U_next = tl.load(cur + tl.sum(tl.where(slots == 0, e_old, 0), 0) * SZ + tile)
-        U_after = tl.load(cur + tl.sum(tl.where(slots == 1, e_old, 0), 0) * SZ + tile,
+        U_next = tl.load(cur + tl.load(last_row).to(tl.int32) * SZ + tile)
+        U_after = tl.load(cur + tl.load(last_row + tl.minimum(1, K - 1)).to(tl.int32) * SZ + tile,
                           mask=(1 < K) & (tile >= 0), other=0.0)
         for e in range(K):
             U_end = U_next
             U_next = U_after
-            j_after = tl.sum(tl.where(slots == e + 2, e_old, 0), 0)
+            j_after = tl.load(last_row + tl.minimum(e + 2, K - 1)).to(tl.int32)
             U_after = tl.load(cur + j_after * SZ + tile, mask=(e + 2 < K) & (tile >= 0), other=0.0)
-            w = tl.sum(tl.where(slots[None, :] == e, w_pre, 0.0), 1)
+            w = _entry_weight(tab_row, lam_row, valid, e)[1]
             U = chunk_decay * U_end + scale * tl.dot(tl.trans(q_start * w[:, None]), do, input_precision=PREC)
             tl.store(nxt + e * SZ + tile, U)
         tl.store(dk_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * DK + rk[None, :],
