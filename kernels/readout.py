@@ -189,7 +189,8 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         e_tok = tl.load(last_row + K + rc, mask=valid, other=-1).to(tl.int32)
         j_tok = tl.max(e_tok, 0)
         first_old = tl.load(last_row).to(tl.int32)    # the lowest image: entry 0's
-        k_end = k * tl.exp(G_last - Gc)[:, None]
+        # k reloaded (a cached read) rather than kept live through the entry loop: fewer spills
+        k_end = _rows(k_ptr, tok, valid, rk, DK) * tl.exp(G_last - Gc)[:, None]
         for j in range(0, j_tok + 1):
             acc = tl.dot(tl.trans(tl.where((e_tok == j)[:, None], k_end, 0.0)), v, input_precision=PREC)
             dst = nxt + j * SZ + tile
@@ -235,6 +236,11 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
             f = tl.where(e_tok == j, to_end, 0.0)[:, None]
             dk += f * tl.dot(v, tl.trans(U), input_precision=PREC)
             dv += f * tl.dot(k, U, input_precision=PREC)
+        # stored now, so that the entry loop below does not keep them in registers (the sweep spills)
+        tl.store(dk_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * DK + rk[None, :],
+                 dk, mask=valid[:, None])
+        tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=valid[:, None])
         # the adjoint of each chunk-start entry: its chunk-end entry's, plus this chunk's readouts
         q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
@@ -250,10 +256,6 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
             w = _entry_weight(tab_row, lam_row, valid, e)[1]
             U = chunk_decay * U_end + scale * tl.dot(tl.trans(q_start * w[:, None]), do, input_precision=PREC)
             tl.store(nxt + e * SZ + tile, U)
-        tl.store(dk_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * DK + rk[None, :],
-                 dk, mask=valid[:, None])
-        tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=valid[:, None])
         tl.debug_barrier()
     _copy_tiles(ds0_ptr + bh * K * SZ, buf + (NC % 2) * K * SZ, tile, K, SZ)
 
