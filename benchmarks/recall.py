@@ -28,8 +28,8 @@ MIXERS = {   # name: DLAConfig overrides (everything else is shared)
     "softmax": dict(capacity=1, merge_policy="softmax"),
 }
 # 105 runs (with fla) of 1000 steps. On an H200 500 steps left every mixer at chance on mqar T=256
-# and a DLA step took 78 ms (docs/models.md): this budget is too small to show anything; size it
-# with --steps / --lrs once the step overhead is profiled
+# (docs/models.md): this budget is too small to show anything. A DLA step there takes 21.5 ms
+# (softmax 15.0): size the grid with --steps / --lrs for the GPU time at hand
 FULL = dict(vocab=8192, hidden=128, steps=1000, batch=64, lrs=(1e-3, 3e-3, 1e-2), settings=[
     ("mqar", 256, 16), ("mqar", 1024, 64), ("bursty", 1024, 32), ("bursty", 2048, 32), ("passkey", 2048, 4)])
 TINY = dict(vocab=24, hidden=32, steps=3, batch=8, lrs=(1e-2,), settings=[

@@ -23,15 +23,19 @@ def requested() -> str | None:
 MAX_KERNEL_K = 120   # the gla kernels' slot tables are int8
 
 
-def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: str, K: int) -> bool:
-    """The readout and its backward: Triton covers the ``gla`` base in float32 compute with K up to
-    ``MAX_KERNEL_K``. The ``delta`` readout has no kernel yet (it runs the PyTorch path under either
-    backend)."""
-    if base != "gla" or not use_triton_schedule(device, compute_dtype):
+def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: str, K: int,
+                       backward: bool = False) -> bool:
+    """The readout (``backward``: its backward): Triton covers float32 compute with K up to
+    ``MAX_KERNEL_K``, for ``gla`` forward and backward. The ``delta`` forward kernel runs only where
+    ``DLA_BACKEND=triton`` asks for it, until it has been checked on a GPU (see docs/design.md); the
+    ``delta`` backward has no kernel yet (autograd through the PyTorch readout, under either backend)."""
+    if not use_triton_schedule(device, compute_dtype):
+        return False
+    if base == "delta" and (backward or requested() != "triton"):
         return False
     if K > MAX_KERNEL_K:
         if requested() == "triton":
-            raise ValueError(f"DLA_BACKEND=triton: the gla kernels cover K <= {MAX_KERNEL_K}, got K={K}")
+            raise ValueError(f"DLA_BACKEND=triton: the Triton readout covers K <= {MAX_KERNEL_K}, got K={K}")
         return False
     return True
 

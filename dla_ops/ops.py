@@ -30,7 +30,7 @@ def _initial_cache(q, v, lam, cu_seqlens, states, counts, info):
 
 def _on_kernels(q: Tensor, lam: Tensor, beta: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> bool:
     """Whether a whole call runs on the Triton kernels (decided from static properties only)."""
-    return cu_seqlens is None and torch_backend._triton_readout(q, beta, lam, compute_dtype(q.dtype))
+    return cu_seqlens is None and torch_backend._triton_readout(q, beta, lam, compute_dtype(q.dtype), backward=True)
 
 
 @torch.library.custom_op("dla::checked_kv_norms", mutates_args=())

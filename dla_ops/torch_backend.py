@@ -122,9 +122,15 @@ def _slot0(K: int, device) -> Tensor:
 
 def key_value_norms(k: Tensor, v: Tensor) -> Tensor:
     """||k_t|| ||v_t|| in float32 (the information score's denominator, less ||S_o||) for the kernels."""
-    # (accumulated in float32 without a float32 copy of k and v)
-    return (torch.linalg.vector_norm(k, dim=-1, dtype=torch.float32)
-            * torch.linalg.vector_norm(v, dim=-1, dtype=torch.float32))
+    return _norm_fp32(k) * _norm_fp32(v)
+
+
+def _norm_fp32(x: Tensor) -> Tensor:
+    # half inputs accumulate in float32 without a float32 copy of x; vector_norm refuses that
+    # narrowing for float64 (which the op accepts, though no kernel computes in it)
+    if x.dtype == torch.float64:
+        return torch.linalg.vector_norm(x, dim=-1).float()
+    return torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
 
 
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
@@ -275,21 +281,23 @@ def ignore_empty_slots(x: Tensor, counts: Tensor) -> Tensor:
                                                                                     device=x.device))
 
 
-def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
-    """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H])."""
+def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale, differentiable=False):
+    """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H]); with
+    ``differentiable``, always the PyTorch readout (autograd runs through it)."""
     cdt = states0.dtype
     states0 = ignore_empty_slots(states0, counts0)
-    if _triton_readout(q, beta, lam, cdt):
+    if not differentiable and _triton_readout(q, beta, lam, cdt):
         from dla_ops.kernels import readout as kernels
-        return kernels.forward(q, k, v, g, lam, states0, _kernel_tables(boundary, merge, counts0), scale)
+        return kernels.forward(q, k, v, g, lam, states0, _kernel_tables(boundary, merge, counts0), scale,
+                               beta=beta)
     close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
     tables = slot_tables(close, mu, counts0.shape[-1], CHUNK)
     o, states = readout(*(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)), states0, tables, scale)
     return o.transpose(1, 2).to(q.dtype), states
 
 
-def _triton_readout(q: Tensor, beta: Optional[Tensor], lam: Tensor, cdt: torch.dtype) -> bool:
-    return backend.use_triton_readout(q.device, cdt, "gla" if beta is None else "delta", lam.shape[-1])
+def _triton_readout(q: Tensor, beta: Optional[Tensor], lam: Tensor, cdt: torch.dtype, backward: bool = False) -> bool:
+    return backend.use_triton_readout(q.device, cdt, "gla" if beta is None else "delta", lam.shape[-1], backward)
 
 
 def _kernel_tables(boundary: Tensor, merge: Tensor, counts0: Tensor) -> Tensor:
@@ -362,7 +370,7 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
     the forward's schedule: by the Triton backward kernels where they cover the case, else by
     autograd through the readout."""
     inputs = [q, k, v, g, lam, beta, states0]
-    if _triton_readout(q, beta, lam, states0.dtype):
+    if _triton_readout(q, beta, lam, states0.dtype, backward=True):
         runs = [_kernel_backward(do_, ds_, *xs[:5], s0, c0, b_, m_, scale) for (do_, *xs, b_, m_), (ds_, s0, c0)
                 in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, boundary, merge], [dstates, states0, counts0])]
         grads = [torch.cat(parts, 1) for parts in list(zip(*runs))[:5]] + [None, torch.cat([r[6] for r in runs], 0)]
@@ -374,7 +382,7 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
         outs, finals = [], []
         for (*xs, b_, m_), (s0, c0) in _split_sequences(cu_seqlens, leaves[:6] + [boundary, merge],
                                                         [leaves[6], counts0]):
-            o, states = _run_readout(*xs, s0, c0, b_, m_, scale)
+            o, states = _run_readout(*xs, s0, c0, b_, m_, scale, differentiable=True)
             outs.append(o)
             finals.append(states)
         o, states = torch.cat(outs, 1), torch.cat(finals, 0)

@@ -135,11 +135,55 @@ def _entry_weight(tab_row, lam_row, valid, e):
 
 
 @triton.jit
+def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, T, H, NC,
+                            DK: tl.constexpr, C: tl.constexpr):
+    """Gated DeltaNet's chunk operators (``torch_backend._chunk_operators_delta``), one program per
+    (sequence, head, chunk), all chunks in parallel: M = [Phi | P] advances one token at a time,
+    Phi = Phi(t, c0 - 1) and column s of P = Phi(t, s) beta_s k_s, as
+        M <- alpha_t (M - beta_t k_t (k_t^T M)), then column t of P gains beta_t k_t.
+    Row t of q~ is q_t^T Phi and of A is q_t^T P (so A[t, s] = 0 for s > t); at the chunk end
+    k~ = P^T and the transition Z = Phi. Tokens past T are zero with g = 0: they change nothing."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rk = tl.arange(0, DK)
+    rc = tl.arange(0, C)
+    Phi = (rk[:, None] == rk[None, :]).to(tl.float32)
+    P = tl.zeros([DK, C], dtype=tl.float32)
+    Qt = tl.zeros([C, DK], dtype=tl.float32)
+    A = tl.zeros([C, C], dtype=tl.float32)
+    for i in range(C):
+        t = c * C + i
+        tok = (b.to(tl.int64) * T + t) * H + h
+        live = (t + 0 * rk) < T
+        k_i = tl.load(k_ptr + tok * DK + rk, mask=live, other=0.0).to(tl.float32)
+        q_i = tl.load(q_ptr + tok * DK + rk, mask=live, other=0.0).to(tl.float32)
+        beta_i = tl.load(beta_ptr + tok, mask=t < T, other=0.0).to(tl.float32)
+        alpha_i = tl.exp(tl.load(g_ptr + tok, mask=t < T, other=0.0).to(tl.float32))
+        bk = (beta_i * k_i)[:, None]
+        Phi = alpha_i * (Phi - bk * tl.sum(k_i[:, None] * Phi, 0)[None, :])
+        P = alpha_i * (P - bk * tl.sum(k_i[:, None] * P, 0)[None, :]) + tl.where(rc[None, :] == i, bk, 0.0)
+        Qt = tl.where(rc[:, None] == i, tl.sum(q_i[:, None] * Phi, 0)[None, :], Qt)
+        A = tl.where(rc[:, None] == i, tl.sum(q_i[:, None] * P, 0)[None, :], A)
+    t = c * C + rc
+    rows = ((b.to(tl.int64) * T + t) * H + h)[:, None] * DK + rk[None, :]
+    tl.store(qt_ptr + rows, Qt, mask=(t < T)[:, None])
+    tl.store(kt_ptr + rows, tl.trans(P), mask=(t < T)[:, None])
+    at = (bh.to(tl.int64) * NC + c) * C
+    tl.store(A_ptr + (at + rc[:, None]) * C + rc[None, :], A)
+    tl.store(Z_ptr + (at // C * DK + rk[:, None]) * DK + rk[None, :], Phi)
+
+
+@triton.jit
 def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, buf_ptr, o_ptr, sT_ptr,
-                          x_ptr, dlam_ptr, T, H, TP, scale,
+                          x_ptr, dlam_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, T, H, TP, scale,
                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                           C: tl.constexpr, BV: tl.constexpr, WITH_DLAM: tl.constexpr,
-                          PREC: tl.constexpr):
+                          DELTA: tl.constexpr, PREC: tl.constexpr):
+    """With DELTA, the chunk operators come from ``_delta_operators_kernel`` (qt_ptr, kt_ptr, A_ptr,
+    Z_ptr): q~ and k~ replace the decayed q and k, A the decayed q k^T, and the state transition is
+    the product with Z instead of the scalar decay."""
     bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, s0_ptr, T, H, DK, DV, K, KP, C, BV)
     SZ = DK * DV
     for c in range(NC):
@@ -149,7 +193,12 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
             q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
         v = _rows(v_ptr, tok, valid, rv, DV)
         # intra-chunk: slot-weighted, decayed causal attention
-        R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
+        if DELTA:
+            at = (bh.to(tl.int64) * NC + c) * C
+            R = tl.load(A_ptr + (at + rc[:, None]) * C + rc[None, :])
+            Z = tl.load(Z_ptr + (at // C * DK + rk[:, None]) * DK + rk[None, :])
+        else:
+            R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
         o = tl.dot(R * lam_in, v, input_precision=PREC)
         if WITH_DLAM:
             x = _rows(x_ptr, tok, valid, rv, DV)
@@ -160,7 +209,10 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
                 dlam += tl.where(slots[None, :] == j, part[:, None], 0.0)
         # the chunk-start entries: their readout, and where each goes at the chunk end (entries only
         # move up or merge with a neighbour, so their images are non-decreasing)
-        q_start = q * tl.exp(Gc)[:, None]
+        if DELTA:
+            q_start = _rows(qt_ptr, tok, valid, rk, DK)
+        else:
+            q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
         # each entry's tile is loaded two iterations ahead, before the previous entries' stores: a
         # load may not pass a store in program order, so without this every load's latency is exposed
@@ -179,10 +231,14 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
             j = tl.load(last_row + e).to(tl.int32)
             dst = nxt + j * SZ + tile
             before = tl.load(last_row + tl.maximum(e - 1, 0)).to(tl.int32)
-            if (e > 0) & (j == before):
-                tl.store(dst, tl.load(dst) + chunk_decay * S)   # merged into the entry before it
+            if DELTA:
+                S = tl.dot(Z, S, input_precision=PREC)
             else:
-                tl.store(dst, chunk_decay * S)
+                S = chunk_decay * S
+            if (e > 0) & (j == before):
+                tl.store(dst, tl.load(dst) + S)   # merged into the entry before it
+            else:
+                tl.store(dst, S)
         tl.debug_barrier()
         # the chunk's tokens make up entries 0..j_tok at the chunk end; only j_tok can also hold
         # chunk-start entries (those are older than every token of the chunk)
@@ -190,7 +246,10 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         j_tok = tl.max(e_tok, 0)
         first_old = tl.load(last_row).to(tl.int32)    # the lowest image: entry 0's
         # k reloaded (a cached read) rather than kept live through the entry loop: fewer spills
-        k_end = _rows(k_ptr, tok, valid, rk, DK) * tl.exp(G_last - Gc)[:, None]
+        if DELTA:
+            k_end = _rows(kt_ptr, tok, valid, rk, DK)
+        else:
+            k_end = _rows(k_ptr, tok, valid, rk, DK) * tl.exp(G_last - Gc)[:, None]
         for j in range(0, j_tok + 1):
             acc = tl.dot(tl.trans(tl.where((e_tok == j)[:, None], k_end, 0.0)), v, input_precision=PREC)
             dst = nxt + j * SZ + tile
@@ -326,25 +385,43 @@ def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int = CHUNK) -> Tensor
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states0: Tensor, tables: Tensor,
-            scale: float, *, x: Optional[Tensor] = None, chunk: int = CHUNK):
+            scale: float, *, beta: Optional[Tensor] = None, x: Optional[Tensor] = None, chunk: int = CHUNK):
     """o [B, T, H, DV] (q's dtype) and the final states [B, H, K, DK, DV] (fp32) on the schedule
-    behind ``tables``; states0 (fp32) must have its empty slots zeroed. With ``x`` ([B, T, H, DV])
-    also the weight gradient
+    behind ``tables``; states0 (fp32) must have its empty slots zeroed. With ``beta`` ([B, T, H]) the
+    ``delta`` base, else ``gla``. For ``gla`` with ``x`` ([B, T, H, DV]) also the weight gradient
     dlam[t, j] = scale * sum_{s in slot j} exp(G_t - G_s) (q_t . k_s) (x_t . v_s), [B, T, H, K] fp32."""
     DK, DV = q.shape[-1], v.shape[-1]
     PK, PV = _width(DK), _width(DV)
-    outs = _forward(_pad(q, PK), _pad(k, PK), _pad(v, PV), g, lam, _pad(states0, PK, PV), tables, scale,
-                    x=_pad(x, PV), chunk=chunk)
+    q, k, v, states0 = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(states0, PK, PV)
+    ops = None if beta is None else delta_operators(q, k, g, beta, chunk)
+    outs = _forward(q, k, v, g, lam, states0, tables, scale, x=_pad(x, PV), chunk=chunk, ops=ops)
     return (outs[0][..., :DV], outs[1][..., :DK, :DV]) + outs[2:]
 
 
-def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=None):
+def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK):
+    """Gated DeltaNet's chunk operators for [B, T, H, DK] q, k (DK a power of two >= 16) and [B, T, H]
+    g, beta: q~ and k~ ([B, T, H, DK] fp32), A ([B * H, NC, C, C]) and Z ([B * H, NC, DK, DK])."""
+    B, T, H, DK = q.shape
+    n = triton.cdiv(T, chunk)
+    q, k, g, beta = (t.contiguous() for t in (q, k, g, beta))
+    qt = torch.empty(B, T, H, DK, dtype=torch.float32, device=q.device)
+    kt = torch.empty_like(qt)
+    A = torch.empty(B * H, n, chunk, chunk, dtype=torch.float32, device=q.device)
+    Z = torch.empty(B * H, n, DK, DK, dtype=torch.float32, device=q.device)
+    launch(_delta_operators_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr"))(
+        q, k, g, beta, qt, kt, A, Z, T, H, n, DK=DK, C=chunk)
+    return qt, kt, A, Z
+
+
+def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=None, ops=None):
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     _check_covered(q, K)
     BV = _block_v(DV)
     nvb = DV // BV
     q, k, v, g, lam = (t.contiguous() for t in (q, k, v, g, lam))
+    # (gla reads no operator tensors: any tensor stands in for them)
+    qt, kt, A, Z = ops if ops is not None else (q,) * 4
     o = torch.empty(B, T, H, DV, dtype=out_dtype or q.dtype, device=q.device)
     sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
@@ -352,8 +429,9 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=Non
     dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o.new_empty(0)
     launch(_forward_sweep_kernel, (B * H, nvb), ("buf_ptr", "o_ptr", "sT_ptr", "dlam_ptr"))(
         q, k, v, g, lam, tables, states0.contiguous(), buf, o, sT, x.contiguous() if x is not None else v,
-        dlam, T, H, tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K),
-        C=chunk, BV=BV, WITH_DLAM=x is not None, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
+        dlam, qt, kt, A, Z, T, H, tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K),
+        C=chunk, BV=BV, WITH_DLAM=x is not None, DELTA=ops is not None, PREC=_precision(q.dtype),
+        num_warps=SWEEP_WARPS)
     if x is not None:
         return o, sT, dlam.sum(0)
     return o, sT

@@ -1,6 +1,7 @@
-"""The Triton kernels of the ``gla`` base (schedule, slot tables, readout and its backward) through the
-op, against the float64 reference recurrence on the kernels' own schedule (P5, P6, P10 for the
-kernel path). Without a GPU they run in Triton's interpreter on CPU tensors."""
+"""The Triton kernels of the ``gla`` base (schedule, slot tables, readout and its backward) and the
+``delta`` forward readout through the op, against the float64 reference recurrence on the kernels'
+own schedule (P5, P6, P10 for the kernel path). Without a GPU they run in Triton's interpreter on
+CPU tensors."""
 from __future__ import annotations
 
 import os
@@ -47,8 +48,9 @@ def _check_against_reference(x: dict, init, tau: float, tol: float, cu_seqlens=N
     assert rel_err(o.cpu(), ro) <= tol
     assert rel_err(cache.states.cpu(), rcache.states) <= tol
     assert torch.equal(cache.counts.cpu(), rcache.counts)
-    for n in ("q", "k", "v", "g", "lam"):
-        assert rel_err(xk[n].grad.cpu(), x64[n].grad) <= tol, n
+    for n in ("q", "k", "v", "g", "lam", "beta"):
+        if x[n] is not None:
+            assert rel_err(xk[n].grad.cpu(), x64[n].grad) <= tol, n
     if init is not None:
         assert rel_err(init_k.states.grad.cpu(), init64.states.grad) <= tol, "initial states"
 
@@ -70,3 +72,16 @@ def test_gla_kernels_with_varlen_strong_decay_and_half_inputs():
     # half inputs: the reference runs on the same (rounded) inputs, so only the kernels' fp32
     # accumulation and the bf16 output rounding separate the two
     _check_against_reference(x, init, 0.6, 5e-3, cu_seqlens=torch.tensor([0, 70, 71, 140]))
+
+
+@settings(max_examples=4)
+@given(seed=st.integers(0, 10_000), T=st.integers(1, 140), K=st.integers(1, 6),
+       dims=st.sampled_from([(3, 5), (16, 8), (16, 16)]), tau=st.sampled_from([0.0, 0.3, 0.6, 2.5]),
+       decay=st.sampled_from([0.0, 1.0, 8.0]), cache_kind=st.sampled_from([None, "normal", "garbage"]))
+def test_delta_forward_kernel_matches_the_reference(seed, T, K, dims, tau, decay, cache_kind):
+    """The delta chunk operators and the forward sweep (gradients: autograd through the PyTorch
+    readout, on the same schedule)."""
+    DK, DV = dims
+    x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base="delta", dtype=torch.float32, decay=decay)
+    init = None if cache_kind is None else random_cache(seed, 2, 2, K, DK, DV, torch.float32, kind=cache_kind)
+    _check_against_reference(x, init, tau, 1e-5)

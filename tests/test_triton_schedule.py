@@ -152,7 +152,7 @@ def test_a_forced_triton_backend_refuses_what_it_does_not_cover(monkeypatch):
     with pytest.raises(ValueError, match="float64 compute"):
         run("op", x)
     x = make_inputs(0, B=1, T=2, H=1, DK=2, DV=2, K=121, dtype=torch.float32)
-    with pytest.raises(ValueError, match="cover K <= 120"):
+    with pytest.raises(ValueError, match="readout covers K <= 120"):
         run("op", x)
     monkeypatch.setenv("DLA_BACKEND", "cuda")
     with pytest.raises(ValueError, match="DLA_BACKEND must be one of"):
