@@ -20,7 +20,7 @@ def requested() -> str | None:
     return name
 
 
-MAX_KERNEL_K = 120   # the gla kernels' slot tables are int8
+MAX_KERNEL_K = 120   # the readout kernels' slot tables are int8
 
 
 def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: str, K: int,

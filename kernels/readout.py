@@ -1,5 +1,5 @@
-"""Stages 2 and 3 of the ``gla`` base as Triton kernels: slot tables, the fused multi-state readout
-(forward) and its backward, on a given schedule.
+"""Stages 2 and 3 as Triton kernels, on a given schedule: slot tables, the fused multi-state readout
+(forward) of both bases and, for ``gla``, its backward.
 
 For ``gla`` the output is a masked linear attention,
     o_t = scale * sum_{s <= t} lam_t[slot(t, s)] * exp(G_t - G_s) * (q_t . k_s) v_s,
@@ -19,7 +19,9 @@ registers instead, with the readout and the moves as single products over [KP, D
 measured slower on an H200 and runs out of shared memory at K = 32.)
 
 - ``_forward_sweep_kernel``: o and the final states. Run on (do, v, k) with the initial states
-  transposed it gives dq, and with ``WITH_DLAM`` the partial dlam of its block.
+  transposed it gives dq, and with ``WITH_DLAM`` the partial dlam of its block. With ``DELTA`` it
+  reads the ``delta`` base's chunk operators from ``_delta_operators_kernel`` (the transition of a
+  state over a chunk is a [DK, DK] product instead of a scalar decay).
 - ``_reverse_sweep_kernel``: dk (partial per value block), dv and the gradient of the initial
   states, going backwards through the chunks with the adjoint of each cache entry.
 - dg follows from the others: dg_t = <dS0, S0> + sum_{s < t} (k_s . dk_s - q_s . dq_s).
@@ -125,6 +127,7 @@ def _chunk(q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP,
     held = valid[:, None] & (slots[None, :] < K)
     return tok, valid, q, k, Gc, G_last, tab_row, lam_row, last_row, live, slot_in, lam_in, decay, held
 
+
 @triton.jit
 def _entry_weight(tab_row, lam_row, valid, e):
     """Chunk-start entry e's slot at each time t of the chunk and its weight lam_t[slot] there: loads
@@ -151,8 +154,6 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     rc = tl.arange(0, C)
     Phi = (rk[:, None] == rk[None, :]).to(tl.float32)
     P = tl.zeros([DK, C], dtype=tl.float32)
-    Qt = tl.zeros([C, DK], dtype=tl.float32)
-    A = tl.zeros([C, C], dtype=tl.float32)
     for i in range(C):
         t = c * C + i
         tok = (b.to(tl.int64) * T + t) * H + h
@@ -164,15 +165,14 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
         bk = (beta_i * k_i)[:, None]
         Phi = alpha_i * (Phi - bk * tl.sum(k_i[:, None] * Phi, 0)[None, :])
         P = alpha_i * (P - bk * tl.sum(k_i[:, None] * P, 0)[None, :]) + tl.where(rc[None, :] == i, bk, 0.0)
-        Qt = tl.where(rc[:, None] == i, tl.sum(q_i[:, None] * Phi, 0)[None, :], Qt)
-        A = tl.where(rc[:, None] == i, tl.sum(q_i[:, None] * P, 0)[None, :], A)
+        # row i of q~ and of A, stored as they come (the tiles would cost registers)
+        tl.store(qt_ptr + tok * DK + rk, tl.sum(q_i[:, None] * Phi, 0), mask=live)
+        tl.store(A_ptr + ((bh.to(tl.int64) * NC + c) * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0))
     t = c * C + rc
     rows = ((b.to(tl.int64) * T + t) * H + h)[:, None] * DK + rk[None, :]
-    tl.store(qt_ptr + rows, Qt, mask=(t < T)[:, None])
     tl.store(kt_ptr + rows, tl.trans(P), mask=(t < T)[:, None])
-    at = (bh.to(tl.int64) * NC + c) * C
-    tl.store(A_ptr + (at + rc[:, None]) * C + rc[None, :], A)
-    tl.store(Z_ptr + (at // C * DK + rk[:, None]) * DK + rk[None, :], Phi)
+    at = bh.to(tl.int64) * NC + c
+    tl.store(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :], Phi)
 
 
 @triton.jit
@@ -352,15 +352,29 @@ def _block_v(DV: int) -> int:
     return min(DV, BLOCK_V)
 
 
-def _check_covered(q: Tensor, K: int) -> None:
+def _check_covered(q: Tensor, v: Tensor, K: int) -> None:
     if not 1 <= K <= MAX_KERNEL_K:
         raise ValueError(f"the Triton readout covers K from 1 to {MAX_KERNEL_K} (int8 slot tables), got {K}")
     if q.dtype == torch.float64:
         raise ValueError("the Triton readout computes in float32; float64 inputs are not covered")
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    # the largest offsets: the per-value-block partials of dk and dlam, and the value rows
+    _check_offsets(max(DV // _block_v(DV) * B * T * H * max(DK, K), B * T * H * DV),
+                   f"B={B}, T={T}, H={H}, DK={DK}, DV={DV}, K={K}")
+
+
+def _check_offsets(largest: int, shapes: str) -> None:
+    """The readout kernels compute addresses as 32-bit offsets from each tensor's start: refuse a
+    size whose largest offset would wrap (silently wrong addresses otherwise)."""
+    if largest >= 2**31:
+        raise ValueError(f"the Triton readout addresses with 32-bit offsets, which {shapes} exceed "
+                         f"({largest} elements); split the batch into smaller calls or set DLA_BACKEND=torch")
 
 
 def _width(d: int) -> int:
-    """Feature sizes run as powers of two >= 16 (tl.dot's minimum); zero padding is exact for gla."""
+    """Feature sizes run as powers of two >= 16 (tl.dot's minimum); zero padding is exact for both
+    bases (zero key columns neither read nor move the padded rows of a state)."""
     return max(16, triton.next_power_of_2(d))
 
 
@@ -378,6 +392,7 @@ def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int = CHUNK) -> Tensor
     """close, mu: [B, T, H] (bool, int). Returns [B, H, T', K + C] int8 (T' = T padded to chunks)."""
     B, T, H = close.shape
     n = triton.cdiv(T, chunk)
+    _check_offsets(B * H * n * chunk * (K + chunk), f"B={B}, T={T}, H={H}, K={K}")
     tab = torch.empty(B, H, n * chunk, K + chunk, dtype=torch.int8, device=close.device)
     launch(_slot_table_kernel, (B * H, n), ("tab_ptr",))(close.to(torch.int8).contiguous(), mu.to(torch.int32).contiguous(), tab,
                                    T, H, n * chunk, K=K, C=chunk, WP=triton.next_power_of_2(K + chunk))
@@ -393,6 +408,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states0: Te
     DK, DV = q.shape[-1], v.shape[-1]
     PK, PV = _width(DK), _width(DV)
     q, k, v, states0 = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(states0, PK, PV)
+    _check_covered(q, v, lam.shape[-1])
     ops = None if beta is None else delta_operators(q, k, g, beta, chunk)
     outs = _forward(q, k, v, g, lam, states0, tables, scale, x=_pad(x, PV), chunk=chunk, ops=ops)
     return (outs[0][..., :DV], outs[1][..., :DK, :DV]) + outs[2:]
@@ -416,12 +432,11 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
 def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=None, ops=None):
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
-    _check_covered(q, K)
     BV = _block_v(DV)
     nvb = DV // BV
     q, k, v, g, lam = (t.contiguous() for t in (q, k, v, g, lam))
-    # (gla reads no operator tensors: any tensor stands in for them)
-    qt, kt, A, Z = ops if ops is not None else (q,) * 4
+    # (gla reads no operator tensors: empty ones stand in, so that a traced launch copies nothing)
+    qt, kt, A, Z = ops if ops is not None else (q.new_empty(0),) * 4
     o = torch.empty(B, T, H, DV, dtype=out_dtype or q.dtype, device=q.device)
     sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
@@ -451,6 +466,7 @@ def backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Te
 def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
+    _check_covered(q, v, K)
     BV = _block_v(DV)
     nvb = DV // BV
     do, q, k, v, g, lam = (t.contiguous() for t in (do.to(q.dtype), q, k, v, g, lam))

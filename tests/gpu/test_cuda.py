@@ -41,16 +41,21 @@ def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K):
 def test_cuda_delta_forward_kernel_matches_the_reference(dtype, T, K):
     """The delta forward kernel, which runs only where DLA_BACKEND=triton asks for it until this
     passes on a GPU (gradients: autograd through the PyTorch readout on the same schedule)."""
+    from dla_ops.kernels import readout
     x = make_inputs(9, B=2, T=T, H=2, DK=32, DV=32, K=K, base="delta", dtype=dtype)
     xc = {n: a.cuda().requires_grad_() for n, a in x.items()}
-    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}):
-        o, _, sched = run("op", xc, tau=0.6, return_schedule=True)
+    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}), \
+            mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators:
+        o, cache, sched = run("op", xc, tau=0.6, output_final_cache=True, return_schedule=True)
         w = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o)
         (o.float() * w.float()).sum().backward()
+    assert operators.called
     x64 = {n: a.detach().double().requires_grad_() for n, a in x.items()}
-    ro, _ = run("reference", x64, tau=0.6, force_boundaries=sched.boundary.cpu(), force_merges=sched.merge.cpu())
+    ro, rcache = run("reference", x64, tau=0.6, output_final_cache=True, force_boundaries=sched.boundary.cpu(),
+                     force_merges=sched.merge.cpu())
     (ro * w.cpu().double()).sum().backward()
     assert rel_err(o.cpu(), ro) <= TOL[dtype]
+    assert rel_err(cache.states.cpu(), rcache.states) <= TOL[dtype]
     for n in xc:
         assert rel_err(xc[n].grad.cpu(), x64[n].grad) <= TOL[dtype], n
 
