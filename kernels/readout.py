@@ -367,7 +367,7 @@ def _check_covered(q: Tensor, v: Tensor, K: int) -> None:
 def _check_offsets(largest: int, shapes: str) -> None:
     """The readout kernels compute addresses as 32-bit offsets from each tensor's start: refuse a
     size whose largest offset would wrap (silently wrong addresses otherwise)."""
-    if largest >= 2**31:
+    if largest > 2**31:   # offsets run to largest - 1
         raise ValueError(f"the Triton readout addresses with 32-bit offsets, which {shapes} exceed "
                          f"({largest} elements); split the batch into smaller calls or set DLA_BACKEND=torch")
 

@@ -91,3 +91,16 @@ def test_delta_forward_kernel_matches_the_reference(seed, T, K, dims, tau, decay
     with mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators:
         _check_against_reference(x, init, tau, 1e-5)
     assert operators.called
+
+
+def test_the_readout_refuses_sizes_past_int32_offsets():
+    """The kernels address with 32-bit offsets: a size that would wrap raises instead (checked on
+    the host, so meta tensors stand in for the 4 GB of inputs)."""
+    from dla_ops.kernels import readout
+    q = torch.empty(4, 65536, 16, 128, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        readout._check_covered(q, q, 16)
+    readout._check_covered(q[:2], q[:2], 16)   # half the batch fits: its offsets end at 2^31 - 1
+    close = torch.empty(64, 2**20, 32, dtype=torch.bool, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        readout.slot_tables(close, close.long(), 16)
