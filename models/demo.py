@@ -34,13 +34,16 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
     held_x, held_y = (t.to(device) for t in make(eval_size, torch.Generator().manual_seed(seed + 10_000)))
     start = time.time()
     bar = tqdm(range(steps), desc=desc, disable=not progress)
-    for _ in bar:
+    for step in bar:
         x, y = (t.to(device) for t in make(batch_size, gen))
         loss = model(x, labels=y, use_cache=False).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        # reading the loss waits for the device: only every 25 steps, so that on a GPU the next
+        # batch is generated while this step runs
+        if progress and step % 25 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     with torch.no_grad():
         model.eval()
         accuracy = answer_accuracy(model(held_x, use_cache=False).logits, held_y)
