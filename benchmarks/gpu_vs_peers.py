@@ -3,14 +3,19 @@ flash-linear-attention's chunk_log_linear_attn (if fla is installed) and PyTorch
 causal), peak memory, the schedule stage alone, decode-step latency against SDPA decoding with a KV
 cache (both timed as CUDA graph replays), and the fraction of a roofline floor reached.
 
-    python benchmarks/gpu_vs_peers.py [--T 2048 8192 32768 65536] [--K 16 32] [--out docs/benchmarks.md]
+    python benchmarks/gpu_vs_peers.py [--T 2048 8192 32768 65536] [--K 16 32] [--out docs/benchmarks.md] [--delta]
+
+--delta adds the delta base's section (issue #7): DLA-delta, our own K=1 delta path and fla's
+chunk_gated_delta_rule, with the ratios against SDPA and against our K=1 path.
 
 Writes a markdown table with the GPU's name to --out and a PNG plot beside it."""
 from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +70,45 @@ def inputs(T: int, K: int):
     return q, k, v, g, lam
 
 
+def delta_rows(T: int, Ks, q, k, v, g) -> list:
+    """The delta base (issue #7) on the gla section's q, k, v, g (k is unit-norm, as Gated DeltaNet
+    needs) and a random beta: DLA-delta at each K, our own K = 1 path (the plain gated delta rule) and
+    fla's chunk_gated_delta_rule, which refuses some Triton versions on Hopper (the row says so).
+    DLA-delta's forward readout runs on its Triton kernel (DLA_BACKEND=triton: it is not yet the
+    default) and its backward by autograd through the PyTorch readout; each row also gives the
+    relative difference of the kernel's output from the PyTorch readout's."""
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    beta = torch.rand(B, T, H, device=DEV, generator=gen).requires_grad_()
+    rows = []
+    for K in [1] + list(Ks):
+        lam = (0.5 + torch.rand(B, T, H, K, device=DEV, generator=gen)).requires_grad_()
+        fwd = lambda: dla_attention(q, k, v, g, lam, beta)[0]
+        name = "dla delta (own K=1 path)" if K == 1 else "dla delta"
+        try:
+            with torch.no_grad():
+                reference = fwd().float()
+            with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}):
+                with torch.no_grad():
+                    diff = ((fwd().float() - reference).norm() / reference.norm()).item()
+                row = dict(op=name, T=T, K=K, **measure(fwd, [q, k, v, g, lam, beta]), kernel_diff=diff)
+        except Exception as e:   # out of memory at long T on the PyTorch backward, for one
+            row = dict(op=name, T=T, K=K, error=_short(e))
+        rows.append(row)
+        torch.cuda.empty_cache()
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+        rows.append(dict(op="fla gated delta", T=T, K="-", **measure(
+            lambda: chunk_gated_delta_rule(q, k, v, g, beta.bfloat16())[0], [q, k, v, g, beta])))
+    except Exception as e:   # ImportError, or fla's refusal of this Triton on Hopper
+        rows.append(dict(op="fla gated delta", T=T, K="-", error=_short(e)))
+    return rows
+
+
+def _short(e: Exception) -> str:
+    """An exception as one table cell."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}".replace("|", "/")
+
+
 def floors(T: int, K: int, peak_tflops: float, bandwidth_tbs: float) -> float:
     """Forward floor in ms: the larger of reading q, k, v, g, lam and writing o (bf16/fp32) at full
     bandwidth, and the readout's flops (2 T K DK DV for the states, 2 T C (DK + DV) within chunks)
@@ -82,13 +126,15 @@ def main():
     p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak (H200/H100 SXM: ~790)")
     p.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s (H200: 4.8, H100 SXM: 3.35)")
     p.add_argument("--out", default="docs/benchmarks.md")
+    p.add_argument("--delta", action="store_true",
+                   help="also the delta section: DLA-delta, our own K=1 delta path, fla's chunk_gated_delta_rule")
     a = p.parse_args()
     name = torch.cuda.get_device_name()
     try:
         from fla.ops.log_linear_attn import chunk_log_linear_attn
     except ImportError:
         chunk_log_linear_attn = None
-    rows = []
+    rows, delta = [], []
     for T in a.T:
         q, k, v, g, lam16 = inputs(T, 16)
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
@@ -108,6 +154,8 @@ def main():
                 row["schedule_ms"] = ms(lambda: schedule_stage(k, v, g, None, *cache, 0.6))
             row["floor_frac"] = floors(T, K, a.peak_tflops, a.bandwidth) / row["fwd_ms"]
             rows.append(row)
+        if a.delta:
+            delta += delta_rows(T, a.K, q, k, v, g)
         torch.cuda.empty_cache()
     decode = []
     for ctx in a.ctx:
@@ -122,10 +170,10 @@ def main():
         cache = DLACache.empty(B, H, K, D, D, device=DEV)
         decode.append(dict(op=f"dla gla decode K={K}", ctx="any",
                            us=1e3 * graph_ms(lambda: dla_decode_step(tok[0], tok[1], tok[2], gd, lamd, None, cache))))
-    write(rows, decode, name, Path(a.out))
+    write(rows, decode, name, Path(a.out), delta)
 
 
-def write(rows, decode, name, out: Path):
+def write(rows, decode, name, out: Path, delta=()):
     lines = [f"# Benchmarks on {name}", "",
              f"`python benchmarks/gpu_vs_peers.py`, torch {torch.__version__}, triton {triton.__version__}; "
              f"bf16 inputs, B={B}, H={H}, DK=DV={D}; medians of triton.testing.do_bench.", "",
@@ -135,6 +183,25 @@ def write(rows, decode, name, out: Path):
         lines.append(f"| {r['op']} | {r['T']} | {r['K']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
                      f"{r['peak_mib']:.0f} | {r.get('schedule_ms', float('nan')):.3f} | "
                      f"{r.get('floor_frac', float('nan')):.4f} |")
+    if delta:
+        lines += ["", "The delta base (issue #7): forward readout on its Triton kernel, backward by autograd "
+                  "through the PyTorch readout; SDPA rows above. Kernel diff: relative difference of the "
+                  "kernel's output from the PyTorch readout's.", "",
+                  "| op | T | K | fwd ms | fwd+bwd ms | peak MiB | kernel diff |", "|---|---|---|---|---|---|---|"]
+        for r in delta:
+            if "error" in r:
+                lines.append(f"| {r['op']} | {r['T']} | {r['K']} | {r['error']} | | | |")
+            else:
+                lines.append(f"| {r['op']} | {r['T']} | {r['K']} | {r['fwd_ms']:.3f} | {r['fwdbwd_ms']:.3f} | "
+                             f"{r['peak_mib']:.0f} | {r.get('kernel_diff', float('nan')):.1e} |")
+        lines += ["", "DLA-delta (K=16) fwd+bwd over SDPA's and over our own K=1 path's, same run:", "",
+                  "| T | vs SDPA | vs own K=1 |", "|---|---|---|"]
+        for T in sorted({r["T"] for r in delta}):
+            get = lambda op, K: next((r for r in rows + delta if r["T"] == T and r["op"] == op and r["K"] == K
+                                      and "error" not in r), None)
+            dla, sdpa, own = get("dla delta", 16), get("sdpa flash", "-"), get("dla delta (own K=1 path)", 1)
+            ratio = lambda r: f"{dla['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}" if dla and r else "-"
+            lines.append(f"| {T} | {ratio(sdpa)} | {ratio(own)} |")
     lines += ["", "Decode, one token, timed as a CUDA graph replay:", "", "| op | context | µs per step |",
               "|---|---|---|"]
     lines += [f"| {r['op']} | {r['ctx']} | {r['us']:.1f} |" for r in decode]
