@@ -152,6 +152,7 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     h = bh % H
     rk = tl.arange(0, DK)
     rc = tl.arange(0, C)
+    at = bh.to(tl.int64) * NC + c   # this chunk's index in A and Z
     Phi = (rk[:, None] == rk[None, :]).to(tl.float32)
     P = tl.zeros([DK, C], dtype=tl.float32)
     for i in range(C):
@@ -167,11 +168,10 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
         P = alpha_i * (P - bk * tl.sum(k_i[:, None] * P, 0)[None, :]) + tl.where(rc[None, :] == i, bk, 0.0)
         # row i of q~ and of A, stored as they come (the tiles would cost registers)
         tl.store(qt_ptr + tok * DK + rk, tl.sum(q_i[:, None] * Phi, 0), mask=live)
-        tl.store(A_ptr + ((bh.to(tl.int64) * NC + c) * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0))
+        tl.store(A_ptr + (at * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0))
     t = c * C + rc
     rows = ((b.to(tl.int64) * T + t) * H + h)[:, None] * DK + rk[None, :]
     tl.store(kt_ptr + rows, tl.trans(P), mask=(t < T)[:, None])
-    at = bh.to(tl.int64) * NC + c
     tl.store(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :], Phi)
 
 
@@ -194,9 +194,9 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         v = _rows(v_ptr, tok, valid, rv, DV)
         # intra-chunk: slot-weighted, decayed causal attention
         if DELTA:
-            at = (bh.to(tl.int64) * NC + c) * C
-            R = tl.load(A_ptr + (at + rc[:, None]) * C + rc[None, :])
-            Z = tl.load(Z_ptr + (at // C * DK + rk[:, None]) * DK + rk[None, :])
+            at = bh.to(tl.int64) * NC + c   # as in _delta_operators_kernel
+            R = tl.load(A_ptr + (at * C + rc[:, None]) * C + rc[None, :])
+            Z = tl.load(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :])
         else:
             R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
         o = tl.dot(R * lam_in, v, input_precision=PREC)
