@@ -12,7 +12,7 @@ import torch
 
 from dla_ops.backend import launch
 from dla_ops.kernels import readout
-from dla_ops.torch_backend import empty_cache_like, events, schedule_stage
+from dla_ops.torch_backend import _kernel_tables, empty_cache_like, schedule_stage
 from gpu_vs_peers import inputs, ms
 
 
@@ -28,8 +28,7 @@ def main():
     s0, c0, i0 = empty_cache_like(q, v, lam, B, torch.float32)
     with torch.no_grad():
         _, boundary, merge, *_ = schedule_stage(k, v, g, None, s0, c0, i0, 0.6)
-    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), c0)
-    tables = readout.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), K)
+    tables = _kernel_tables(boundary, merge, c0)   # as the op builds them
     do = torch.randn_like(q)
     dstates = torch.zeros(B, H, K, D, D, device=q.device)
     nvb = D // readout.BLOCK_V
