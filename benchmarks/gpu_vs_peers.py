@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 from unittest import mock
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from dla_ops import DLACache, dla_attention, dla_decode_step
+from dla_ops import DLACache, backend, dla_attention, dla_decode_step
 from dla_ops.torch_backend import empty_cache_like, schedule_stage
 
 B, H, D = 2, 16, 64
@@ -74,9 +73,9 @@ def delta_rows(T: int, Ks, q, k, v, g) -> list:
     """The delta base (issue #7) on the gla section's q, k, v, g (k is unit-norm, as Gated DeltaNet
     needs) and a random beta: DLA-delta at each K, our own K = 1 path (the plain gated delta rule) and
     fla's chunk_gated_delta_rule, which refuses some Triton versions on Hopper (the row says so).
-    DLA-delta's forward readout runs on its Triton kernel (DLA_BACKEND=triton: it is not yet the
-    default) and its backward by autograd through the PyTorch readout; each row also gives the
-    relative difference of the kernel's output from the PyTorch readout's."""
+    DLA-delta's forward readout runs on its Triton kernel and its backward by autograd through the
+    PyTorch readout; each row also gives the relative difference of the kernel's output from the
+    PyTorch readout's on the same schedule."""
     gen = torch.Generator(device=DEV).manual_seed(1)
     beta = torch.rand(B, T, H, device=DEV, generator=gen).requires_grad_()
     rows = []
@@ -86,11 +85,11 @@ def delta_rows(T: int, Ks, q, k, v, g) -> list:
         name = "dla delta (own K=1 path)" if K == 1 else "dla delta"
         try:
             with torch.no_grad():
-                reference = fwd().float()
-            with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}):
-                with torch.no_grad():
-                    diff = ((fwd().float() - reference).norm() / reference.norm()).item()
-                row = dict(op=name, T=T, K=K, **measure(fwd, [q, k, v, g, lam, beta]), kernel_diff=diff)
+                out = fwd().float()
+                with mock.patch.object(backend, "use_triton_readout", return_value=False):
+                    reference = fwd().float()   # the PyTorch readout, on the same Triton schedule
+            diff = ((out - reference).norm() / reference.norm()).item()
+            row = dict(op=name, T=T, K=K, **measure(fwd, [q, k, v, g, lam, beta]), kernel_diff=diff)
         except Exception as e:   # out of memory at long T on the PyTorch backward, for one
             row = dict(op=name, T=T, K=K, error=_short(e))
         rows.append(row)

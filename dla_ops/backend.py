@@ -26,12 +26,11 @@ MAX_KERNEL_K = 120   # the readout kernels' slot tables are int8
 def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: str, K: int,
                        backward: bool = False) -> bool:
     """The readout (``backward``: its backward): Triton covers float32 compute with K up to
-    ``MAX_KERNEL_K``, for ``gla`` forward and backward. The ``delta`` forward kernel runs only where
-    ``DLA_BACKEND=triton`` asks for it, until it has been checked on a GPU (see docs/design.md); the
-    ``delta`` backward has no kernel yet (autograd through the PyTorch readout, under either backend)."""
+    ``MAX_KERNEL_K``, for the ``gla`` forward and backward and the ``delta`` forward. The ``delta``
+    backward has no kernel yet (autograd through the PyTorch readout, under either backend)."""
     if not use_triton_schedule(device, compute_dtype):
         return False
-    if base == "delta" and (backward or requested() != "triton"):
+    if base == "delta" and backward:
         return False
     if K > MAX_KERNEL_K:
         if requested() == "triton":

@@ -2,7 +2,6 @@
 gradients are checked against the float64 reference on the GPU run's own schedule."""
 from __future__ import annotations
 
-import os
 from unittest import mock
 
 import pytest
@@ -39,13 +38,12 @@ def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T, K", [(63, 4), (200, 16)])
 def test_cuda_delta_forward_kernel_matches_the_reference(dtype, T, K):
-    """The delta forward kernel, which runs only where DLA_BACKEND=triton asks for it until this
-    passes on a GPU (gradients: autograd through the PyTorch readout on the same schedule)."""
+    """The delta forward kernel (gradients: autograd through the PyTorch readout on the same
+    schedule)."""
     from dla_ops.kernels import readout
     x = make_inputs(9, B=2, T=T, H=2, DK=32, DV=32, K=K, base="delta", dtype=dtype)
     xc = {n: a.cuda().requires_grad_() for n, a in x.items()}
-    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}), \
-            mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators:
+    with mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators:
         o, cache, sched = run("op", xc, tau=0.6, output_final_cache=True, return_schedule=True)
         w = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o)
         (o.float() * w.float()).sum().backward()
