@@ -213,23 +213,29 @@ def _segment_sums(g: Tensor) -> Tensor:
 
 def _chunk_operators_delta(q: Tensor, k: Tensor, g: Tensor, beta: Tensor):
     """Gated DeltaNet's chunk operators (as ``_chunk_operators_gla``; A and k~ include beta_s, and the
-    chunk's transition is a [..., DK, DK] matrix).
-
-    M = [Phi(t, c0-1) | Phi(t, s) beta_s k_s for s in the chunk] advances one token at a time, in all
-    chunks at once: C steps of O(DK * (DK + C)), cheap next to the multi-state readout."""
-    *lead, C, DK = q.shape
-    M = torch.cat([torch.eye(DK, dtype=q.dtype, device=q.device).expand(*lead, DK, DK),
-                   q.new_zeros(*lead, DK, C)], -1)
-    unit = torch.eye(DK + C, dtype=q.dtype, device=q.device)[DK:]
-    rows = []
-    for i in range(C):
-        kt, bt = k[..., i, :], beta[..., i]
-        alpha = torch.exp(g[..., i])[..., None, None]
-        M = alpha * (M - bt[..., None, None] * kt[..., :, None] * (kt[..., None, :] @ M))
-        M = M + (bt[..., None] * kt)[..., :, None] * unit[i]
-        rows.append((q[..., i, None, :] @ M).squeeze(-2))
-    R = torch.stack(rows, -2)
-    return R[..., :DK], R[..., DK:], M[..., DK:].transpose(-1, -2), M[..., :DK]
+    chunk's transition is a [..., DK, DK] matrix), in closed form: a product of the factors
+    alpha_t (I - beta_t k_t k_t^T) is a sum of rank-one terms (the WY form Gated DeltaNet's chunked
+    algorithm uses), whose coefficients solve one unit-triangular system per chunk. With
+    Gamma[t, i] = exp(sum of g over (i, t]) (i <= t, else 0) and gamma_t = exp(sum of g up to t):
+        T = (I + tril_strict(diag(beta) (K K^T * Gamma)))^-1 diag(beta)
+        A = (Q K^T * Gamma) T,                k~ = T^T diag(Gamma[end]) K,
+        q~ = diag(gamma) Q - A diag(gamma) K, Z = gamma_end I - k~^T diag(gamma) K.
+    Matrix products only, so autograd keeps a few [..., C, C] tensors per chunk, not one [DK, DK + C]
+    tensor per token; and every factor is an exp of a non-positive sum, so strong decay overflows
+    nothing."""
+    C, DK = q.shape[-2:]
+    Gamma = torch.exp(_segment_sums(g))
+    gamma = torch.exp(torch.cumsum(g, -1))
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    unit_lower = eye + torch.tril(beta[..., :, None] * (k @ k.transpose(-1, -2)) * Gamma, -1)
+    T = torch.linalg.solve_triangular(unit_lower, eye.expand(unit_lower.shape), upper=False,
+                                      unitriangular=True) * beta[..., None, :]
+    A = ((q @ k.transpose(-1, -2)) * Gamma) @ T
+    gk = gamma[..., None] * k
+    q_t = gamma[..., None] * q - A @ gk
+    k_t = T.transpose(-1, -2) @ (Gamma[..., -1, :, None] * k)
+    Z = gamma[..., -1, None, None] * torch.eye(DK, dtype=q.dtype, device=q.device) - k_t.transpose(-1, -2) @ gk
+    return q_t, A, k_t, Z
 
 
 def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
