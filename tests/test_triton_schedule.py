@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 
 import dla_ops
@@ -94,6 +94,44 @@ def test_the_chunked_gla_schedule_equals_the_token_recurrence(seed, T, chunk, K,
         closes = closes[..., None, None]
         S_ref = torch.where(closes, 0.0, S_ref) * g[:, t, :, None, None].double().exp() + \
             k[:, t, :, :, None].double() * v[:, t, :, None, :].double()
+    assert rel_err(S.cpu(), S_ref) <= 1e-5
+
+
+@settings(max_examples=6, deadline=None)
+@example(seed=1, T=250, K=3, tau=0.6, run=120, decay_bias=6.0, cached=False)   # segments of ~100 tokens
+@given(seed=st.integers(0, 2**16), T=st.integers(1, 260), K=st.integers(1, 5), tau=st.sampled_from([0.3, 0.6, 1.0]),
+       run=st.sampled_from([8, 40, 120]), decay_bias=st.sampled_from([6.0, -3.0]), cached=st.booleans())
+def test_the_delta_schedule_kernel_over_long_segments(seed, T, K, tau, run, decay_bias, cached):
+    """The delta kernel against the PyTorch token loop with open segments of many tokens: between its
+    periodic full sums (S2_REFRESH tokens apart) the kernel updates ||S_o||^2 from vectors, and that
+    update must keep every decision; and its final open state against the segment since the last
+    close, built token by token."""
+    from dla_ops.kernels.schedule import schedule as triton_schedule
+    B, H, D = 2, 2, 16
+    k, v, g = _regimes(seed, B, T, H, D, run, decay_bias)
+    beta = torch.rand(B, T, H, generator=torch.Generator().manual_seed(seed))
+    init = random_cache(seed, B, H, K, D, D, torch.float32) if cached else dla_ops.DLACache.empty(B, H, K, D, D)
+    open0 = torch_backend.ignore_empty_slots(init.states, init.counts)[:, :, 0]
+    args = (open0, init.counts, torch_backend.ignore_empty_slots(init.info, init.counts), tau)
+    tm = lambda a: a.transpose(1, 2)
+    rI, rb, rm, rc, ri = torch_backend.schedule(tm(k), tm(v), tm(g), tm(beta), *args)
+    rI, rb, rm = tm(rI), tm(rb), tm(rm)
+    assume(bool((rI - tau).abs().min() > 1e-4))   # near-ties may flip: compare away from them
+    dev = lambda a: a.to(DEVICE)
+    I, boundary, merge, counts, info, S = triton_schedule(dev(k), dev(v), dev(g), dev(beta),
+                                                          *(dev(a) for a in args[:3]), tau)
+    assert torch.equal(boundary.cpu(), rb) and torch.equal(merge.cpu(), rm) and torch.equal(counts.cpu(), rc)
+    torch.testing.assert_close(I.cpu(), rI, rtol=0, atol=2e-5)
+    torch.testing.assert_close(info.cpu(), ri, rtol=1e-5, atol=1e-4)
+    S_ref = open0.double()
+    n_open = init.counts[..., 0].clone()
+    for t in range(T):
+        closes = (rb[:, t] & (n_open > 0) & (K > 1))
+        n_open = torch.where(closes, 1, n_open + 1)
+        S_ref = torch.where(closes[..., None, None], 0.0, S_ref)
+        kt, vt, bt = k[:, t].double(), v[:, t].double(), beta[:, t].double()[..., None, None]
+        S_ref = g[:, t, :, None, None].double().exp() * (S_ref - bt * kt[..., :, None] * (kt[..., None, :] @ S_ref)) \
+            + bt * kt[..., :, None] * vt[..., None, :]
     assert rel_err(S.cpu(), S_ref) <= 1e-5
 
 

@@ -97,17 +97,24 @@ def test_cuda_language_model_generates():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("base", ["gla", "delta"])
 @pytest.mark.parametrize("decay", [0.0, 10.0])
-def test_cuda_long_bf16_sequences_stay_finite(decay):
-    """T = 65536 in bf16 with no decay (states only grow) or strong decay (exp underflows)."""
+def test_cuda_long_bf16_sequences_stay_finite(decay, base):
+    """T = 65536 in bf16 with no decay (gla: states only grow) or strong decay (exp underflows);
+    delta with unit-norm keys, as Gated DeltaNet expects."""
     gen = torch.Generator(device="cuda").manual_seed(0)
     B, T, H, D, K = 1, 65536, 2, 64, 16
-    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(B, T, H, D, device="cuda", generator=gen) for _ in range(3))
+    if base == "delta":
+        k = torch.nn.functional.normalize(k, dim=-1)
+    q, k, v = (x.bfloat16().requires_grad_() for x in (q, k, v))
     g = torch.full((B, T, H), -decay, device="cuda").requires_grad_()
     lam = torch.rand(B, T, H, K, device="cuda", generator=gen).requires_grad_()
-    o, cache = dla_ops.dla_attention(q, k, v, g, lam, output_final_cache=True)
+    beta = torch.rand(B, T, H, device="cuda", generator=gen).requires_grad_() if base == "delta" else None
+    o, cache = dla_ops.dla_attention(q, k, v, g, lam, beta, output_final_cache=True)
     (o.float().square().mean() + cache.states.square().mean()).backward()
-    for t in (o, cache.states, q.grad, k.grad, v.grad, g.grad, lam.grad):
+    grads = [x.grad for x in (q, k, v, g, lam, beta) if x is not None]
+    for t in [o, cache.states] + grads:
         assert torch.isfinite(t).all()
 
 
