@@ -73,9 +73,9 @@ def delta_rows(T: int, Ks, q, k, v, g) -> list:
     """The delta base (issue #7) on the gla section's q, k, v, g (k is unit-norm, as Gated DeltaNet
     needs) and a random beta: DLA-delta at each K, our own K = 1 path (the plain gated delta rule) and
     fla's chunk_gated_delta_rule, which refuses some Triton versions on Hopper (the row says so).
-    DLA-delta's forward readout runs on its Triton kernel and its backward by autograd through the
-    PyTorch readout; each row also gives the relative difference of the kernel's output from the
-    PyTorch readout's on the same schedule."""
+    DLA-delta's forward readout runs on its Triton kernel and its backward in PyTorch
+    (torch_backend.readout_backward); each row also gives the relative difference of the kernel's
+    output from the PyTorch readout's on the same schedule."""
     gen = torch.Generator(device=DEV).manual_seed(1)
     beta = torch.rand(B, T, H, device=DEV, generator=gen).requires_grad_()
     rows = []
@@ -183,8 +183,8 @@ def write(rows, decode, name, out: Path, delta=()):
                      f"{r['peak_mib']:.0f} | {r.get('schedule_ms', float('nan')):.3f} | "
                      f"{r.get('floor_frac', float('nan')):.4f} |")
     if delta:
-        lines += ["", "The delta base (issue #7): forward readout on its Triton kernel, backward by autograd "
-                  "through the PyTorch readout; SDPA rows above. Kernel diff: relative difference of the "
+        lines += ["", "The delta base (issue #7): forward readout on its Triton kernel, backward in PyTorch "
+                  "(torch_backend.readout_backward); SDPA rows above. Kernel diff: relative difference of the "
                   "kernel's output from the PyTorch readout's.", "",
                   "| op | T | K | fwd ms | fwd+bwd ms | peak MiB | kernel diff |", "|---|---|---|---|---|---|---|"]
         for r in delta:

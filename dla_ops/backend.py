@@ -27,7 +27,7 @@ def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: s
                        backward: bool = False) -> bool:
     """The readout (``backward``: its backward): Triton covers float32 compute with K up to
     ``MAX_KERNEL_K``, for the ``gla`` forward and backward and the ``delta`` forward. The ``delta``
-    backward has no kernel yet (autograd through the PyTorch readout, under either backend)."""
+    backward has no kernel yet (``torch_backend.readout_backward``, under either backend)."""
     if not use_triton_schedule(device, compute_dtype):
         return False
     if base == "delta" and backward:

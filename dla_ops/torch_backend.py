@@ -15,8 +15,9 @@ Stages (see docs/design.md):
    the transformed keys and the chunk's transition of a state. The multi-state readout on top of
    them is shared by both bases.
 
-Gradients come from autograd through ``readout`` on the forward's schedule (the schedule is a
-constant of the backward pass, as the spec says).
+Gradients come from ``readout_backward`` on the forward's schedule (the schedule is a constant of
+the backward pass, as the spec says): the states' recurrence by hand, autograd for the
+chunk-parallel terms.
 """
 from __future__ import annotations
 
@@ -238,33 +239,53 @@ def _chunk_operators_delta(q: Tensor, k: Tensor, g: Tensor, beta: Tensor):
     return q_t, A, k_t, Z
 
 
-def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
-            states0: Tensor, tables: Tensor, scale: float, chunk: int = CHUNK):
-    """Stage 3 (differentiable). Inputs [B, H, T, ...] in the compute dtype, states0 [B, H, K, DK, DV],
-    tables from ``slot_tables`` (padded to whole chunks). Returns o [B, H, T, DV] and the final states.
-
-    Everything within chunks runs for all chunks at once; only the K states passed from chunk to
-    chunk need a loop over chunks. Padding tokens (zero k, v, g and beta) change no state."""
-    B, H, T = g.shape
-    K = states0.shape[2]
+def _readout_terms(q, k, v, g, lam, beta, tables: Tensor, K: int, chunk: int):
+    """The chunk-parallel part of stage 3, for all chunks at once ([B, H, n, C, ...]): the chunked
+    values, the base's operators (q~, A, k~ and the chunk's transition), the slot weights of each
+    chunk-start state (W) and of each earlier token of the chunk (L) per token, and the routing of
+    chunk-start states (to_pre [.., j, x]) and of the chunk's tokens (to_in [.., s, x]) to the
+    chunk-end slots x. Padding tokens (zero k, v, g and beta) change no state."""
+    T = g.shape[2]
     n = tables.shape[2] // chunk
     pad = n * chunk - T
     chunks = lambda x: F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad)).unflatten(2, (n, chunk))
     qc, kc, vc, gc, lc = (chunks(x) for x in (q, k, v, g, lam))
     if beta is None:
         q_t, A, k_t, transition = _chunk_operators_gla(qc, kc, gc)
-        advance = lambda decay, S: decay * S
     else:
         q_t, A, k_t, transition = _chunk_operators_delta(qc, kc, gc, chunks(beta))
-        advance = lambda Z, S: torch.einsum("bhde,bhjev->bhjdv", Z, S)
     tab = tables.unflatten(2, (n, chunk))
     pre, intra = tab[..., :K], tab[..., K:]
-    W = torch.gather(lc, -1, pre)      # weight of each chunk-start state, per token
-    L = torch.gather(lc, -1, intra)    # weight of each earlier token of the chunk, per token
+    W = torch.gather(lc, -1, pre)
+    L = torch.gather(lc, -1, intra)
+    slots = torch.arange(K, device=tables.device)
+    to_pre = (pre[..., -1, :, None] == slots).to(q.dtype)
+    to_in = (intra[..., -1, :, None] == slots).to(q.dtype)
+    return vc, q_t, A, k_t, transition, W, L, to_pre, to_in
+
+
+# how a chunk's transition acts on the K states [.., K, DK, DV], its adjoint, and its gradient from
+# the states (S) and the gradient of their images (D); gla's transition is a scalar decay
+# [.., 1, 1, 1], delta's a [.., DK, DK] matrix Z
+_GLA_TRANSITION = (lambda decay, S: decay * S, lambda decay, D: decay * D,
+                   lambda D, S: (D * S).sum((-3, -2, -1), keepdim=True))
+_DELTA_TRANSITION = (lambda Z, S: torch.einsum("...de,...jev->...jdv", Z, S),
+                     lambda Z, D: torch.einsum("...de,...jdv->...jev", Z, D),
+                     lambda D, S: torch.einsum("...jdv,...jev->...de", D, S))
+
+
+def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
+            states0: Tensor, tables: Tensor, scale: float, chunk: int = CHUNK):
+    """Stage 3 (differentiable). Inputs [B, H, T, ...] in the compute dtype, states0 [B, H, K, DK, DV],
+    tables from ``slot_tables`` (padded to whole chunks). Returns o [B, H, T, DV] and the final states.
+
+    Everything within chunks runs for all chunks at once; only the K states passed from chunk to
+    chunk need a loop over chunks."""
+    T = g.shape[2]
+    vc, q_t, A, k_t, transition, W, L, to_pre, to_in = _readout_terms(q, k, v, g, lam, beta, tables,
+                                                                       states0.shape[2], chunk)
+    advance = (_GLA_TRANSITION if beta is None else _DELTA_TRANSITION)[0]
     o_intra = (L * A) @ vc
-    slots = torch.arange(K, device=states0.device)
-    to_pre = (pre[..., -1, :, None] == slots).to(states0.dtype)     # [B, H, n, j, x]
-    to_in = (intra[..., -1, :, None] == slots).to(states0.dtype)    # [B, H, n, s, x]
     S = states0
     o_inter = []
     # unbound once: indexing chunk c inside the loop would cost autograd a full-size zero gradient
@@ -276,6 +297,57 @@ def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optio
             torch.einsum("bhsx,bhsd,bhsv->bhxdv", in_c, k_c, v_c)
     o = scale * (torch.stack(o_inter, 2) + o_intra)
     return o.flatten(2, 3)[:, :, :T], S
+
+
+def readout_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
+                     beta: Optional[Tensor], states0: Tensor, tables: Tensor, scale: float, chunk: int = CHUNK):
+    """The gradients of ``readout`` (same layout and dtype) for the output gradient do and the final
+    states' gradient dstates: [dq, dk, dv, dg, dlam, dbeta (None for gla), dstates0].
+
+    Autograd through ``readout`` records every chunk's step; here the K states' recurrence runs twice
+    without a graph (forward: the chunk-start states; backward: their adjoints), every other term is
+    one batched product over all chunks, and autograd differentiates only the chunk-parallel terms
+    (``_readout_terms``). Memory: about four tensors of n K DK DV values per sequence and head (the
+    chunk-start states, their adjoints and two products of them)."""
+    K, T = states0.shape[2], g.shape[2]
+    with torch.enable_grad():
+        leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, g, lam, beta)]
+        terms = _readout_terms(*leaves, tables, K, chunk)
+    vc, q_t, A, k_t, tr, W, L, to_pre, to_in = (x.detach() for x in terms)
+    advance, adjoint, d_transition = _GLA_TRANSITION if beta is None else _DELTA_TRANSITION
+    n = vc.shape[2]
+    doc = scale * F.pad(do, (0, 0, 0, n * chunk - T)).unflatten(2, (n, chunk))
+    per_chunk = list(zip(*(x.unbind(2) for x in (W, q_t, tr, to_pre, to_in, k_t, vc, doc))))
+    starts, S = [], states0
+    for _, _, tr_c, pre_c, in_c, k_c, v_c, _ in per_chunk:
+        starts.append(S)
+        S = torch.einsum("bhjx,bhjdv->bhxdv", pre_c, advance(tr_c, S)) + \
+            torch.einsum("bhsx,bhsd,bhsv->bhxdv", in_c, k_c, v_c)
+    # G: the gradient of the states at chunk c's end; the chunk's readout adds W q~ do^T to its start's
+    ends, G = [], dstates
+    for W_c, q_c, tr_c, pre_c, _, _, _, do_c in reversed(per_chunk):
+        ends.append(G)
+        G = torch.einsum("bhcj,bhcd,bhce->bhjde", W_c, q_c, do_c) + \
+            adjoint(tr_c, torch.einsum("bhjx,bhxdv->bhjdv", pre_c, G))
+    dstates0 = G
+    # batched over chunks; each product of a state with the chunk's tokens is formed once as
+    # [.., K, DK or DV, C] (a per-token copy of the states would be C times larger)
+    starts, ends = torch.stack(starts, 2), torch.stack(ends[::-1], 2)
+    d_tr = d_transition(torch.einsum("bhnjx,bhnxdv->bhnjdv", to_pre, ends), starts)
+    Y = ends @ vc.unsqueeze(3).transpose(-1, -2)                            # [.., x, DK, s]: G_x v_s
+    dk_t = torch.einsum("bhnsx,bhnxds->bhnsd", to_in, Y)
+    Y = ends.transpose(-1, -2) @ k_t.unsqueeze(3).transpose(-1, -2)         # [.., x, DV, s]: G_x^T k~_s
+    dv = torch.einsum("bhnsx,bhnxvs->bhnsv", to_in, Y)
+    del ends, Y
+    X = starts @ doc.unsqueeze(3).transpose(-1, -2)                         # [.., j, DK, t]: S_j do_t
+    dq_t = torch.einsum("bhntj,bhnjdt->bhntd", W, X)
+    dW = torch.einsum("bhntd,bhnjdt->bhntj", q_t, X)
+    del X, starts
+    P = doc @ vc.transpose(-1, -2)                      # [.., t, s]: do_t . v_s
+    dv = dv + (L * A).transpose(-1, -2) @ doc
+    wrt = [x for x in leaves if x is not None]
+    grads = iter(torch.autograd.grad(terms[:7], wrt, [dv, dq_t, P * L, dk_t, d_tr, dW, P * A]))
+    return [None if x is None else next(grads) for x in leaves] + [dstates0]
 
 
 def _time_major(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -290,12 +362,11 @@ def ignore_empty_slots(x: Tensor, counts: Tensor) -> Tensor:
                                                                                     device=x.device))
 
 
-def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale, differentiable=False):
-    """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H]); with
-    ``differentiable``, always the PyTorch readout (autograd runs through it)."""
+def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
+    """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H])."""
     cdt = states0.dtype
     states0 = ignore_empty_slots(states0, counts0)
-    if not differentiable and _triton_readout(q, beta, lam, cdt):
+    if _triton_readout(q, beta, lam, cdt):
         from dla_ops.kernels import readout as kernels
         return kernels.forward(q, k, v, g, lam, states0, _kernel_tables(boundary, merge, counts0), scale,
                                beta=beta)
@@ -316,14 +387,31 @@ def _kernel_tables(boundary: Tensor, merge: Tensor, counts0: Tensor) -> Tensor:
     return kernels.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), counts0.shape[-1])
 
 
-def _kernel_backward(do, dstates, q, k, v, g, lam, states0, counts0, boundary, merge, scale):
-    """The Triton backward of one run: gradients of q, k, v, g, lam, (no beta) and the initial states."""
+def _kernel_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
+    """The Triton backward of one run (gla: beta is None): gradients of q, k, v, g, lam, beta and the
+    initial states."""
     from dla_ops.kernels import readout as kernels
     states0 = ignore_empty_slots(states0, counts0)
     dq, dk, dv, dg, dlam, ds0 = kernels.backward(do, dstates, q, k, v, g, lam, states0,
                                                  _kernel_tables(boundary, merge, counts0), scale)
     return [dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), None,
             ignore_empty_slots(ds0, counts0).to(states0.dtype)]
+
+
+def _torch_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
+    """``readout_backward`` on one run, in the op's layout and dtypes: gradients of q, k, v, g, lam,
+    beta and the initial states."""
+    cdt = states0.dtype
+    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
+    tables = slot_tables(close, mu, counts0.shape[-1], CHUNK)
+    # custom-op implementations run below the autograd dispatch key; the chunk-parallel terms'
+    # gradients need it back
+    with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
+        grads = readout_backward(_time_major(do, cdt), dstates.to(cdt),
+                                 *(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)),
+                                 ignore_empty_slots(states0, counts0), tables, scale)
+    back = [None if dx is None else dx.transpose(1, 2).to(x.dtype) for dx, x in zip(grads, (q, k, v, g, lam, beta))]
+    return back + [ignore_empty_slots(grads[6], counts0).to(states0.dtype)]
 
 
 def _split_sequences(cu_seqlens: Optional[Tensor], along_t: list, per_seq: list):
@@ -377,28 +465,15 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
                        scale: float, cu_seqlens: Optional[Tensor]):
     """Gradients of (o, final states) with respect to q, k, v, g, lam, beta and the initial states on
     the forward's schedule: by the Triton backward kernels where they cover the case, else by
-    autograd through the readout."""
+    ``readout_backward``."""
     inputs = [q, k, v, g, lam, beta, states0]
-    if _triton_readout(q, beta, lam, states0.dtype, backward=True):
-        runs = [_kernel_backward(do_, ds_, *xs[:5], s0, c0, b_, m_, scale) for (do_, *xs, b_, m_), (ds_, s0, c0)
-                in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, boundary, merge], [dstates, states0, counts0])]
-        grads = [torch.cat(parts, 1) for parts in list(zip(*runs))[:5]] + [None, torch.cat([r[6] for r in runs], 0)]
-        return [None if x is None else dx for x, dx in zip(inputs, grads)]
-    # custom-op implementations run below the autograd dispatch key; re-enable it for this graph
-    with torch.enable_grad(), torch._C._SetExcludeDispatchKeyGuard(
-            torch._C.DispatchKey.AutogradFunctionality, False):
-        leaves = [None if x is None else x.detach().requires_grad_() for x in inputs]
-        outs, finals = [], []
-        for (*xs, b_, m_), (s0, c0) in _split_sequences(cu_seqlens, leaves[:6] + [boundary, merge],
-                                                        [leaves[6], counts0]):
-            o, states = _run_readout(*xs, s0, c0, b_, m_, scale, differentiable=True)
-            outs.append(o)
-            finals.append(states)
-        o, states = torch.cat(outs, 1), torch.cat(finals, 0)
-        wrt = [x for x in leaves if x is not None]
-        grads = torch.autograd.grad([o, states], wrt, [do, dstates], allow_unused=True)
-    grads = iter(grads)
-    return [None if x is None else next(grads) for x in leaves]
+    on_kernels = _triton_readout(q, beta, lam, states0.dtype, backward=True)
+    backward = _kernel_backward if on_kernels else _torch_backward
+    runs = [backward(do_, ds_, *xs, s0, c0, b_, m_, scale) for (do_, *xs, b_, m_), (ds_, s0, c0)
+            in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, beta, boundary, merge], [dstates, states0, counts0])]
+    parts = list(zip(*runs))
+    grads = [None if x is None else torch.cat(p, 1) for x, p in zip(inputs[:6], parts[:6])]
+    return grads + [torch.cat(parts[6], 0)]
 
 
 def token_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: float):

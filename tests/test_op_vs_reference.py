@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import dla_ops
-from dla_ops import DLACache
+from dla_ops import DLACache, torch_backend
 from helpers import assert_rel, make_inputs, run
 
 BASES = st.sampled_from(["gla", "delta"])
@@ -179,6 +179,34 @@ def test_p10_gradients_match_autograd_through_the_reference(c, tau, seed, with_c
     g_ref, _ = grads("reference", sched)
     for n in g_ref:
         assert_rel(g_op[n], g_ref[n], 1e-10, f"d{n}")
+
+
+@given(seed=st.integers(0, 2**16), base=BASES, T=st.integers(1, 100), K=st.integers(1, 6),
+       chunk=st.sampled_from([4, 16]), decay=st.sampled_from([0.2, 20.0]), with_cache=st.booleans())
+def test_the_readouts_backward_equals_autograd_through_it(seed, base, T, K, chunk, decay, with_cache):
+    """``readout_backward`` (the states' recurrence by hand, the rest batched over chunks) against
+    autograd through ``readout``, over many chunks (small chunk sizes), with closes and merges,
+    strong decay and an initial cache."""
+    B, H, DK, DV = 2, 2, 4, 3
+    x = make_inputs(seed, B=B, T=T, H=H, DK=DK, DV=DV, K=K, base=base, decay=decay)
+    q, k, v, g, lam, beta = (None if x[n] is None else x[n].transpose(1, 2)
+                             for n in ("q", "k", "v", "g", "lam", "beta"))
+    init = random_cache(seed, B, H, K, DK, DV, torch.float64) if with_cache else \
+        DLACache.empty(B, H, K, DK, DV, dtype=torch.float64)
+    states0 = torch_backend.ignore_empty_slots(init.states, init.counts)
+    _, boundary, merge, *_ = torch_backend.schedule(k, v, g, beta, states0[:, :, 0], init.counts,
+                                                    torch_backend.ignore_empty_slots(init.info, init.counts), 0.6)
+    tables = torch_backend.slot_tables(*torch_backend.events(boundary, merge, init.counts), K, chunk)
+    leaves = [None if a is None else a.clone().requires_grad_() for a in (q, k, v, g, lam, beta, states0)]
+    o, final = torch_backend.readout(*leaves[:6], leaves[6], tables, 0.5, chunk)
+    gen = torch.Generator().manual_seed(seed)
+    do, dfinal = (torch.randn(a.shape, generator=gen, dtype=a.dtype) for a in (o, final))
+    expected = torch.autograd.grad([o, final], [a for a in leaves if a is not None], [do, dfinal])
+    got = torch_backend.readout_backward(do, dfinal, q, k, v, g, lam, beta, states0, tables, 0.5, chunk)
+    assert (got[5] is None) == (beta is None)
+    names = [n for n, a in zip(("q", "k", "v", "g", "lam", "beta", "states0"), leaves) if a is not None]
+    for name, want, have in zip(names, expected, [a for a in got if a is not None]):
+        assert_rel(have, want, 1e-12, f"d{name}")
 
 
 @pytest.mark.parametrize("base", ["gla", "delta"])
