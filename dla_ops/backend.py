@@ -39,6 +39,13 @@ def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: s
     return True
 
 
+def use_triton_state_sweeps(device: torch.device, compute_dtype: torch.dtype, base: str, K: int) -> bool:
+    """The two sequential walks of ``torch_backend.readout_backward`` (``kernels.readout.state_sweeps``),
+    for a backward off the full kernels (``delta``): only where ``DLA_BACKEND=triton`` asks for them,
+    until they have been checked on a GPU."""
+    return base == "delta" and requested() == "triton" and use_triton_readout(device, compute_dtype, base, K)
+
+
 def use_triton_decode(device: torch.device, compute_dtype: torch.dtype) -> bool:
     """The decode step: one Triton kernel for both bases, with the schedule kernel's coverage."""
     return use_triton_schedule(device, compute_dtype)

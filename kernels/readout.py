@@ -77,20 +77,22 @@ def _copy_tiles(dst, src, tile, K: tl.constexpr, SZ: tl.constexpr):
 
 @triton.jit
 def _sweep_start(buf_ptr, start_ptr, T, H, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
-                 KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr):
+                 KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, KEEP: tl.constexpr = False):
     """Where a sweep program works: its (sequence, head) bh = (b, h) and value block vb, the index
     ranges, its [DK, BV] tile of a state and its scratch buffer, into which it copies its tiles of the
     K entries it starts from (``start_ptr``: the initial states, or the final states' gradient), and
-    the number of chunks NC."""
+    the number of chunks NC. The buffer holds two sets of K entries (swapped per chunk), or with KEEP
+    one set per chunk start and one for the end (NC + 1)."""
     bh = tl.program_id(0)
     vb = tl.program_id(1)
     rk = tl.arange(0, DK)
     rv = vb * BV + tl.arange(0, BV)
     tile = rk[:, None] * DV + rv[None, :]
-    buf = buf_ptr + bh * 2 * K * DK * DV
+    NC = tl.cdiv(T, C)
+    buf = buf_ptr + bh * (NC + 1 if KEEP else 2) * K * DK * DV
     _copy_tiles(buf, start_ptr + bh * K * DK * DV, tile, K, DK * DV)
     tl.debug_barrier()
-    return bh, vb, bh // H, bh % H, tl.arange(0, C), rk, rv, tl.arange(0, KP), tile, buf, tl.cdiv(T, C)
+    return bh, vb, bh // H, bh % H, tl.arange(0, C), rk, rv, tl.arange(0, KP), tile, buf, NC
 
 
 @triton.jit
@@ -180,15 +182,17 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
                           x_ptr, dlam_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, T, H, TP, scale,
                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                           C: tl.constexpr, BV: tl.constexpr, WITH_DLAM: tl.constexpr,
-                          DELTA: tl.constexpr, PREC: tl.constexpr):
+                          DELTA: tl.constexpr, PREC: tl.constexpr, KEEP: tl.constexpr = False):
     """With DELTA, the chunk operators come from ``_delta_operators_kernel`` (qt_ptr, kt_ptr, A_ptr,
     Z_ptr): q~ and k~ replace the decayed q and k, A the decayed q k^T, and the state transition is
-    the product with Z instead of the scalar decay."""
-    bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, s0_ptr, T, H, DK, DV, K, KP, C, BV)
+    the product with Z instead of the scalar decay. With KEEP, buf keeps the states at every chunk
+    start and at the end ([B * H, NC + 1, K, DK, DV]), for ``_state_gradient_kernel``'s pairing."""
+    bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, s0_ptr, T, H, DK, DV, K, KP, C, BV,
+                                                                  KEEP)
     SZ = DK * DV
     for c in range(NC):
-        cur = buf + (c % 2) * K * SZ
-        nxt = buf + ((c + 1) % 2) * K * SZ
+        cur = buf + (c if KEEP else c % 2) * K * SZ
+        nxt = buf + (c + 1 if KEEP else (c + 1) % 2) * K * SZ
         tok, valid, q, k, Gc, G_last, tab_row, lam_row, last_row, live, slot_in, lam_in, decay, held = _chunk(
             q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
         v = _rows(v_ptr, tok, valid, rv, DV)
@@ -262,7 +266,52 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
             tl.store(dlam_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * K
                      + slots[None, :], scale * dlam, mask=held)
         tl.debug_barrier()
-    _copy_tiles(sT_ptr + bh * K * SZ, buf + (NC % 2) * K * SZ, tile, K, SZ)
+    _copy_tiles(sT_ptr + bh * K * SZ, buf + (NC if KEEP else NC % 2) * K * SZ, tile, K, SZ)
+
+
+@triton.jit
+def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T, H, TP, scale,
+                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                           BV: tl.constexpr, PREC: tl.constexpr):
+    """For the delta base's backward: the gradient of the K states at every chunk start, walking the
+    chunks backwards from the final states' gradient, which the caller puts in gbuf's last entry
+    (gbuf [B * H, NC + 1, K, DK, DV] fp32; entry c: the gradient at chunk c's start, so entry 0 is
+    the initial states'). Chunk-start entry e, whose chunk-end image is x, gets
+        Z^T G_end[x] + scale * sum_t lam_t[slot_t(e)] q~_t do_t^T
+    (entries merged into one image share its gradient). One program per (sequence, head, value block)."""
+    bh = tl.program_id(0)
+    vb = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    rv = vb * BV + tl.arange(0, BV)
+    tile = rk[:, None] * DV + rv[None, :]
+    SZ = DK * DV
+    NC = tl.cdiv(T, C)
+    base = gbuf_ptr + bh * (NC + 1) * K * SZ
+    for i in range(NC):
+        c = NC - 1 - i
+        end = base + (c + 1) * K * SZ
+        start = base + c * K * SZ
+        t = c * C + rc
+        valid = t < T
+        tok = (b * T + t) * H + h
+        do = scale * _rows(do_ptr, tok, valid, rv, DV)
+        q_start = _rows(qt_ptr, tok, valid, rk, DK)
+        at = bh.to(tl.int64) * NC + c   # as in _delta_operators_kernel
+        Z = tl.load(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :])
+        last = tl.minimum(T - c * C, C) - 1
+        lam_row = lam_ptr + tok * K
+        tab_row = tab_ptr + (bh * TP + t) * (K + C)
+        last_row = tab_ptr + (bh * TP + c * C + last) * (K + C)
+        for e in range(K):
+            x = tl.load(last_row + e).to(tl.int32)
+            G = tl.dot(tl.trans(Z), tl.load(end + x * SZ + tile), input_precision=PREC)
+            _, w_e = _entry_weight(tab_row, lam_row, valid, e)
+            G += tl.dot(tl.trans(q_start * w_e[:, None]), do, input_precision=PREC)
+            tl.store(start + e * SZ + tile, G)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -429,7 +478,7 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
     return qt, kt, A, Z
 
 
-def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=None, ops=None):
+def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=None, ops=None, keep=False):
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     BV = _block_v(DV)
@@ -439,17 +488,47 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=Non
     qt, kt, A, Z = ops if ops is not None else (q.new_empty(0),) * 4
     o = torch.empty(B, T, H, DV, dtype=out_dtype or q.dtype, device=q.device)
     sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
-    buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
+    copies = triton.cdiv(T, chunk) + 1 if keep else 2
+    _check_offsets(B * H * copies * K * DK * DV, f"B={B}, T={T}, H={H}, K={K}, DK={DK}, DV={DV}")
+    buf = torch.empty(B * H, copies, K, DK, DV, dtype=torch.float32, device=q.device)
     # (without x the kernel never touches dlam: an empty tensor, so no argument aliases o)
     dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o.new_empty(0)
     launch(_forward_sweep_kernel, (B * H, nvb), ("buf_ptr", "o_ptr", "sT_ptr", "dlam_ptr"))(
         q, k, v, g, lam, tables, states0.contiguous(), buf, o, sT, x.contiguous() if x is not None else v,
         dlam, qt, kt, A, Z, T, H, tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K),
         C=chunk, BV=BV, WITH_DLAM=x is not None, DELTA=ops is not None, PREC=_precision(q.dtype),
-        num_warps=SWEEP_WARPS)
+        KEEP=keep, num_warps=SWEEP_WARPS)
+    if keep:
+        return buf
     if x is not None:
         return o, sT, dlam.sum(0)
     return o, sT
+
+
+def state_sweeps(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
+                 beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
+    """The two sequential parts of the delta base's backward, for ``torch_backend.readout_backward``:
+    the K states at every chunk start (the forward sweep keeping them) and their gradients (walking
+    back from the final states' gradient dstates), each [B * H, NC + 1, K, DK, DV] fp32. Entry c is
+    chunk c's start (entry NC the end): the states' last entry is the final states, the gradients'
+    first the initial states'. states0 must have its empty slots zeroed. (gla's backward has its own
+    kernels.)"""
+    B, T, H, DK = q.shape
+    DV, K = v.shape[-1], lam.shape[-1]
+    PK, PV = _width(DK), _width(DV)
+    q, k, v, do = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(do, PV)
+    _check_covered(q, v, K)
+    ops = delta_operators(q, k, g, beta, chunk)
+    states = _forward(q, k, v, g, lam, _pad(states0, PK, PV), tables, scale, x=None, chunk=chunk, ops=ops,
+                      keep=True)
+    grads = torch.empty_like(states)
+    grads[:, -1] = _pad(dstates, PK, PV).flatten(0, 1)
+    BV = _block_v(PV)
+    qt, _, _, Z = ops
+    launch(_state_gradient_kernel, (B * H, PV // BV), ("gbuf_ptr",))(
+        lam.contiguous(), do.contiguous(), tables, qt, Z, grads, T, H, tables.shape[2], float(scale),
+        DK=PK, DV=PV, K=K, C=chunk, BV=BV, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
+    return states[..., :DK, :DV], grads[..., :DK, :DV]
 
 
 def backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
