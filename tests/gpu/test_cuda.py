@@ -2,6 +2,7 @@
 gradients are checked against the float64 reference on the GPU run's own schedule."""
 from __future__ import annotations
 
+import os
 from unittest import mock
 
 import pytest
@@ -35,19 +36,22 @@ def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K):
             assert rel_err(xc[n].grad.cpu(), x64[n].grad) <= TOL[dtype], n
 
 
+@pytest.mark.parametrize("sweeps", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T, K", [(63, 4), (200, 16)])
-def test_cuda_delta_forward_kernel_matches_the_reference(dtype, T, K):
-    """The delta forward kernel (gradients: autograd through the PyTorch readout on the same
-    schedule)."""
+def test_cuda_delta_kernels_match_the_reference(dtype, T, K, sweeps):
+    """The delta forward kernels (the default) and, with ``sweeps`` (DLA_BACKEND=triton), also the
+    backward's two state sweeps; the rest of the backward is PyTorch's readout_backward."""
     from dla_ops.kernels import readout
     x = make_inputs(9, B=2, T=T, H=2, DK=32, DV=32, K=K, base="delta", dtype=dtype)
     xc = {n: a.cuda().requires_grad_() for n, a in x.items()}
-    with mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators:
+    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"} if sweeps else {}), \
+            mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators, \
+            mock.patch.object(readout, "state_sweeps", wraps=readout.state_sweeps) as state_sweeps:
         o, cache, sched = run("op", xc, tau=0.6, output_final_cache=True, return_schedule=True)
         w = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o)
         (o.float() * w.float()).sum().backward()
-    assert operators.called
+    assert operators.called and state_sweeps.called == sweeps
     x64 = {n: a.detach().double().requires_grad_() for n, a in x.items()}
     ro, rcache = run("reference", x64, tau=0.6, output_final_cache=True, force_boundaries=sched.boundary.cpu(),
                      force_merges=sched.merge.cpu())
