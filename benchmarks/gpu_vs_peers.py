@@ -80,19 +80,19 @@ def delta_rows(T: int, Ks, q, k, v, g) -> list:
     gen = torch.Generator(device=DEV).manual_seed(1)
     beta = torch.rand(B, T, H, device=DEV, generator=gen).requires_grad_()
     rows = []
-    # the last row: the backward's two state sweeps on their Triton kernels, which run only where
-    # DLA_BACKEND=triton asks for them until a GPU run has checked them
-    for K, sweeps in [(1, False)] + [(K, False) for K in Ks] + [(Ks[0], True)]:
+    # the last row: DLA_BACKEND=triton, which adds the kernels not yet checked on a GPU: the chunked
+    # delta schedule and the backward's two state sweeps
+    for K, forced in [(1, False)] + [(K, False) for K in Ks] + [(Ks[0], True)]:
         lam = (0.5 + torch.rand(B, T, H, K, device=DEV, generator=gen)).requires_grad_()
         fwd = lambda: dla_attention(q, k, v, g, lam, beta)[0]
-        name = "dla delta (own K=1 path)" if K == 1 else "dla delta, Triton state sweeps" if sweeps else "dla delta"
+        name = "dla delta (own K=1 path)" if K == 1 else "dla delta, DLA_BACKEND=triton" if forced else "dla delta"
         try:
             with torch.no_grad():
                 out = fwd().float()
                 with mock.patch.object(backend, "use_triton_readout", return_value=False):
                     reference = fwd().float()   # the PyTorch readout, on the same Triton schedule
             diff = ((out - reference).norm() / reference.norm()).item()
-            with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"} if sweeps else {}):
+            with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"} if forced else {}):
                 row = dict(op=name, T=T, K=K, **measure(fwd, [q, k, v, g, lam, beta]), kernel_diff=diff)
         except Exception as e:   # out of memory at long T, for one
             row = dict(op=name, T=T, K=K, error=_short(e))

@@ -46,6 +46,13 @@ def use_triton_state_sweeps(device: torch.device, compute_dtype: torch.dtype, ba
     return base == "delta" and requested() == "triton" and use_triton_readout(device, compute_dtype, base, K)
 
 
+def use_chunked_delta_schedule() -> bool:
+    """The delta schedule's chunked kernels (``kernels.schedule._delta_schedule``) rather than its
+    token-sequential kernel: only where ``DLA_BACKEND=triton`` asks for them, until they have been
+    checked on a GPU."""
+    return requested() == "triton"
+
+
 def use_triton_decode(device: torch.device, compute_dtype: torch.dtype) -> bool:
     """The decode step: one Triton kernel for both bases, with the schedule kernel's coverage."""
     return use_triton_schedule(device, compute_dtype)

@@ -15,8 +15,13 @@ inputs of any float dtype, up to rounding (see the gla path's limit below).
   noise, so I there is no better than the clamp in ``_score``. Such scores are ill-conditioned in
   the reference too, but the band where the kernel and the reference can disagree is wider than
   for the token-sequential kernels.
-- ``delta``: one program per (sequence, head), sequential over T, with the open state in registers
-  (its transition mixes the state's rows, so it has no such Gram form).
+- ``delta``: by default one program per (sequence, head), sequential over T, with the open state in
+  registers. Its chunked path (``_delta_schedule``, ``chunked=True``) runs the same four launches as
+  gla's after one of the readout's operator kernel: its transition mixes the state's rows, but a
+  segment's k^T S_o is still a combination of the segment's values, with weights M that the operator
+  kernel gives when the next token's key stands in for the query (docs/design.md). Checked in
+  Triton's interpreter only, so the op takes it only where DLA_BACKEND=triton asks
+  (``backend.use_chunked_delta_schedule``).
 
 Per-slot counts and information sums live in ``[KP]`` vectors; a close and a merge are applied
 together as one selection matrix ``M[x, i]`` (new slot x takes old slot i), because register vectors
@@ -226,6 +231,16 @@ def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, n
     n = (nh // H).to(tl.int64)   # token offsets pass 2^31 elements at large B * T * H * D
     h = nh % H
     _, nxt, num0, sq0 = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
+    row = _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C, LOG2C)
+    tl.store(num0_ptr + row, num0)
+    tl.store(sq0_ptr + row, sq0)
+
+
+@triton.jit
+def _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C: tl.constexpr, LOG2C: tl.constexpr):
+    """From nxt[s] (the first close of a segment started at s; C: none), for every s the set of
+    tokens that then close a state in the chunk (the orbit of nxt from s, an int64 bit mask, by
+    pointer doubling) and the last of them; stores both and returns the chunk's row offsets."""
     i = tl.arange(0, C)
     orbit = tl.full([C], 1, tl.int64) << i.to(tl.int64)
     f = nxt
@@ -238,8 +253,7 @@ def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, n
     row = (nh.to(tl.int64) * NC + c) * C + i
     tl.store(orbit_ptr + row, orbit)
     tl.store(last_ptr + row, last)
-    tl.store(num0_ptr + row, num0)
-    tl.store(sq0_ptr + row, sq0)
+    return row
 
 
 @triton.jit
@@ -317,14 +331,184 @@ def _gla_chunk_fill_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, entry_ptr, I
     entry = tl.load(entry_ptr + nh * NC + c)
     if entry < C:
         I_tab, nxt, _, _ = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
-        i = tl.arange(0, C)
-        orbit = tl.load(orbit_ptr + (nh.to(tl.int64) * NC + c) * C + entry)
-        closes = ((orbit >> i.to(tl.int64)) & 1) != 0
-        i2 = i[:, None]
-        u2 = i[None, :]
-        own = closes[None, :] & (u2 < i2) & (i2 <= nxt[None, :])   # token i scores against [s, i)
+        _store_after_entry(I_tab, nxt, orbit_ptr, entry, I_ptr, nh, n, h, c, T, H, NC, C)
+
+
+@triton.jit
+def _store_after_entry(I_tab, nxt, orbit_ptr, entry, I_ptr, nh, n, h, c, T, H, NC, C: tl.constexpr):
+    """Each token after the chunk's entry takes its score from the table, against the segment
+    started at the last close before it."""
+    i = tl.arange(0, C)
+    orbit = tl.load(orbit_ptr + (nh.to(tl.int64) * NC + c) * C + entry)
+    closes = ((orbit >> i.to(tl.int64)) & 1) != 0
+    i2 = i[:, None]
+    u2 = i[None, :]
+    own = closes[None, :] & (u2 < i2) & (i2 <= nxt[None, :])   # token i scores against [s, i)
+    t = c * C + i
+    tl.store(I_ptr + (n * T + t) * H + h, tl.sum(tl.where(own, I_tab, 0.0), 1), mask=(t < T) & (i > entry))
+
+
+@triton.jit
+def _delta_increment(num, kS2, alpha, beta, kk, vv):
+    """||S'||^2 - alpha^2 ||S||^2 for S' = alpha (I - beta k k^T) S + beta k v^T, from num = k^T S v,
+    kS2 = ||k^T S||^2, kk = ||k||^2 and vv = ||v||^2 (S' = alpha S + k w^T, w = beta (v - alpha k^T S))."""
+    return 2.0 * alpha * beta * (num - alpha * kS2) + kk * beta * beta * (vv - 2.0 * alpha * num + alpha * alpha * kS2)
+
+
+@triton.jit
+def _delta_kS2(M, VV):
+    """kS2[i, s] = ||k_i^T S||^2 for every token i (rows) and segment start s (columns) of a chunk,
+    where k_i^T S = sum_{s <= u < i} M[i, u] v_u for the segment [s, i)'s open state S and VV is the
+    chunk's Gram matrix of values: a suffix sum over s of M[i, s]^2 |v_s|^2 + 2 M[i, s] R[i, s] with
+    R[i, s] = sum_{u > s} M[i, u] (v_u . v_s)."""
+    C: tl.constexpr = M.shape[0]
+    r = tl.arange(0, C)
+    R = tl.dot(M, tl.where(r[:, None] > r[None, :], VV, 0.0), input_precision="tf32x3")
+    diag = tl.sum(tl.where(r[:, None] == r[None, :], VV, 0.0), 0)
+    return tl.cumsum(M * M * diag[None, :] + 2.0 * M * R, 1, reverse=True)
+
+
+@triton.jit
+def _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, T, H, NC, tau,
+                        DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                        BDK: tl.constexpr, BDV: tl.constexpr):
+    """``_gla_chunk_scores`` for the delta base: the table I[i, s] of every token i against every
+    segment [s, i) that starts inside the chunk, and nxt[s]. The open state of a segment that starts
+    inside the chunk is sum_u Phi(i-1, u) beta_u k_u v_u^T, so k_i^T S is a combination of the
+    segment's values with the weights M (``_delta_schedule_operators``), and ||S||^2 follows the
+    recurrence of ``_delta_increment`` over i for all s at once."""
+    i = tl.arange(0, C)
+    t = c * C + i
+    valid = t < T
+    prev = valid & (i > 0)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    tok = (n * T + t) * H + h
+    mk = dk[None, :] < DK
+    mv = dv[None, :] < DV
+    vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
+    vp = tl.load(v_ptr + (tok - H)[:, None] * DV + dv[None, :], mask=prev[:, None] & mv, other=0.0).to(tl.float32)
+    kp = tl.load(k_ptr + (tok - H)[:, None] * DK + dk[None, :], mask=prev[:, None] & mk, other=0.0).to(tl.float32)
+    gp = tl.load(g_ptr + tok - H, mask=prev, other=0.0).to(tl.float32)
+    bp = tl.load(beta_ptr + tok - H, mask=prev, other=0.0).to(tl.float32)
+    kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
+    i2 = i[:, None]
+    u2 = i[None, :]
+    at = (n * H + h) * NC + c
+    # M's row i is row i - 1 of the operators' score matrix (its queries are the next token's keys)
+    M = tl.load(M_ptr + (at * C + i2 - 1) * C + u2, mask=(i2 >= 1) & (u2 < i2), other=0.0)
+    Mp = tl.load(M_ptr + (at * C + i2 - 2) * C + u2, mask=(i2 >= 2) & (u2 < i2 - 1), other=0.0)   # token i-1's
+    VV = tl.dot(vc, tl.trans(vc), input_precision="tf32x3")
+    num = tl.cumsum(M * VV, 1, reverse=True)         # num[i, s] = k_i^T S_[s, i) v_i
+    nump = tl.cumsum(Mp * tl.dot(vp, tl.trans(vc), input_precision="tf32x3"), 1, reverse=True)   # num[i-1, s]
+    kS2p = _delta_kS2(Mp, VV)
+    alpha = tl.exp(gp)[:, None]
+    kk = tl.sum(kp * kp, 1)[:, None]
+    vv = tl.sum(vp * vp, 1)[:, None]
+    b = tl.where(i2 - 1 >= u2, _delta_increment(nump, kS2p, alpha, bp[:, None], kk, vv), 0.0)
+    a = alpha * alpha + tl.zeros([C, C], tl.float32)
+    _, sq = tl.associative_scan((a, b), 0, _decay_then_add)
+    I, _, close = _score(num, kvn[:, None], sq, 1, tau, K)   # a segment [s, i) with s < i holds a token
+    closes = close & (u2 < i2) & valid[:, None]
+    nxt = tl.min(tl.where(closes, i2, C), 0)
+    return I, nxt
+
+
+@triton.jit
+def _delta_chunk_table_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, orbit_ptr, last_ptr, T, H, NC, tau,
+                              DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                              LOG2C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """``_gla_chunk_table_kernel`` for the delta base (the carry walk needs no columns from it)."""
+    nh = tl.program_id(0)
+    c = tl.program_id(1)
+    n = (nh // H).to(tl.int64)
+    h = nh % H
+    _, nxt = _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, T, H, NC, tau,
+                                 DK, DV, K, C, BDK, BDV)
+    _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C, LOG2C)
+
+
+@triton.jit
+def _delta_chunk_fill_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, orbit_ptr, entry_ptr, I_ptr,
+                             T, H, NC, tau, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+                             C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
+    """``_gla_chunk_fill_kernel`` for the delta base."""
+    nh = tl.program_id(0)
+    c = tl.program_id(1)
+    n = (nh // H).to(tl.int64)
+    h = nh % H
+    entry = tl.load(entry_ptr + nh * NC + c)
+    if entry < C:
+        I_tab, nxt = _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, T, H, NC, tau,
+                                         DK, DV, K, C, BDK, BDV)
+        _store_after_entry(I_tab, nxt, orbit_ptr, entry, I_ptr, nh, n, h, c, T, H, NC, C)
+
+
+@triton.jit
+def _delta_carry_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, khat_ptr, kt_ptr, Z_ptr, last_ptr,
+                        s0_ptr, c0_ptr, I_ptr, entry_ptr, s_ptr, T, H, NC, tau,
+                        DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                        BDK: tl.constexpr, BDV: tl.constexpr, STAGES: tl.constexpr):
+    """``_gla_carry_kernel`` for the delta base: k_i^T S_o for the carried-in state S is
+    khat_i S + sum_{u < i} M[i, u] v_u (khat_i = k_i^T Phi(i-1, c0-1)), which gives num and
+    ||k_i^T S_o||^2 and, through ``_delta_increment``, ||S_o||^2 at every token; the open state at the
+    chunk's end is Z S + k~^T V without a close in the chunk, else k~^T V over the tokens from the
+    last close on."""
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    nh = n * H + h
+    i = tl.arange(0, C)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    mk = dk[None, :] < DK
+    mv = dv[None, :] < DV
+    sofs = nh * DK * DV + dk[:, None] * DV + dv[None, :]
+    smask = (dk[:, None] < DK) & mv
+    S = tl.load(s0_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    n_o = tl.load(c0_ptr + nh * K)
+    sq = tl.sum(tl.sum(S * S, 1), 0)
+    i2 = i[:, None]
+    u2 = i[None, :]
+    for c in tl.range(0, NC, num_stages=STAGES):
         t = c * C + i
-        tl.store(I_ptr + (n * T + t) * H + h, tl.sum(tl.where(own, I_tab, 0.0), 1), mask=(t < T) & (i > entry))
+        valid = t < T
+        n_valid = tl.minimum(T - c * C, C)
+        tok = (n * T + t) * H + h
+        kc = tl.load(k_ptr + tok[:, None] * DK + dk[None, :], mask=valid[:, None] & mk, other=0.0).to(tl.float32)
+        vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
+        gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        bc = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
+        last = tl.load(last_ptr + (nh * NC + c) * C + i)
+        at = nh * NC + c
+        M = tl.load(M_ptr + (at * C + i2 - 1) * C + u2, mask=(i2 >= 1) & (u2 < i2), other=0.0)
+        # khat's row i is the operators' q~ row i - 1 (queries: the next token's keys); row 0 is k_0
+        khat = tl.load(khat_ptr + (tok - H)[:, None] * BDK + dk[None, :], mask=((i >= 1) & valid)[:, None],
+                       other=0.0) + tl.where((i == 0)[:, None], kc, 0.0)
+        kS = tl.dot(khat, S, input_precision="tf32x3") + tl.dot(M, vc, input_precision="tf32x3")
+        num = tl.sum(kS * vc, 1)
+        alpha = tl.exp(gc)
+        f = _delta_increment(num, tl.sum(kS * kS, 1), alpha, bc, tl.sum(kc * kc, 1), tl.sum(vc * vc, 1))
+        gc64 = gc.to(tl.float64)                    # float64 cumulative decays: see _gla_chunk_scores
+        G = tl.cumsum(gc64, 0)
+        Gx = G - gc64
+        W = tl.where(u2 < i2, tl.exp(tl.where(u2 < i2, 2.0 * (Gx[:, None] - G[None, :]), 0.0).to(tl.float32)), 0.0)
+        sq_i = tl.exp(2.0 * Gx.to(tl.float32)) * sq + tl.sum(W * f[None, :], 1)
+        I, _, close = _score(num, kvn, sq_i, n_o + i, tau, K)
+        close = close & valid
+        entry = tl.min(tl.where(close, i, C), 0)
+        tl.store(I_ptr + tok, I, mask=valid & (i <= entry))
+        tl.store(entry_ptr + nh * NC + c, entry)
+        closed = entry < C
+        start = tl.sum(tl.where(i == entry, last, 0), 0)    # the open segment's first token at the end
+        w = valid & ((i >= start) | (not closed))
+        kt = tl.load(kt_ptr + tok[:, None] * BDK + dk[None, :], mask=w[:, None], other=0.0)
+        Z = tl.load(Z_ptr + (at * BDK + dk[:, None]) * BDK + dk[None, :])
+        S = tl.dot(tl.trans(kt), vc, input_precision="tf32x3") + \
+            tl.where(closed, 0.0, 1.0) * tl.dot(Z, S, input_precision="tf32x3")
+        n_o = tl.where(closed, n_valid - start, n_o + n_valid)
+        sq = tl.sum(tl.sum(S * S, 1), 0)
+    tl.store(s_ptr + sofs, S, mask=smask)
 
 
 @triton.jit
@@ -411,12 +595,49 @@ def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = 
     return I, boundary.bool(), merge, counts, info, S
 
 
+def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk: int = CHUNK):
+    """The chunked delta schedule, in the gla path's four launches (``_gla_schedule``) after one of
+    the readout's operator kernel: run with each token's successor key as its query, it gives
+    khat_{i+1} = k_{i+1}^T Phi(i, c0-1) (its q~) and M[i+1, u] = k_{i+1}^T Phi(i, u) beta_u k_u (its
+    score matrix), the weights of every segment's k^T S_o, besides k~ and Z for the open state."""
+    from dla_ops.kernels.readout import delta_operators
+    B, T, H, DK = k.shape
+    DV, K = v.shape[-1], counts0.shape[-1]
+    C = chunk
+    NC = triton.cdiv(T, C)
+    BDK = max(16, triton.next_power_of_2(DK))
+    dev = k.device
+    kp = torch.nn.functional.pad(k, (0, BDK - DK))
+    successor = torch.cat([kp[:, 1:], kp[:, :1] * 0], 1)
+    khat, kt, M, Z = delta_operators(successor, kp, g, beta, C)
+    per_chunk = lambda dtype: torch.empty(B * H * NC * C, dtype=dtype, device=dev)
+    orbit, last = per_chunk(torch.int64), per_chunk(torch.int32)
+    entry = torch.empty(B * H * NC, dtype=torch.int32, device=dev)
+    I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
+    merge = torch.empty(B, T, H, dtype=torch.int64, device=dev)
+    counts, info, S = torch.empty_like(counts0), torch.empty_like(info0), torch.empty_like(open0)
+    blocks = dict(DK=DK, DV=DV, K=K, C=C, BDK=BDK, BDV=max(16, triton.next_power_of_2(DV)), num_warps=CHUNK_WARPS)
+    ins = (k, v, g, beta, kvn, M)
+    launch(_delta_chunk_table_kernel, (B * H, NC), ("orbit_ptr", "last_ptr"))(
+        *ins, orbit, last, T, H, NC, float(tau), LOG2C=C.bit_length() - 1, **blocks)
+    launch(_delta_carry_kernel, (B, H), ("I_ptr", "entry_ptr", "s_ptr"))(
+        *ins, khat, kt, Z, last, open0, counts0, I, entry, S, T, H, NC, float(tau), STAGES=STAGES, **blocks)
+    launch(_delta_chunk_fill_kernel, (B * H, NC), ("I_ptr",))(
+        *ins, orbit, entry, I, T, H, NC, float(tau), **blocks)
+    launch(_merge_pass_kernel, (B, H), ("bnd_ptr", "merge_ptr", "c_ptr", "info_ptr"))(
+        I, entry, orbit, counts0, info0, boundary, merge, counts, info, T, H, NC, float(tau),
+        K=K, C=C, KP=triton.next_power_of_2(K), STAGES=STAGES, num_warps=MERGE_WARPS)
+    return I, boundary.bool(), merge, counts, info, S
+
+
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
-             info0: Tensor, tau: float, kvn: Optional[Tensor] = None, chunk: int = CHUNK):
+             info0: Tensor, tau: float, kvn: Optional[Tensor] = None, chunk: int = CHUNK, chunked: bool = False):
     """k, v [B, T, H, D] (any float dtype), g, beta [B, T, H]; open0 [B, H, DK, DV], counts0, info0
     [B, H, K] (float32 compute dtype; empty slots already zeroed); kvn: ||k_t|| ||v_t|| ([B, T, H]
-    float32) where the caller has it; chunk: the gla path's chunk length (16, 32 or 64). Returns I,
-    boundary, merge ([B, T, H]) and the final counts, info and open state."""
+    float32) where the caller has it; chunk: the chunked paths' chunk length (16, 32 or 64); chunked:
+    the delta base's chunked path instead of its token-sequential kernel (gla is always chunked).
+    Returns I, boundary, merge ([B, T, H]) and the final counts, info and open state."""
     B, T, H, DK = k.shape
     DV, K = v.shape[-1], counts0.shape[-1]
     if open0.dtype != torch.float32:
@@ -424,12 +645,15 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
     # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
     kvn = key_value_norms(k, v) if kvn is None else kvn.contiguous()
-    if beta is None:
+    if beta is None or chunked:
         if chunk not in (16, 32, 64):   # tl.dot needs 16 rows; a chunk's closes are one int64 bit mask
-            raise ValueError(f"the gla schedule's chunk must be 16, 32 or 64, got {chunk}")
+            raise ValueError(f"the chunked schedule's chunk must be 16, 32 or 64, got {chunk}")
         if triton.cdiv(T, chunk) > 65535:   # the chunks are the second grid dimension
-            raise ValueError(f"the gla schedule kernels cover T <= {65535 * chunk} tokens per sequence, got {T}")
-        return _gla_schedule(k, v, g, kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(), tau, chunk)
+            raise ValueError(f"the chunked schedule kernels cover T <= {65535 * chunk} tokens per sequence, got {T}")
+        cache = (open0.contiguous(), counts0.contiguous(), info0.contiguous())
+        if beta is None:
+            return _gla_schedule(k, v, g, kvn, *cache, tau, chunk)
+        return _delta_schedule(k, v, g, beta.contiguous(), kvn, *cache, tau, chunk)
     dev = k.device
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
