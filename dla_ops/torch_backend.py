@@ -17,7 +17,7 @@ Stages (see docs/design.md):
 
 Gradients come from ``readout_backward`` on the forward's schedule (the schedule is a constant of
 the backward pass, as the spec says): the states' recurrence by hand, autograd for the
-chunk-parallel terms.
+chunk-parallel terms. (On the Triton path gla has backward kernels instead: ``kernels.readout``.)
 """
 from __future__ import annotations
 
@@ -347,17 +347,21 @@ def _state_sweeps(doc, dstates, states0, W, q_t, tr, to_pre, to_in, k_t, vc, gla
     start, then their gradients G at each chunk end (G <- W^T q~ do^T + transition^T routing^T G)."""
     advance, adjoint, _ = _GLA_TRANSITION if gla else _DELTA_TRANSITION
     per_chunk = list(zip(*(x.unbind(2) for x in (W, q_t, tr, to_pre, to_in, k_t, vc, doc))))
-    starts, S = [], states0
-    for _, _, tr_c, pre_c, in_c, k_c, v_c, _ in per_chunk:
-        starts.append(S)
+    n = len(per_chunk)
+    starts = states0.new_empty(states0.shape[:2] + (n,) + states0.shape[2:])
+    ends = torch.empty_like(starts)
+    S = states0
+    for c, (_, _, tr_c, pre_c, in_c, k_c, v_c, _) in enumerate(per_chunk):
+        starts[:, :, c] = S
         S = torch.einsum("bhjx,bhjdv->bhxdv", pre_c, advance(tr_c, S)) + \
             torch.einsum("bhsx,bhsd,bhsv->bhxdv", in_c, k_c, v_c)
-    ends, G = [], dstates
-    for W_c, q_c, tr_c, pre_c, _, _, _, do_c in reversed(per_chunk):
-        ends.append(G)
+    G = dstates
+    for c in reversed(range(n)):
+        W_c, q_c, tr_c, pre_c, _, _, _, do_c = per_chunk[c]
+        ends[:, :, c] = G
         G = torch.einsum("bhcj,bhcd,bhce->bhjde", W_c, q_c, do_c) + \
             adjoint(tr_c, torch.einsum("bhjx,bhxdv->bhjdv", pre_c, G))
-    return torch.stack(starts, 2), torch.stack(ends[::-1], 2), G
+    return starts, ends, G
 
 
 def _time_major(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -398,8 +402,9 @@ def _kernel_tables(boundary: Tensor, merge: Tensor, counts0: Tensor) -> Tensor:
 
 
 def _kernel_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
-    """The Triton backward of one run (gla: beta is None): gradients of q, k, v, g, lam, beta and the
-    initial states."""
+    """The Triton backward of one gla run: gradients of q, k, v, g, lam, (no beta) and the initial
+    states."""
+    assert beta is None, "the Triton backward covers gla only"
     from dla_ops.kernels import readout as kernels
     states0 = ignore_empty_slots(states0, counts0)
     dq, dk, dv, dg, dlam, ds0 = kernels.backward(do, dstates, q, k, v, g, lam, states0,

@@ -1,5 +1,6 @@
 """Stages 2 and 3 as Triton kernels, on a given schedule: slot tables, the fused multi-state readout
-(forward) of both bases and, for ``gla``, its backward.
+(forward) of both bases, for ``gla`` its backward, and for ``delta`` the two sequential walks of its
+backward (``state_sweeps``; the rest is ``torch_backend.readout_backward``).
 
 For ``gla`` the output is a masked linear attention,
     o_t = scale * sum_{s <= t} lam_t[slot(t, s)] * exp(G_t - G_s) * (q_t . k_s) v_s,
@@ -11,7 +12,7 @@ token's close and merge slot (as ``torch_backend.slot_tables`` does).
 
 The sweeps run one program per (sequence, head, block of the value dimension), sequential over
 chunks, with the K states of the cache at the chunk start in an fp32 scratch buffer (two copies,
-swapped per chunk; small enough to stay in L2). Per chunk they do the intra-chunk attention with the
+swapped per chunk; small enough to stay in L2; with ``KEEP``, one copy per chunk start). Per chunk they do the intra-chunk attention with the
 slot-dependent weights, the readout of the K chunk-start states, and the states at the chunk end:
 entry j at the chunk end is the sum of the chunk-start entries and chunk tokens that the table's
 last row maps to j. Nothing of size T * K * DK * DV is ever stored. (Holding the K states in
@@ -21,7 +22,10 @@ measured slower on an H200 and runs out of shared memory at K = 32.)
 - ``_forward_sweep_kernel``: o and the final states. Run on (do, v, k) with the initial states
   transposed it gives dq, and with ``WITH_DLAM`` the partial dlam of its block. With ``DELTA`` it
   reads the ``delta`` base's chunk operators from ``_delta_operators_kernel`` (the transition of a
-  state over a chunk is a [DK, DK] product instead of a scalar decay).
+  state over a chunk is a [DK, DK] product instead of a scalar decay). With ``KEEP`` it keeps the
+  states at every chunk start, which the delta backward pairs with their gradients.
+- ``_state_gradient_kernel`` (delta): the gradient of the states at every chunk start, walking back
+  from the final states' gradient.
 - ``_reverse_sweep_kernel``: dk (partial per value block), dv and the gradient of the initial
   states, going backwards through the chunks with the adjoint of each cache entry.
 - dg follows from the others: dg_t = <dS0, S0> + sum_{s < t} (k_s . dk_s - q_s . dq_s).
@@ -89,7 +93,7 @@ def _sweep_start(buf_ptr, start_ptr, T, H, DK: tl.constexpr, DV: tl.constexpr, K
     rv = vb * BV + tl.arange(0, BV)
     tile = rk[:, None] * DV + rv[None, :]
     NC = tl.cdiv(T, C)
-    buf = buf_ptr + bh * (NC + 1 if KEEP else 2) * K * DK * DV
+    buf = buf_ptr + bh.to(tl.int64) * (NC + 1 if KEEP else 2) * K * DK * DV   # (the KEEP buffer passes 2^31)
     _copy_tiles(buf, start_ptr + bh * K * DK * DV, tile, K, DK * DV)
     tl.debug_barrier()
     return bh, vb, bh // H, bh % H, tl.arange(0, C), rk, rv, tl.arange(0, KP), tile, buf, NC
@@ -289,7 +293,7 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
     tile = rk[:, None] * DV + rv[None, :]
     SZ = DK * DV
     NC = tl.cdiv(T, C)
-    base = gbuf_ptr + bh * (NC + 1) * K * SZ
+    base = gbuf_ptr + bh.to(tl.int64) * (NC + 1) * K * SZ
     for i in range(NC):
         c = NC - 1 - i
         end = base + (c + 1) * K * SZ
@@ -307,7 +311,8 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
         last_row = tab_ptr + (bh * TP + c * C + last) * (K + C)
         for e in range(K):
             x = tl.load(last_row + e).to(tl.int32)
-            G = tl.dot(tl.trans(Z), tl.load(end + x * SZ + tile), input_precision=PREC)
+            # (tf32x3: the fp32 gradient is carried through every chunk's product, not rounded once)
+            G = tl.dot(tl.trans(Z), tl.load(end + x * SZ + tile), input_precision="tf32x3")
             _, w_e = _entry_weight(tab_row, lam_row, valid, e)
             G += tl.dot(tl.trans(q_start * w_e[:, None]), do, input_precision=PREC)
             tl.store(start + e * SZ + tile, G)
@@ -489,7 +494,8 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=Non
     o = torch.empty(B, T, H, DV, dtype=out_dtype or q.dtype, device=q.device)
     sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     copies = triton.cdiv(T, chunk) + 1 if keep else 2
-    _check_offsets(B * H * copies * K * DK * DV, f"B={B}, T={T}, H={H}, K={K}, DK={DK}, DV={DV}")
+    # each program's part of buf starts at an int64 offset; within it, offsets are 32-bit
+    _check_offsets(copies * K * DK * DV, f"T={T}, K={K}, DK={DK}, DV={DV} (the states at every chunk start)")
     buf = torch.empty(B * H, copies, K, DK, DV, dtype=torch.float32, device=q.device)
     # (without x the kernel never touches dlam: an empty tensor, so no argument aliases o)
     dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o.new_empty(0)

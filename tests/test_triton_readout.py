@@ -1,7 +1,7 @@
-"""The Triton kernels of the ``gla`` base (schedule, slot tables, readout and its backward) and the
-``delta`` forward readout through the op, against the float64 reference recurrence on the kernels'
-own schedule (P5, P6, P10 for the kernel path). Without a GPU they run in Triton's interpreter on
-CPU tensors."""
+"""The Triton kernels of the ``gla`` base (schedule, slot tables, readout and its backward) and of
+the ``delta`` base (chunked schedule, readout, the backward's state sweeps) through the op, against
+the float64 reference recurrence on the kernels' own schedule (P5, P6, P10 for the kernel path).
+Without a GPU they run in Triton's interpreter on CPU tensors."""
 from __future__ import annotations
 
 import os
@@ -108,3 +108,10 @@ def test_the_readout_refuses_sizes_past_int32_offsets():
     close = torch.empty(64, 2**20, 32, dtype=torch.bool, device="meta")
     with pytest.raises(ValueError, match="32-bit offsets"):
         readout.slot_tables(close, close.long(), 16)
+    # the delta backward's states at every chunk start: 32-bit offsets within each sequence and head
+    q = torch.empty(1, 4096 * 64, 1, 128, device="meta")
+    lam = torch.empty(1, 4096 * 64, 1, 120, device="meta")
+    with pytest.raises(ValueError, match="32-bit offsets"):
+        readout._forward(q, q, q, lam[..., 0], lam, torch.empty(1, 1, 120, 128, 128, device="meta"),
+                         torch.empty(1, 1, 4096 * 64, 184, dtype=torch.int8, device="meta"), 1.0,
+                         x=None, chunk=64, keep=True)

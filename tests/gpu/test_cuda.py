@@ -11,6 +11,7 @@ import torch
 import dla_ops
 from dla_ops import DLACache
 from helpers import make_inputs, rel_err, run
+from test_op_vs_reference import cache64, random_cache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,22 +45,29 @@ def test_cuda_delta_kernels_match_the_reference(dtype, T, K, sweeps):
     backward's two state sweeps; the rest of the backward is PyTorch's readout_backward."""
     from dla_ops.kernels import readout
     x = make_inputs(9, B=2, T=T, H=2, DK=32, DV=32, K=K, base="delta", dtype=dtype)
+    init = random_cache(9, 2, 2, K, 32, 32, torch.float32)
     xc = {n: a.cuda().requires_grad_() for n, a in x.items()}
-    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"} if sweeps else {}), \
+    s0 = init.states.cuda().requires_grad_()
+    gen = torch.Generator().manual_seed(0)
+    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton" if sweeps else ""}), \
             mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators, \
             mock.patch.object(readout, "state_sweeps", wraps=readout.state_sweeps) as state_sweeps:
-        o, cache, sched = run("op", xc, tau=0.6, output_final_cache=True, return_schedule=True)
-        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(0)).to(o)
-        (o.float() * w.float()).sum().backward()
+        o, cache, sched = run("op", xc, tau=0.6, initial_cache=DLACache(s0, init.counts.cuda(), init.info.cuda()),
+                              output_final_cache=True, return_schedule=True)
+        wo, ws = (torch.randn(a.shape, generator=gen).to(a) for a in (o, cache.states))
+        ((o.float() * wo.float()).sum() + (cache.states * ws).sum()).backward()
     assert operators.called and state_sweeps.called == sweeps
     x64 = {n: a.detach().double().requires_grad_() for n, a in x.items()}
-    ro, rcache = run("reference", x64, tau=0.6, output_final_cache=True, force_boundaries=sched.boundary.cpu(),
-                     force_merges=sched.merge.cpu())
-    (ro * w.cpu().double()).sum().backward()
+    init64 = cache64(init)._replace(states=init.states.detach().double().requires_grad_())
+    s64 = init64.states
+    ro, rcache = run("reference", x64, tau=0.6, initial_cache=init64,
+                     output_final_cache=True, force_boundaries=sched.boundary.cpu(), force_merges=sched.merge.cpu())
+    ((ro * wo.cpu().double()).sum() + (rcache.states * ws.cpu().double()).sum()).backward()
     assert rel_err(o.cpu(), ro) <= TOL[dtype]
     assert rel_err(cache.states.cpu(), rcache.states) <= TOL[dtype]
     for n in xc:
         assert rel_err(xc[n].grad.cpu(), x64[n].grad) <= TOL[dtype], n
+    assert rel_err(s0.grad.cpu(), s64.grad) <= TOL[dtype], "initial states"
 
 
 @pytest.mark.parametrize("name", ["q", "k", "v", "g", "lam"])
