@@ -257,6 +257,50 @@ def _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C: tl.constexpr, LOG2C: t
 
 
 @triton.jit
+def _carry_start(s0_ptr, c0_ptr, H, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+                 BDK: tl.constexpr, BDV: tl.constexpr):
+    """A carry walk's program: its (sequence, head) n, h and row nh, the index ranges, the offsets and
+    mask of its open state, and the carried-in open state S with its count and ||S||^2."""
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    nh = n * H + h
+    i = tl.arange(0, C)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    sofs = nh * DK * DV + dk[:, None] * DV + dv[None, :]
+    smask = (dk[:, None] < DK) & (dv[None, :] < DV)
+    S = tl.load(s0_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    n_o = tl.load(c0_ptr + nh * K)
+    return n, h, nh, i, dk, dv, sofs, smask, S, n_o, tl.sum(tl.sum(S * S, 1), 0)
+
+
+@triton.jit
+def _carry_rows(k_ptr, v_ptr, g_ptr, n, h, c, T, H, i, dk, dv, DK: tl.constexpr, DV: tl.constexpr,
+                C: tl.constexpr):
+    """Chunk c's rows for a carry step: which are tokens, how many, their offsets, and k, v, g in fp32."""
+    t = c * C + i
+    valid = t < T
+    tok = (n * T + t) * H + h
+    kc = tl.load(k_ptr + tok[:, None] * DK + dk[None, :], mask=valid[:, None] & (dk[None, :] < DK),
+                 other=0.0).to(tl.float32)
+    vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & (dv[None, :] < DV),
+                 other=0.0).to(tl.float32)
+    gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    return valid, tl.minimum(T - c * C, C), tok, kc, vc, gc
+
+
+@triton.jit
+def _carry_entry(I, close, valid, last, i, tok, I_ptr, entry_ptr, nh, c, NC, C: tl.constexpr):
+    """A carry step's decision: the chunk's entry (the first token that closes the carried-in state;
+    C: none), stored with the scores up to it (the fill kernel scores the rest). Returns whether the
+    chunk closes the carried state and the first token of the open segment at the chunk's end."""
+    entry = tl.min(tl.where(close, i, C), 0)
+    tl.store(I_ptr + tok, I, mask=valid & (i <= entry))
+    tl.store(entry_ptr + nh * NC + c, entry)
+    return entry < C, tl.sum(tl.where(i == entry, last, 0), 0)
+
+
+@triton.jit
 def _gla_carry_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, last_ptr, num0_ptr, sq0_ptr, s0_ptr, c0_ptr,
                       I_ptr, entry_ptr, s_ptr, T, H, NC, tau,
                       DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
@@ -265,29 +309,11 @@ def _gla_carry_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, last_ptr, num0_ptr, sq0_ptr,
     state's share of each token's score, the first token of the chunk that closes it (the chunk's
     entry; the rest of the chunk's closes follow from the table), and the open state at the chunk's
     end, rebuilt from its tokens by one product."""
-    n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    nh = n * H + h
-    i = tl.arange(0, C)
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    mk = dk[None, :] < DK
-    mv = dv[None, :] < DV
-    sofs = nh * DK * DV + dk[:, None] * DV + dv[None, :]
-    smask = (dk[:, None] < DK) & mv
-    S = tl.load(s0_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-    n_o = tl.load(c0_ptr + nh * K)
-    sq = tl.sum(tl.sum(S * S, 1), 0)
+    n, h, nh, i, dk, dv, sofs, smask, S, n_o, sq = _carry_start(s0_ptr, c0_ptr, H, DK, DV, K, C, BDK, BDV)
     i2 = i[:, None]
     u2 = i[None, :]
     for c in tl.range(0, NC, num_stages=STAGES):
-        t = c * C + i
-        valid = t < T
-        n_valid = tl.minimum(T - c * C, C)
-        tok = (n * T + t) * H + h
-        kc = tl.load(k_ptr + tok[:, None] * DK + dk[None, :], mask=valid[:, None] & mk, other=0.0).to(tl.float32)
-        vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
-        gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        valid, n_valid, tok, kc, vc, gc = _carry_rows(k_ptr, v_ptr, g_ptr, n, h, c, T, H, i, dk, dv, DK, DV, C)
         kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
         row = (nh * NC + c) * C + i
         last = tl.load(last_ptr + row)
@@ -304,12 +330,7 @@ def _gla_carry_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, last_ptr, num0_ptr, sq0_ptr,
         num = decay * carried + num0
         sq_i = decay * decay * sq + sq0 + 2.0 * tl.sum(W * carried[None, :], 1)
         I, _, close = _score(num, kvn, sq_i, n_o + i, tau, K)
-        close = close & valid
-        entry = tl.min(tl.where(close, i, C), 0)
-        tl.store(I_ptr + tok, I, mask=valid & (i <= entry))
-        tl.store(entry_ptr + nh * NC + c, entry)
-        closed = entry < C
-        start = tl.sum(tl.where(i == entry, last, 0), 0)    # the open segment's first token at the end
+        closed, start = _carry_entry(I, close & valid, valid, last, i, tok, I_ptr, entry_ptr, nh, c, NC, C)
         w = tl.where(valid & ((i >= start) | (not closed)), tl.exp((G_end - G).to(tl.float32)), 0.0)
         S = tl.dot(tl.trans(kc * w[:, None]), vc, input_precision="tf32x3") + \
             tl.where(closed, 0.0, tl.exp(G_end.to(tl.float32))) * S
@@ -454,29 +475,11 @@ def _delta_carry_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, khat_ptr,
     ||k_i^T S_o||^2 and, through ``_delta_increment``, ||S_o||^2 at every token; the open state at the
     chunk's end is Z S + k~^T V without a close in the chunk, else k~^T V over the tokens from the
     last close on."""
-    n = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    nh = n * H + h
-    i = tl.arange(0, C)
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    mk = dk[None, :] < DK
-    mv = dv[None, :] < DV
-    sofs = nh * DK * DV + dk[:, None] * DV + dv[None, :]
-    smask = (dk[:, None] < DK) & mv
-    S = tl.load(s0_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-    n_o = tl.load(c0_ptr + nh * K)
-    sq = tl.sum(tl.sum(S * S, 1), 0)
+    n, h, nh, i, dk, dv, sofs, smask, S, n_o, sq = _carry_start(s0_ptr, c0_ptr, H, DK, DV, K, C, BDK, BDV)
     i2 = i[:, None]
     u2 = i[None, :]
     for c in tl.range(0, NC, num_stages=STAGES):
-        t = c * C + i
-        valid = t < T
-        n_valid = tl.minimum(T - c * C, C)
-        tok = (n * T + t) * H + h
-        kc = tl.load(k_ptr + tok[:, None] * DK + dk[None, :], mask=valid[:, None] & mk, other=0.0).to(tl.float32)
-        vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
-        gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+        valid, n_valid, tok, kc, vc, gc = _carry_rows(k_ptr, v_ptr, g_ptr, n, h, c, T, H, i, dk, dv, DK, DV, C)
         bc = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
         kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
         last = tl.load(last_ptr + (nh * NC + c) * C + i)
@@ -495,12 +498,7 @@ def _delta_carry_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, khat_ptr,
         W = tl.where(u2 < i2, tl.exp(tl.where(u2 < i2, 2.0 * (Gx[:, None] - G[None, :]), 0.0).to(tl.float32)), 0.0)
         sq_i = tl.exp(2.0 * Gx.to(tl.float32)) * sq + tl.sum(W * f[None, :], 1)
         I, _, close = _score(num, kvn, sq_i, n_o + i, tau, K)
-        close = close & valid
-        entry = tl.min(tl.where(close, i, C), 0)
-        tl.store(I_ptr + tok, I, mask=valid & (i <= entry))
-        tl.store(entry_ptr + nh * NC + c, entry)
-        closed = entry < C
-        start = tl.sum(tl.where(i == entry, last, 0), 0)    # the open segment's first token at the end
+        closed, start = _carry_entry(I, close & valid, valid, last, i, tok, I_ptr, entry_ptr, nh, c, NC, C)
         w = valid & ((i >= start) | (not closed))
         kt = tl.load(kt_ptr + tok[:, None] * BDK + dk[None, :], mask=w[:, None], other=0.0)
         Z = tl.load(Z_ptr + (at * BDK + dk[:, None]) * BDK + dk[None, :])
