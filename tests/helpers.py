@@ -40,16 +40,34 @@ def base_model(q, k, v, g, beta=None, scale=None):
     S = q.new_zeros(B, H, DK, v.shape[-1])
     out = []
     for t in range(T):
-        kt, vt = k[:, t], v[:, t]
-        a = torch.exp(g[:, t])[..., None, None]
-        if beta is None:
-            S = a * S + kt[..., :, None] * vt[..., None, :]
-        else:
-            bt = beta[:, t].double()[..., None, None]
-            kS = torch.einsum("bhd,bhde->bhe", kt, S)
-            S = a * (S - bt * kt[..., :, None] * kS[..., None, :]) + bt * kt[..., :, None] * vt[..., None, :]
+        S = _token_step(S, k, v, g, beta, t)
         out.append(scale * torch.einsum("bhde,bhd->bhe", S, q[:, t].double()))
     return torch.stack(out, 1)
+
+
+def _token_step(S, k, v, g, beta, t: int):
+    """S [B, H, DK, DV] after token t: A_t S + w_t (the spec's transition and write), in float64."""
+    kt, vt = k[:, t].double(), v[:, t].double()
+    a = torch.exp(g[:, t].double())[..., None, None]
+    if beta is None:
+        return a * S + kt[..., :, None] * vt[..., None, :]
+    bt = beta[:, t].double()[..., None, None]
+    kS = torch.einsum("bhd,bhde->bhe", kt, S)
+    return a * (S - bt * kt[..., :, None] * kS[..., None, :]) + bt * kt[..., :, None] * vt[..., None, :]
+
+
+def open_states(k, v, g, beta, boundary, open0, n_open0, K: int) -> list:
+    """The open state before each token and after the last (T + 1 tensors [B, H, DK, DV], float64),
+    token by token on given raw boundaries ([B, T, H]): a boundary at a token closes a nonempty open
+    state (when K > 1), and the token starts the new one."""
+    S, n_open = open0.double(), n_open0.clone()
+    states = [S]
+    for t in range(k.shape[1]):
+        closes = boundary[:, t] & (n_open > 0) & (K > 1)
+        n_open = torch.where(closes, 1, n_open + 1)
+        S = _token_step(torch.where(closes[..., None, None], 0.0, S), k, v, g, beta, t)
+        states.append(S)
+    return states
 
 
 def rel_err(a, b) -> float:

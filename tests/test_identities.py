@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from dla_ops.reference import EPS
-from helpers import assert_rel, base_model, make_inputs, run
+from helpers import assert_rel, base_model, make_inputs, open_states, run
 
 IMPLS = st.sampled_from(["op", "reference"])
 BASES = st.sampled_from(["gla", "delta"])
@@ -116,15 +116,8 @@ def test_p9_boundaries_ignore_q_lam_scale_and_the_scale_of_k_or_v(base, shp, K, 
 def _open_state_scales(x: dict, boundary, K: int):
     """gla: ||k_t|| ||v_t|| ||S_o||_F against the open state before each token ([B, T, H]), on the
     given boundaries, with the op's empty initial cache."""
-    k, v, g = (x[n].double() for n in ("k", "v", "g"))
+    k, v = x["k"].double(), x["v"].double()
     B, T, H, DK = k.shape
-    S = k.new_zeros(B, H, DK, v.shape[-1])
-    n_open = torch.zeros(B, H, dtype=torch.int64)
-    out = []
-    for t in range(T):
-        out.append(k[:, t].norm(dim=-1) * v[:, t].norm(dim=-1) * S.norm(dim=(-2, -1)))
-        closes = boundary[:, t] & (n_open > 0) & (K > 1)
-        n_open = torch.where(closes, 1, n_open + 1)
-        S = torch.where(closes[..., None, None], 0.0, S) * g[:, t, :, None, None].exp() + \
-            k[:, t, :, :, None] * v[:, t, :, None, :]
-    return torch.stack(out, 1)
+    states = open_states(k, v, x["g"], None, boundary, k.new_zeros(B, H, DK, v.shape[-1]),
+                         torch.zeros(B, H, dtype=torch.int64), K)
+    return k.norm(dim=-1) * v.norm(dim=-1) * torch.stack([S.norm(dim=(-2, -1)) for S in states[:-1]], 1)

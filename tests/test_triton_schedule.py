@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import dla_ops
 from dla_ops import torch_backend
-from helpers import make_inputs, rel_err, run
+from helpers import make_inputs, open_states, rel_err, run
 from test_op_vs_reference import random_cache
 
 pytest.importorskip("triton")
@@ -90,15 +90,7 @@ def test_the_chunked_gla_schedule_equals_the_token_recurrence(seed, T, chunk, K,
     assert torch.equal(boundary.cpu(), rb) and torch.equal(merge.cpu(), rm) and torch.equal(counts.cpu(), rc)
     torch.testing.assert_close(I.cpu(), rI, rtol=0, atol=2e-5)
     torch.testing.assert_close(info.cpu(), ri, rtol=1e-5, atol=1e-4)
-    S_ref = open0.double()
-    n_open = init.counts[..., 0].clone()
-    for t in range(T):
-        closes = (rb[:, t] & (n_open > 0) & (K > 1))
-        n_open = torch.where(closes, 1, n_open + 1)
-        closes = closes[..., None, None]
-        S_ref = torch.where(closes, 0.0, S_ref) * g[:, t, :, None, None].double().exp() + \
-            k[:, t, :, :, None].double() * v[:, t, :, None, :].double()
-    assert rel_err(S.cpu(), S_ref) <= 1e-5
+    assert rel_err(S.cpu(), open_states(k, v, g, None, rb, open0, init.counts[..., 0], K)[-1]) <= 1e-5
 
 
 @settings(max_examples=6, deadline=None)
@@ -129,16 +121,7 @@ def test_the_delta_schedule_kernels_over_long_segments(seed, T, K, tau, run, dec
     assert torch.equal(boundary.cpu(), rb) and torch.equal(merge.cpu(), rm) and torch.equal(counts.cpu(), rc)
     torch.testing.assert_close(I.cpu(), rI, rtol=0, atol=2e-5)
     torch.testing.assert_close(info.cpu(), ri, rtol=1e-5, atol=1e-4)
-    S_ref = open0.double()
-    n_open = init.counts[..., 0].clone()
-    for t in range(T):
-        closes = (rb[:, t] & (n_open > 0) & (K > 1))
-        n_open = torch.where(closes, 1, n_open + 1)
-        S_ref = torch.where(closes[..., None, None], 0.0, S_ref)
-        kt, vt, bt = k[:, t].double(), v[:, t].double(), beta[:, t].double()[..., None, None]
-        S_ref = g[:, t, :, None, None].double().exp() * (S_ref - bt * kt[..., :, None] * (kt[..., None, :] @ S_ref)) \
-            + bt * kt[..., :, None] * vt[..., None, :]
-    assert rel_err(S.cpu(), S_ref) <= 1e-5
+    assert rel_err(S.cpu(), open_states(k, v, g, beta, rb, open0, init.counts[..., 0], K)[-1]) <= 1e-5
 
 
 def test_a_nearly_cancelling_state_keeps_scores_in_range():
