@@ -620,7 +620,8 @@ def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk
     launch(_delta_chunk_table_kernel, (B * H, NC), ("orbit_ptr", "last_ptr"))(
         *ins, orbit, last, T, H, NC, float(tau), LOG2C=C.bit_length() - 1, **blocks)
     launch(_delta_carry_kernel, (B, H), ("I_ptr", "entry_ptr", "s_ptr"))(
-        *ins, khat, kt, Z, last, open0, counts0, I, entry, S, T, H, NC, float(tau), STAGES=STAGES, **blocks)
+        *ins, khat, kt, Z, last, open0, counts0, I, entry, S, T, H, NC, float(tau),
+        STAGES=1, **blocks)  # Triton 3.6's Hopper pipeliner aborts on this loop's wgmma ("cannot predicate")
     launch(_delta_chunk_fill_kernel, (B * H, NC), ("I_ptr",))(
         *ins, orbit, entry, I, T, H, NC, float(tau), **blocks)
     launch(_merge_pass_kernel, (B, H), ("bnd_ptr", "merge_ptr", "c_ptr", "info_ptr"))(
