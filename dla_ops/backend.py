@@ -41,16 +41,8 @@ def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: s
 
 def use_triton_state_sweeps(device: torch.device, compute_dtype: torch.dtype, base: str, K: int) -> bool:
     """The two sequential walks of ``torch_backend.readout_backward`` (``kernels.readout.state_sweeps``),
-    for a backward off the full kernels (``delta``): only where ``DLA_BACKEND=triton`` asks for them,
-    until they have been checked on a GPU."""
-    return base == "delta" and requested() == "triton" and use_triton_readout(device, compute_dtype, base, K)
-
-
-def use_chunked_delta_schedule() -> bool:
-    """The delta schedule's chunked kernels (``kernels.schedule._delta_schedule``) rather than its
-    token-sequential kernel: only where ``DLA_BACKEND=triton`` asks for them, until they have been
-    checked on a GPU."""
-    return requested() == "triton"
+    for the backward that has no full kernels (``delta``), wherever its forward readout is Triton's."""
+    return base == "delta" and use_triton_readout(device, compute_dtype, base, K)
 
 
 def use_triton_decode(device: torch.device, compute_dtype: torch.dtype) -> bool:

@@ -464,8 +464,7 @@ def schedule_stage(k, v, g, beta, states0, counts0, info0, tau: float, kvn: Opti
     open0, info0 = ignore_empty_slots(states0, counts0)[:, :, 0], ignore_empty_slots(info0, counts0)
     if backend.use_triton_schedule(k.device, cdt):
         from dla_ops.kernels.schedule import schedule as triton_schedule
-        return triton_schedule(k, v, g, beta, open0, counts0, info0, tau, kvn,
-                               chunked=beta is not None and backend.use_chunked_delta_schedule())[:5]
+        return triton_schedule(k, v, g, beta, open0, counts0, info0, tau, kvn)[:5]
     I, boundary, merge, counts, info = schedule(
         *(_time_major(x, cdt) for x in (k, v, g, beta)), open0, counts0, info0, tau)
     return I.transpose(1, 2), boundary.transpose(1, 2), merge.transpose(1, 2), counts, info

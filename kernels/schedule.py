@@ -14,14 +14,12 @@ inputs of any float dtype, up to rounding (see the gla path's limit below).
   terms, not the norm of a built state: where a state nearly cancels, that sum keeps only rounding
   noise, so I there is no better than the clamp in ``_score``. Such scores are ill-conditioned in
   the reference too, but the band where the kernel and the reference can disagree is wider than
-  for the token-sequential kernels.
-- ``delta``: by default one program per (sequence, head), sequential over T, with the open state in
-  registers. Its chunked path (``_delta_schedule``, ``chunked=True``) runs the same four launches as
-  gla's after one of the readout's operator kernel: its transition mixes the state's rows, but a
-  segment's k^T S_o is still a combination of the segment's values, with weights M that the operator
-  kernel gives when the next token's key stands in for the query (docs/design.md). Checked in
-  Triton's interpreter only, so the op takes it only where DLA_BACKEND=triton asks
-  (``backend.use_chunked_delta_schedule``).
+  for a token-sequential pass.
+- ``delta``: the same four launches after one of the readout's operator kernel (``_delta_schedule``):
+  its transition mixes the state's rows, but a segment's k^T S_o is still a combination of the
+  segment's values, with weights M that the operator kernel gives when the next token's key stands
+  in for the query (docs/design.md). H200, B * H = 32, T = 32768: 21.4 ms against 44.4 ms for the
+  token-sequential kernel it replaced, with identical decisions (docs/benchmarks.md).
 
 Per-slot counts and information sums live in ``[KP]`` vectors; a close and a merge are applied
 together as one selection matrix ``M[x, i]`` (new slot x takes old slot i), because register vectors
@@ -43,7 +41,6 @@ from dla_ops.torch_backend import key_value_norms
 
 # the spec's constants, from the one place that defines them (Triton reads globals as constexpr only)
 EPS = tl.constexpr(reference.EPS)
-WARPS = 8   # the delta kernel; measured on an H200 (gla, T = 32768): 18 ms at 8 warps, 27 at 4, 104 at 1
 MERGE_TIE_RTOL = tl.constexpr(reference.MERGE_TIE_RTOL)
 
 
@@ -84,71 +81,6 @@ def _close(counts, info, K: tl.constexpr, KP: tl.constexpr):
     mu = tl.where(need, j_sel + 1, K)          # new slot of the merged state
     select = tl.where(x2 < mu, i2 == x2 - 1, tl.where(x2 == mu, (i2 == mu - 1) | (i2 == mu), i2 == x2))
     return tl.sum(tl.where(select, counts[None, :], 0), 1), tl.sum(tl.where(select, info[None, :], 0.0), 1), merge
-
-
-@triton.jit
-def _delta_schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_ptr,
-                           I_ptr, bnd_ptr, merge_ptr, c_ptr, info_ptr, s_ptr,
-                           T, H, tau,
-                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
-                           BDK: tl.constexpr, BDV: tl.constexpr, KP: tl.constexpr):
-    n = tl.program_id(0)
-    h = tl.program_id(1)
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    slot = tl.arange(0, KP)
-    mdk = dk < DK
-    mdv = dv < DV
-    mk = slot < K
-    cache_sh = (n * H + h)
-    S = tl.load(s0_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :],
-                mask=mdk[:, None] & mdv[None, :], other=0.0).to(tl.float32)
-    counts = tl.load(c0_ptr + cache_sh * K + slot, mask=mk, other=0)
-    info = tl.load(i0_ptr + cache_sh * K + slot, mask=mk, other=0.0).to(tl.float32)
-    n_o = tl.sum(tl.where(slot == 0, counts, 0))
-    S2 = tl.sum(tl.sum(S * S, 1), 0)
-    # this token's inputs are loaded one iteration ahead, so that the loads overlap the last token's work
-    tok = n * T * H + h
-    kt = tl.load(k_ptr + tok * DK + dk, mask=mdk, other=0.0).to(tl.float32)
-    vt = tl.load(v_ptr + tok * DV + dv, mask=mdv, other=0.0).to(tl.float32)
-    gt = tl.load(g_ptr + tok).to(tl.float32)
-    kvn = tl.load(kvn_ptr + tok)
-    for t in range(0, T):
-        tok = (n * T + t) * H + h
-        nxt = (n * T + tl.minimum(t + 1, T - 1)) * H + h
-        k_next = tl.load(k_ptr + nxt * DK + dk, mask=mdk, other=0.0).to(tl.float32)
-        v_next = tl.load(v_ptr + nxt * DV + dv, mask=mdv, other=0.0).to(tl.float32)
-        g_next = tl.load(g_ptr + nxt).to(tl.float32)
-        kvn_next = tl.load(kvn_ptr + nxt)
-        # spec step 1: information score against the open state before this token
-        kv = kt[:, None] * vt[None, :]
-        num = tl.sum(tl.sum(S * kv, 1), 0)
-        I, boundary, close = _score(num, kvn, S2, n_o, tau, K)
-        # spec step 2: close the open state; if K states are then closed, merge the adjacent pair
-        # of least mean information, oldest among ties. Old slots j, j+1 (j <= K-2) are the
-        # chronological pair i = K-2-j after the close. Most tokens close nothing: skip the work.
-        merge = n_o * 0 - 1
-        if close:
-            counts, info, merge = _close(counts, info, K, KP)
-            S = S * 0.0
-            S2 = S2 * 0.0
-            n_o = n_o * 0
-        # spec steps 3-4 for the open state (closed states do not matter to the schedule)
-        alpha = tl.exp(gt)
-        bt = tl.load(beta_ptr + tok).to(tl.float32)
-        kS = tl.sum(kt[:, None] * S, 0)
-        S = alpha * (S - bt * kt[:, None] * kS[None, :]) + bt * kv
-        S2 = tl.sum(tl.sum(S * S, 1), 0)
-        n_o = n_o + 1
-        counts = counts + tl.where(slot == 0, 1, 0)
-        info = info + tl.where(slot == 0, I, 0.0)
-        tl.store(I_ptr + tok, I)
-        tl.store(bnd_ptr + tok, boundary.to(tl.int8))
-        tl.store(merge_ptr + tok, merge)
-        kt, vt, gt, kvn = k_next, v_next, g_next, kvn_next
-    tl.store(c_ptr + cache_sh * K + slot, counts, mask=mk)
-    tl.store(info_ptr + cache_sh * K + slot, info, mask=mk)
-    tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
 
 
 CHUNK = 64       # tokens per chunk of the gla schedule: at most 64, the bits of one int64 close mask
@@ -631,38 +563,22 @@ def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk
 
 
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
-             info0: Tensor, tau: float, kvn: Optional[Tensor] = None, chunk: int = CHUNK, chunked: bool = False):
+             info0: Tensor, tau: float, kvn: Optional[Tensor] = None, chunk: int = CHUNK):
     """k, v [B, T, H, D] (any float dtype), g, beta [B, T, H]; open0 [B, H, DK, DV], counts0, info0
     [B, H, K] (float32 compute dtype; empty slots already zeroed); kvn: ||k_t|| ||v_t|| ([B, T, H]
-    float32) where the caller has it; chunk: the chunked paths' chunk length (16, 32 or 64); chunked:
-    the delta base's chunked path instead of its token-sequential kernel (gla is always chunked).
+    float32) where the caller has it; chunk: the chunk length (16, 32 or 64).
     Returns I, boundary, merge ([B, T, H]) and the final counts, info and open state."""
-    B, T, H, DK = k.shape
-    DV, K = v.shape[-1], counts0.shape[-1]
+    T = k.shape[1]
     if open0.dtype != torch.float32:
         raise ValueError(f"the Triton schedule computes in float32, got a {open0.dtype} cache")
+    if chunk not in (16, 32, 64):   # tl.dot needs 16 rows; a chunk's closes are one int64 bit mask
+        raise ValueError(f"the chunked schedule's chunk must be 16, 32 or 64, got {chunk}")
+    if triton.cdiv(T, chunk) > 65535:   # the chunks are the second grid dimension
+        raise ValueError(f"the chunked schedule kernels cover T <= {65535 * chunk} tokens per sequence, got {T}")
     k, v, g = k.contiguous(), v.contiguous(), g.contiguous()
-    # ||k_t|| ||v_t|| for every token at once, outside the sequential loop
+    # ||k_t|| ||v_t|| for every token at once, outside the sequential loops
     kvn = key_value_norms(k, v) if kvn is None else kvn.contiguous()
-    if beta is None or chunked:
-        if chunk not in (16, 32, 64):   # tl.dot needs 16 rows; a chunk's closes are one int64 bit mask
-            raise ValueError(f"the chunked schedule's chunk must be 16, 32 or 64, got {chunk}")
-        if triton.cdiv(T, chunk) > 65535:   # the chunks are the second grid dimension
-            raise ValueError(f"the chunked schedule kernels cover T <= {65535 * chunk} tokens per sequence, got {T}")
-        cache = (open0.contiguous(), counts0.contiguous(), info0.contiguous())
-        if beta is None:
-            return _gla_schedule(k, v, g, kvn, *cache, tau, chunk)
-        return _delta_schedule(k, v, g, beta.contiguous(), kvn, *cache, tau, chunk)
-    dev = k.device
-    I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
-    boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
-    merge = torch.empty(B, T, H, dtype=torch.int64, device=dev)
-    counts = torch.empty_like(counts0)
-    info = torch.empty_like(info0)
-    S = torch.empty_like(open0)
-    launch(_delta_schedule_kernel, (B, H), ("I_ptr", "bnd_ptr", "merge_ptr", "c_ptr", "info_ptr", "s_ptr"))(
-        k, v, g, beta.contiguous(), kvn, open0.contiguous(), counts0.contiguous(), info0.contiguous(),
-        I, boundary, merge, counts, info, S, T, H, float(tau),
-        DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
-        KP=triton.next_power_of_2(K), num_warps=WARPS)
-    return I, boundary.bool(), merge, counts, info, S
+    cache = (open0.contiguous(), counts0.contiguous(), info0.contiguous())
+    if beta is None:
+        return _gla_schedule(k, v, g, kvn, *cache, tau, chunk)
+    return _delta_schedule(k, v, g, beta.contiguous(), kvn, *cache, tau, chunk)

@@ -89,7 +89,7 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base="delta", dtype=torch.float32, decay=decay)
     init = None if cache_kind is None else random_cache(seed, 2, 2, K, DK, DV, torch.float32, kind=cache_kind)
     # (the reference would match the PyTorch path as well: check that the kernels are what ran; with
-    # DLA_BACKEND=triton the schedule is the chunked delta path, which runs the operator kernel too)
+    # the chunked delta schedule runs the operator kernel too)
     with mock.patch.object(readout, "forward", wraps=readout.forward) as forward, \
             mock.patch.object(readout, "state_sweeps", wraps=readout.state_sweeps) as sweeps, \
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked:

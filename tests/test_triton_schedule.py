@@ -20,21 +20,18 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("base, K, tau, dtype, cache_kind, decay, chunked", [
-    ("gla", 1, 0.6, torch.float32, None, 0.2, True),
-    ("gla", 3, 0.6, torch.float32, "normal", 0.2, True),
-    ("gla", 5, 0.3, torch.bfloat16, "garbage", 0.2, True),
-    ("gla", 4, 0.0, torch.float32, "open_empty", 0.2, True),
-    ("gla", 2, 1.0, torch.float32, "normal", 5.0, True),
-    ("delta", 2, 1.0, torch.float32, "open_empty", 0.2, False),
-    ("delta", 4, 0.6, torch.float16, "normal", 0.2, False),
-    ("delta", 40, 0.6, torch.float32, None, 0.2, False),
-    ("delta", 2, 1.0, torch.float32, "open_empty", 0.2, True),
-    ("delta", 4, 0.6, torch.float16, "normal", 0.2, True),
-    ("delta", 40, 0.6, torch.float32, None, 0.2, True),
-    ("delta", 3, 0.6, torch.float32, "garbage", 5.0, True),
+@pytest.mark.parametrize("base, K, tau, dtype, cache_kind, decay", [
+    ("gla", 1, 0.6, torch.float32, None, 0.2),
+    ("gla", 3, 0.6, torch.float32, "normal", 0.2),
+    ("gla", 5, 0.3, torch.bfloat16, "garbage", 0.2),
+    ("gla", 4, 0.0, torch.float32, "open_empty", 0.2),
+    ("gla", 2, 1.0, torch.float32, "normal", 5.0),
+    ("delta", 2, 1.0, torch.float32, "open_empty", 0.2),
+    ("delta", 4, 0.6, torch.float16, "normal", 0.2),
+    ("delta", 40, 0.6, torch.float32, None, 0.2),
+    ("delta", 3, 0.6, torch.float32, "garbage", 5.0),
 ])
-def test_kernel_matches_the_torch_schedule(base, K, tau, dtype, cache_kind, decay, chunked):
+def test_kernel_matches_the_torch_schedule(base, K, tau, dtype, cache_kind, decay):
     from dla_ops.kernels.schedule import schedule as triton_schedule
     x = make_inputs(K, B=2, T=33, H=2, DK=6, DV=5, K=K, base=base, dtype=dtype, decay=decay)
     x = {n: None if a is None else a.to(DEVICE) for n, a in x.items()}
@@ -44,7 +41,7 @@ def test_kernel_matches_the_torch_schedule(base, K, tau, dtype, cache_kind, deca
     open0 = torch_backend.ignore_empty_slots(init.states.to(DEVICE), counts0)[:, :, 0]
     info0 = torch_backend.ignore_empty_slots(init.info.to(DEVICE), counts0)
     I, boundary, merge, counts, info, _ = triton_schedule(x["k"], x["v"], x["g"], x["beta"], open0, counts0,
-                                                          info0, tau, chunked=chunked)
+                                                          info0, tau)
     tm = lambda a: None if a is None else a.transpose(1, 2).float()
     rI, rb, rm, rc, ri = torch_backend.schedule(tm(x["k"]), tm(x["v"]), tm(x["g"]), tm(x["beta"]), open0,
                                                 counts0, info0, tau)
@@ -94,16 +91,15 @@ def test_the_chunked_gla_schedule_equals_the_token_recurrence(seed, T, chunk, K,
 
 
 @settings(max_examples=6, deadline=None)
-@example(seed=1, T=250, K=3, tau=0.6, run=120, decay_bias=6.0, cached=False, chunked=True)   # ~100-token segments
-@example(seed=1, T=250, K=3, tau=0.6, run=120, decay_bias=6.0, cached=False, chunked=False)
-@given(seed=st.integers(0, 2**16), T=st.integers(1, 260), K=st.integers(1, 5), tau=st.sampled_from([0.3, 0.6, 1.0]),
-       run=st.sampled_from([3, 8, 40, 120]), decay_bias=st.sampled_from([6.0, -3.0]), cached=st.booleans(),
-       chunked=st.booleans())
-def test_the_delta_schedule_kernels_over_long_segments(seed, T, K, tau, run, decay_bias, cached, chunked):
-    """The delta schedule kernels (token-sequential, or chunked: segments that start inside a chunk
-    scored from [C, C] tables, a carried-in state by one product per chunk) against the PyTorch token
-    loop, with open segments of a few to many tokens that span chunks; and the final open state
-    against the segment since the last close, built token by token."""
+@example(seed=1, T=250, chunk=64, K=3, tau=0.6, run=120, decay_bias=6.0, cached=False)   # ~100-token segments
+@given(seed=st.integers(0, 2**16), T=st.integers(1, 260), chunk=st.sampled_from([16, 32, 64]), K=st.integers(1, 5),
+       tau=st.sampled_from([0.3, 0.6, 1.0]), run=st.sampled_from([3, 8, 40, 120]),
+       decay_bias=st.sampled_from([6.0, -3.0]), cached=st.booleans())
+def test_the_delta_schedule_kernels_over_long_segments(seed, T, chunk, K, tau, run, decay_bias, cached):
+    """The delta path (segments that start inside a chunk scored from [C, C] tables, a carried-in
+    state by one product per chunk) against the PyTorch token loop, with open segments of a few to
+    many tokens that span chunks; and the final open state against the segment since the last
+    close, built token by token."""
     from dla_ops.kernels.schedule import schedule as triton_schedule
     B, H, D = 2, 2, 16
     k, v, g = _regimes(seed, B, T, H, D, run, decay_bias)
@@ -117,7 +113,7 @@ def test_the_delta_schedule_kernels_over_long_segments(seed, T, K, tau, run, dec
     assume(bool((rI - tau).abs().min() > 1e-4))   # near-ties may flip: compare away from them
     dev = lambda a: a.to(DEVICE)
     I, boundary, merge, counts, info, S = triton_schedule(dev(k), dev(v), dev(g), dev(beta),
-                                                          *(dev(a) for a in args[:3]), tau, chunked=chunked)
+                                                          *(dev(a) for a in args[:3]), tau, chunk=chunk)
     assert torch.equal(boundary.cpu(), rb) and torch.equal(merge.cpu(), rm) and torch.equal(counts.cpu(), rc)
     torch.testing.assert_close(I.cpu(), rI, rtol=0, atol=2e-5)
     torch.testing.assert_close(info.cpu(), ri, rtol=1e-5, atol=1e-4)
