@@ -1,7 +1,7 @@
-"""The gla readout kernels one at a time on a GPU: the forward sweep, the backward's dq sweep and
-reverse sweep alone, and the whole backward (the dq sweep on a second stream beside the reverse
-sweep), on the schedule of the benchmark inputs (those of gpu_vs_peers.py); with --regs, also the
-compiled sweeps' registers, spills and shared memory.
+"""The gla readout kernels one at a time on a GPU: the forward (within-chunk kernel and sweep), the
+backward's within-chunk kernel, dq sweep and reverse sweep alone, and the whole backward, on the
+schedule of the benchmark inputs (those of gpu_vs_peers.py); with --regs, also the compiled
+kernels' registers, spills and shared memory.
 
     python benchmarks/sweep_parts.py [--T 32768] [--K 16] [--regs]"""
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import triton
 
 from dla_ops.backend import launch
 from dla_ops.kernels import readout
@@ -32,16 +33,23 @@ def main():
     do = torch.randn_like(q)
     dstates = torch.zeros(B, H, K, D, D, device=q.device)
     nvb = D // readout.BLOCK_V
+    NC = triton.cdiv(T, readout.CHUNK)
+    dq, dk_in = (torch.empty(B, T, H, D, device=q.device) for _ in range(2))
+    dv_in, dlam_in = torch.empty(B, T, H, D, device=q.device), torch.empty(B, T, H, K, device=q.device)
     dk = torch.empty(nvb, B, T, H, D, device=q.device)
     dv, ds0 = torch.empty_like(v), torch.empty_like(dstates)
     buf = torch.empty(B * H, 2, K, D, D, device=q.device)
+    common = dict(DK=D, DV=D, K=K, KP=readout._slots(K), C=readout.CHUNK, PREC="tf32")
     parts = {
-        "forward sweep (the output)": lambda: readout._forward(q, k, v, g, lam, s0, tables, scale, x=None, chunk=readout.CHUNK),
+        "forward (within-chunk kernel + sweep)": lambda: readout._forward(q, k, v, g, lam, s0, tables, scale, x=None, chunk=readout.CHUNK),
+        "within-chunk kernel": lambda: launch(readout._intra_backward_kernel, (B * H, NC))(
+            q, k, v, do, g, lam, tables, dq, dk_in, dv_in, dlam_in, T, H, tables.shape[2], scale, **common,
+            num_warps=readout.INTRA_WARPS),
         "dq sweep (with dlam)": lambda: readout._forward(do, v, k, g, lam, s0.transpose(-1, -2), tables, scale, x=q,
-                                                         chunk=readout.CHUNK, out_dtype=torch.float32),
+                                                         chunk=readout.CHUNK, within=dq),
         "reverse sweep": lambda: launch(readout._reverse_sweep_kernel, (B * H, nvb))(
-            q, k, v, g, lam, do, tables, dstates, buf, dk, dv, ds0, T, H, tables.shape[2], scale, DK=D, DV=D, K=K,
-            KP=readout._slots(K), C=readout.CHUNK, BV=readout.BLOCK_V, PREC="tf32", num_warps=readout.SWEEP_WARPS),
+            q, k, v, g, lam, do, tables, dstates, buf, dk_in, dv_in, dk, dv, ds0, T, H, tables.shape[2], scale,
+            **common, BV=readout.BLOCK_V, num_warps=readout.SWEEP_WARPS),
         "whole backward": lambda: readout.backward(do, dstates, q, k, v, g, lam, s0, tables, scale),
     }
     print(f"{torch.cuda.get_device_name()}, T={T}, K={K}, B={B}, H={H}, DK=DV={D}, bf16 inputs")
@@ -49,7 +57,8 @@ def main():
     for name, fn in parts.items():
         print(f"| {name} | {ms(fn):.2f} |")
     if a.regs:
-        for kernel in (readout._forward_sweep_kernel, readout._reverse_sweep_kernel):
+        for kernel in (readout._intra_forward_kernel, readout._forward_sweep_kernel, readout._intra_backward_kernel,
+                       readout._reverse_sweep_kernel):
             for cache in kernel.device_caches.values():
                 for compiled in cache[0].values():
                     print(f"{kernel.fn.__name__}: {compiled.n_regs} registers, {compiled.n_spills} spilled, "

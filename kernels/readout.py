@@ -20,12 +20,15 @@ registers instead, with the readout and the moves as single products over [KP, D
 measured slower on an H200 and runs out of shared memory at K = 32.)
 
 - ``_forward_sweep_kernel``: o and the final states. Run on (do, v, k) with the initial states
-  transposed it gives dq, and with ``WITH_DLAM`` the partial dlam of its block. With ``DELTA`` it
+  transposed it gives dq, and with ``WITH_DLAM`` the partial dlam of its block (in the backward,
+  without ``INTRA``: onto the within-chunk terms). With ``DELTA`` it
   reads the ``delta`` base's chunk operators from ``_delta_operators_kernel`` (the transition of a
   state over a chunk is a [DK, DK] product instead of a scalar decay). With ``KEEP`` it keeps the
   states at every chunk start, which the delta backward pairs with their gradients.
 - ``_state_gradient_kernel`` (delta): the gradient of the states at every chunk start, walking back
   from the final states' gradient.
+- ``_intra_backward_kernel`` (gla): the backward's terms within chunks (dq, dk, dv, dlam), one
+  program per chunk, all in parallel; the sweeps then carry only what crosses chunks.
 - ``_reverse_sweep_kernel``: dk (partial per value block), dv and the gradient of the initial
   states, going backwards through the chunks with the adjoint of each cache entry.
 - dg follows from the others: dg_t = <dS0, S0> + sum_{s < t} (k_s . dk_s - q_s . dq_s).
@@ -48,6 +51,7 @@ CHUNK = 64
 # more, smaller programs per head win.
 SWEEP_WARPS = 4
 BLOCK_V = 16
+INTRA_WARPS = 8
 GATE_BLOCK = 1024
 
 
@@ -106,26 +110,34 @@ def _rows(ptr, tok, valid, cols, D: tl.constexpr):
 
 
 @triton.jit
-def _chunk(q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP,
-           DK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr):
-    """What both sweeps read of chunk c: its token rows, q and k, the cumulative log-decay within the
-    chunk (Gc, and G_last at its last token), the chunk's rows of the table and of lam, the table's
-    last row, the causal mask, the intra-chunk decay and slot weights lam_t[slot(t, s)]."""
+def _chunk_rows(g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, K: tl.constexpr, C: tl.constexpr):
+    """Where chunk c's rows are: its tokens' offsets and validity, the cumulative log-decay within the
+    chunk (Gc, and G_last at its last token), and its rows of lam and of the table, and the table's
+    last row."""
     rc = tl.arange(0, C)
-    rk = tl.arange(0, DK)
-    slots = tl.arange(0, KP)
-    W = K + C
     t = c * C + rc
     valid = t < T
     tok = (b * T + t) * H + h
-    q = _rows(q_ptr, tok, valid, rk, DK)
-    k = _rows(k_ptr, tok, valid, rk, DK)
     Gc = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32), 0)
     last = tl.minimum(T - c * C, C) - 1
     G_last = tl.sum(tl.where(rc == last, Gc, 0.0), 0)
-    lam_row = lam_ptr + tok * K
-    tab_row = tab_ptr + (bh * TP + c * C + rc) * W
-    last_row = tab_ptr + (bh * TP + c * C + last) * W
+    tab_row = tab_ptr + (bh * TP + c * C + rc) * (K + C)
+    last_row = tab_ptr + (bh * TP + c * C + last) * (K + C)
+    return tok, valid, Gc, G_last, tab_row, lam_ptr + tok * K, last_row
+
+
+@triton.jit
+def _chunk(q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP,
+           DK: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, C: tl.constexpr):
+    """What the forward sweep and the within-chunk kernel read of chunk c: ``_chunk_rows``, its
+    token rows of q and k, the causal mask, the intra-chunk decay and slot weights lam_t[slot(t, s)]."""
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    slots = tl.arange(0, KP)
+    tok, valid, Gc, G_last, tab_row, lam_row, last_row = _chunk_rows(g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H,
+                                                                     TP, K, C)
+    q = _rows(q_ptr, tok, valid, rk, DK)
+    k = _rows(k_ptr, tok, valid, rk, DK)
     live = (rc[None, :] <= rc[:, None]) & valid[:, None]
     slot_in = tl.load(tab_row[:, None] + K + rc[None, :], mask=live, other=0).to(tl.int32)
     lam_in = tl.load(lam_row[:, None] + slot_in, mask=live, other=0.0).to(tl.float32)
@@ -182,15 +194,19 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
 
 
 @triton.jit
-def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, buf_ptr, o_ptr, sT_ptr,
+def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, buf_ptr, oi_ptr, o_ptr, sT_ptr,
                           x_ptr, dlam_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, T, H, TP, scale,
                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                           C: tl.constexpr, BV: tl.constexpr, WITH_DLAM: tl.constexpr,
-                          DELTA: tl.constexpr, PREC: tl.constexpr, KEEP: tl.constexpr = False):
+                          DELTA: tl.constexpr, PREC: tl.constexpr, KEEP: tl.constexpr = False,
+                          INTRA: tl.constexpr = True):
     """With DELTA, the chunk operators come from ``_delta_operators_kernel`` (qt_ptr, kt_ptr, A_ptr,
     Z_ptr): q~ and k~ replace the decayed q and k, A the decayed q k^T, and the state transition is
     the product with Z instead of the scalar decay. With KEEP, buf keeps the states at every chunk
-    start and at the end ([B * H, NC + 1, K, DK, DV]), for ``_state_gradient_kernel``'s pairing."""
+    start and at the end ([B * H, NC + 1, K, DK, DV]), for ``_state_gradient_kernel``'s pairing.
+    Without INTRA (gla), oi holds o's within-chunk terms in fp32 (``_intra_forward_kernel``, or
+    ``_intra_backward_kernel`` for dq) and the sweep adds the chunk-start states' readouts to them;
+    WITH_DLAM (only so) gives the chunk-start states' part of dlam."""
     bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, s0_ptr, T, H, DK, DV, K, KP, C, BV,
                                                                   KEEP)
     SZ = DK * DV
@@ -200,21 +216,21 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         tok, valid, q, k, Gc, G_last, tab_row, lam_row, last_row, live, slot_in, lam_in, decay, held = _chunk(
             q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
         v = _rows(v_ptr, tok, valid, rv, DV)
-        # intra-chunk: slot-weighted, decayed causal attention
         if DELTA:
             at = bh.to(tl.int64) * NC + c   # as in _delta_operators_kernel
-            R = tl.load(A_ptr + (at * C + rc[:, None]) * C + rc[None, :])
             Z = tl.load(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :])
-        else:
-            R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
-        o = tl.dot(R * lam_in, v, input_precision=PREC)
         if WITH_DLAM:
             x = _rows(x_ptr, tok, valid, rv, DV)
-            X = R * tl.dot(x, tl.trans(v), input_precision=PREC)
             dlam = tl.zeros([C, KP], dtype=tl.float32)
-            for j in range(K):
-                part = tl.sum(tl.where(live & (slot_in == j), X, 0.0), 1)
-                dlam += tl.where(slots[None, :] == j, part[:, None], 0.0)
+        if INTRA:
+            # intra-chunk: slot-weighted, decayed causal attention
+            if DELTA:
+                R = tl.load(A_ptr + (at * C + rc[:, None]) * C + rc[None, :])
+            else:
+                R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
+            o = tl.dot(R * lam_in, v, input_precision=PREC)
+        else:
+            o = tl.zeros([C, BV], dtype=tl.float32)
         # the chunk-start entries: their readout, and where each goes at the chunk end (entries only
         # move up or merge with a neighbour, so their images are non-decreasing)
         if DELTA:
@@ -264,8 +280,10 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
             if j >= first_old:
                 acc += tl.load(dst)
             tl.store(dst, acc)
-        tl.store(o_ptr + tok[:, None] * DV + rv[None, :], (scale * o).to(o_ptr.dtype.element_ty),
-                 mask=valid[:, None])
+        o = scale * o
+        if not INTRA:
+            o += tl.load(oi_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0)
+        tl.store(o_ptr + tok[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None])
         if WITH_DLAM:
             tl.store(dlam_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * K
                      + slots[None, :], scale * dlam, mask=held)
@@ -321,25 +339,25 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
 
 @triton.jit
 def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, dsT_ptr, buf_ptr,
-                          dk_ptr, dv_ptr, ds0_ptr, T, H, TP, scale,
+                          dki_ptr, dvi_ptr, dk_ptr, dv_ptr, ds0_ptr, T, H, TP, scale,
                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                           C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    # the adjoint of each cache entry, starting from the final cache's gradient
+    """The adjoint of each cache entry, starting from the final cache's gradient, and the terms of dk
+    and dv that cross chunks, added to the within-chunk terms (dki, dvi: ``_intra_backward_kernel``;
+    dki into value block 0's partial)."""
     bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, dsT_ptr, T, H, DK, DV, K, KP, C, BV)
     SZ = DK * DV
     for i in range(NC):
         c = NC - 1 - i
         cur = buf + (i % 2) * K * SZ
         nxt = buf + ((i + 1) % 2) * K * SZ
-        tok, valid, q, k, Gc, G_last, tab_row, lam_row, last_row, live, slot_in, lam_in, decay, held = _chunk(
-            q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
+        tok, valid, Gc, G_last, tab_row, lam_row, last_row = _chunk_rows(g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H,
+                                                                         TP, K, C)
+        k = _rows(k_ptr, tok, valid, rk, DK)
         v = _rows(v_ptr, tok, valid, rv, DV)
         do = _rows(do_ptr, tok, valid, rv, DV)
-        M = decay * lam_in
-        QK = tl.dot(q, tl.trans(k), input_precision=PREC)
-        DOV = tl.dot(do, tl.trans(v), input_precision=PREC)
-        dk = scale * tl.dot(tl.trans(M * DOV), q, input_precision=PREC)
-        dv = scale * tl.dot(tl.trans(M * QK), do, input_precision=PREC)
+        dk = _rows(dki_ptr, tok, valid & (rc * 0 + vb == 0), rk, DK)   # (a tensor mask, for the interpreter)
+        dv = _rows(dvi_ptr, tok, valid, rv, DV)
         # the chunk's tokens read the adjoint of the entry that holds them at the chunk end
         e_tok = tl.load(last_row + K + rc, mask=valid, other=-1).to(tl.int32)
         to_end = tl.exp(G_last - Gc)
@@ -349,13 +367,14 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
             f = tl.where(e_tok == j, to_end, 0.0)[:, None]
             dk += f * tl.dot(v, tl.trans(U), input_precision=PREC)
             dv += f * tl.dot(k, U, input_precision=PREC)
-        # stored now, so that the entry loop below does not keep them in registers (the sweep spills)
+        # stored now, so that the entry loop below does not keep them in registers
         tl.store(dk_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * DK + rk[None, :],
                  dk, mask=valid[:, None])
         tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
                  mask=valid[:, None])
-        # the adjoint of each chunk-start entry: its chunk-end entry's, plus this chunk's readouts
-        q_start = q * tl.exp(Gc)[:, None]
+        # the adjoint of each chunk-start entry: its chunk-end entry's, plus this chunk's readouts (q
+        # loaded only now, a cached read, so that it is not live through the token loop above)
+        q_start = _rows(q_ptr, tok, valid, rk, DK) * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
         # loads two entries ahead of the stores, as in the forward sweep
         U_next = tl.load(cur + tl.load(last_row).to(tl.int32) * SZ + tile)
@@ -371,6 +390,62 @@ def _reverse_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, do_ptr, tab_ptr, 
             tl.store(nxt + e * SZ + tile, U)
         tl.debug_barrier()
     _copy_tiles(ds0_ptr + bh * K * SZ, buf + (NC % 2) * K * SZ, tile, K, SZ)
+
+
+@triton.jit
+def _intra_forward_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, o_ptr, T, H, TP, scale,
+                          DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                          C: tl.constexpr, PREC: tl.constexpr):
+    """gla's output within chunks, for all chunks at once (one program per sequence, head and chunk),
+    in fp32: scale (M * q k^T) v, M as in ``_intra_backward_kernel``. The forward sweep adds the
+    chunk-start states' readouts; apart, its [C, C] tiles leave the sequential sweep's registers."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    tok, valid, q, k, _, _, _, _, _, _, _, lam_in, decay, _ = _chunk(
+        q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, bh // H, bh % H, bh, c, T, H, TP, DK, K, KP, C)
+    rv = tl.arange(0, DV)
+    v = _rows(v_ptr, tok, valid, rv, DV)
+    R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay * lam_in
+    tl.store(o_ptr + tok[:, None] * DV + rv[None, :], (scale * tl.dot(R, v, input_precision=PREC)).to(tl.float32),
+             mask=valid[:, None])
+
+
+@triton.jit
+def _intra_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, lam_ptr, tab_ptr, dq_ptr, dk_ptr, dv_ptr,
+                           dlam_ptr, T, H, TP, scale, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+                           KP: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """The gla backward's within-chunk terms, for all chunks at once (one program per sequence, head
+    and chunk), in fp32: with M[t, s] = lam_t[slot_t(s)] exp(G_t - G_s) for s <= t in the chunk,
+        dq = scale (M * do v^T) k,   dk = scale (M * do v^T)^T q,   dv = scale (M * q k^T)^T do,
+        dlam[t, j] = scale * sum over the chunk's tokens s in slot j of exp(G_t - G_s) (q_t . k_s) (do_t . v_s).
+    The sweeps add the terms that cross chunks. Apart from them because these [C, C] tiles, live
+    beside the sweeps' own, made the reverse sweep spill (ncu: 29.9 M local-memory requests)."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    tok, valid, q, k, _, _, _, _, _, live, slot_in, lam_in, decay, held = _chunk(
+        q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, bh // H, bh % H, bh, c, T, H, TP, DK, K, KP, C)
+    rk = tl.arange(0, DK)
+    rv = tl.arange(0, DV)
+    slots = tl.arange(0, KP)
+    v = _rows(v_ptr, tok, valid, rv, DV)
+    do = _rows(do_ptr, tok, valid, rv, DV)
+    QK = tl.dot(q, tl.trans(k), input_precision=PREC) * decay      # 0 off the chunk's causal pairs
+    DOV = tl.dot(do, tl.trans(v), input_precision=PREC)
+    X = QK * DOV
+    dlam = tl.zeros([C, KP], dtype=tl.float32)
+    for j in range(0, tl.max(tl.max(slot_in, 1), 0) + 1):   # the slots the chunk's tokens reach
+        part = tl.sum(tl.where(slot_in == j, X, 0.0), 1)
+        dlam += tl.where(slots[None, :] == j, part[:, None], 0.0)
+    # (scale multiplies results, not dot operands: Inductor passes it as fp64)
+    tl.store(dlam_ptr + tok[:, None] * K + slots[None, :], (scale * dlam).to(tl.float32), mask=held)
+    W = lam_in * decay * DOV
+    tl.store(dq_ptr + tok[:, None] * DK + rk[None, :], (scale * tl.dot(W, k, input_precision=PREC)).to(tl.float32),
+             mask=valid[:, None])
+    tl.store(dk_ptr + tok[:, None] * DK + rk[None, :],
+             (scale * tl.dot(tl.trans(W), q, input_precision=PREC)).to(tl.float32), mask=valid[:, None])
+    W = lam_in * QK
+    tl.store(dv_ptr + tok[:, None] * DV + rv[None, :],
+             (scale * tl.dot(tl.trans(W), do, input_precision=PREC)).to(tl.float32), mask=valid[:, None])
 
 
 @triton.jit
@@ -454,18 +529,17 @@ def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int = CHUNK) -> Tensor
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states0: Tensor, tables: Tensor,
-            scale: float, *, beta: Optional[Tensor] = None, x: Optional[Tensor] = None, chunk: int = CHUNK):
+            scale: float, *, beta: Optional[Tensor] = None, chunk: int = CHUNK):
     """o [B, T, H, DV] (q's dtype) and the final states [B, H, K, DK, DV] (fp32) on the schedule
     behind ``tables``; states0 (fp32) must have its empty slots zeroed. With ``beta`` ([B, T, H]) the
-    ``delta`` base, else ``gla``. For ``gla`` with ``x`` ([B, T, H, DV]) also the weight gradient
-    dlam[t, j] = scale * sum_{s in slot j} exp(G_t - G_s) (q_t . k_s) (x_t . v_s), [B, T, H, K] fp32."""
+    ``delta`` base, else ``gla``."""
     DK, DV = q.shape[-1], v.shape[-1]
     PK, PV = _width(DK), _width(DV)
     q, k, v, states0 = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(states0, PK, PV)
     _check_covered(q, v, lam.shape[-1])
     ops = None if beta is None else delta_operators(q, k, g, beta, chunk)
-    outs = _forward(q, k, v, g, lam, states0, tables, scale, x=_pad(x, PV), chunk=chunk, ops=ops)
-    return (outs[0][..., :DV], outs[1][..., :DK, :DV]) + outs[2:]
+    o, sT = _forward(q, k, v, g, lam, states0, tables, scale, x=None, chunk=chunk, ops=ops)
+    return o[..., :DV], sT[..., :DK, :DV]
 
 
 def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK):
@@ -483,7 +557,10 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
     return qt, kt, A, Z
 
 
-def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=None, ops=None, keep=False):
+def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, keep=False, within=None):
+    """The forward sweep's launch: o and the final states, or with ``keep`` (delta) the states at every
+    chunk start. For gla, o's within-chunk terms come from a parallel kernel first (``within``: given
+    by the caller, fp32, which then gets o in place; gla's backward passes dq's with ``x``, for dlam)."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     BV = _block_v(DV)
@@ -491,19 +568,28 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, out_dtype=Non
     q, k, v, g, lam = (t.contiguous() for t in (q, k, v, g, lam))
     # (gla reads no operator tensors: empty ones stand in, so that a traced launch copies nothing)
     qt, kt, A, Z = ops if ops is not None else (q.new_empty(0),) * 4
-    o = torch.empty(B, T, H, DV, dtype=out_dtype or q.dtype, device=q.device)
-    sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
+    blocks = dict(DK=DK, DV=DV, K=K, KP=_slots(K), C=chunk, PREC=_precision(q.dtype))
     copies = triton.cdiv(T, chunk) + 1 if keep else 2
     # each program's part of buf starts at an int64 offset; within it, offsets are 32-bit
     _check_offsets(copies * K * DK * DV, f"T={T}, K={K}, DK={DK}, DV={DV} (the states at every chunk start)")
+    if within is not None:
+        o = within
+    else:
+        o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
+        if ops is None and not keep:
+            within = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
+            launch(_intra_forward_kernel, (B * H, triton.cdiv(T, chunk)), ("o_ptr",))(
+                q, k, v, g, lam, tables, within, T, H, tables.shape[2], float(scale), **blocks,
+                num_warps=INTRA_WARPS)
+    sT = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, copies, K, DK, DV, dtype=torch.float32, device=q.device)
     # (without x the kernel never touches dlam: an empty tensor, so no argument aliases o)
     dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o.new_empty(0)
     launch(_forward_sweep_kernel, (B * H, nvb), ("buf_ptr", "o_ptr", "sT_ptr", "dlam_ptr"))(
-        q, k, v, g, lam, tables, states0.contiguous(), buf, o, sT, x.contiguous() if x is not None else v,
-        dlam, qt, kt, A, Z, T, H, tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K),
-        C=chunk, BV=BV, WITH_DLAM=x is not None, DELTA=ops is not None, PREC=_precision(q.dtype),
-        KEEP=keep, num_warps=SWEEP_WARPS)
+        q, k, v, g, lam, tables, states0.contiguous(), buf, o if within is None else within, o, sT,
+        x.contiguous() if x is not None else v, dlam, qt, kt, A, Z, T, H, tables.shape[2], float(scale),
+        BV=BV, WITH_DLAM=x is not None, DELTA=ops is not None, KEEP=keep, INTRA=within is None,
+        num_warps=SWEEP_WARPS, **blocks)
     if keep:
         return buf
     if x is not None:
@@ -555,29 +641,40 @@ def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
     BV = _block_v(DV)
     nvb = DV // BV
     do, q, k, v, g, lam = (t.contiguous() for t in (do.to(q.dtype), q, k, v, g, lam))
-    # dq is the forward readout of (do, v, k) against the transposed initial states (in fp32: dg
-    # below is a difference of sums of q . dq and k . dk). It does not depend on the reverse sweep:
-    # on a GPU it runs on a second stream beside it, since both sweeps are latency-bound programs
-    # that leave most of each SM idle.
+    NC = triton.cdiv(T, chunk)
+    # the terms within chunks, for all chunks at once; the sweeps below add those across chunks
+    dq = torch.empty(B, T, H, DK, dtype=torch.float32, device=q.device)
+    dk_in = torch.empty_like(dq)
+    dv_in = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
+    dlam_in = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    launch(_intra_backward_kernel, (B * H, NC), ("dq_ptr", "dk_ptr", "dv_ptr", "dlam_ptr"))(
+        q, k, v, do, g, lam, tables, dq, dk_in, dv_in, dlam_in, T, H, tables.shape[2], float(scale),
+        DK=DK, DV=DV, K=K, KP=_slots(K), C=chunk, PREC=_precision(q.dtype), num_warps=INTRA_WARPS)
+    # dq's remaining terms are the forward readout of (do, v, k) against the transposed initial
+    # states (in fp32: dg below is a difference of sums of q . dq and k . dk). They do not depend on
+    # the reverse sweep: on a GPU they run on a second stream beside it, since both sweeps are
+    # latency-bound programs that leave most of each SM idle (H200, T=32768, K=16: 16.9 ms for the
+    # whole backward, 18.1 in turn even with the reverse sweep at 8 warps, where it alone is 1 ms faster).
     # (not while torch.compile traces the kernels in: the graph has one stream)
     side = torch.cuda.Stream(q.device) if q.is_cuda and not is_tracing_kernels() else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(q.device))
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         dq, _, dlam = _forward(do, v, k, g, lam, states0.transpose(-1, -2), tables, scale, x=q, chunk=chunk,
-                               out_dtype=torch.float32)
+                               within=dq)
     dk_part = torch.empty(nvb, B, T, H, DK, dtype=torch.float32, device=q.device)
     dv = torch.empty(B, T, H, DV, dtype=v.dtype, device=q.device)
     ds0 = torch.empty(B, H, K, DK, DV, dtype=torch.float32, device=q.device)
     buf = torch.empty(B * H, 2, K, DK, DV, dtype=torch.float32, device=q.device)
     launch(_reverse_sweep_kernel, (B * H, nvb), ("buf_ptr", "dk_ptr", "dv_ptr", "ds0_ptr"))(
-        q, k, v, g, lam, do, tables, dstates.float().contiguous(), buf, dk_part, dv, ds0, T, H,
+        q, k, v, g, lam, do, tables, dstates.float().contiguous(), buf, dk_in, dv_in, dk_part, dv, ds0, T, H,
         tables.shape[2], float(scale), DK=DK, DV=DV, K=K, KP=_slots(K), C=chunk,
         BV=BV, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
     if side is not None:
         torch.cuda.current_stream(q.device).wait_stream(side)
         for t in (dq, dlam):
             t.record_stream(torch.cuda.current_stream(q.device))
+    dlam = dlam + dlam_in
     dk = dk_part.sum(0)
     # g_t scales every (sink at or after t, source before t) pair: sinks are outputs and the final
     # cache, sources tokens and the initial cache; what remains after cancelling both totals is this
