@@ -19,7 +19,10 @@ inputs of any float dtype, up to rounding (see the gla path's limit below).
   its transition mixes the state's rows, but a segment's k^T S_o is still a combination of the
   segment's values, with weights M that the operator kernel gives when the next token's key stands
   in for the query (docs/design.md). H200, B * H = 32, T = 32768: 21.4 ms against 44.4 ms for the
-  token-sequential kernel it replaced, with identical decisions (docs/benchmarks.md).
+  token-sequential kernel, with identical decisions (docs/benchmarks.md).
+  Feature sizes over 64 (``CHUNKED_DELTA_MAX_D``) take the token-sequential kernel
+  (``_delta_schedule_kernel``: one program per (sequence, head), sequential over T, with the open
+  state in registers), as the carry walk's tiles outgrow shared memory there.
 
 Per-slot counts and information sums live in ``[KP]`` vectors; a close and a merge are applied
 together as one selection matrix ``M[x, i]`` (new slot x takes old slot i), because register vectors
@@ -42,6 +45,7 @@ from dla_ops.torch_backend import key_value_norms
 # the spec's constants, from the one place that defines them (Triton reads globals as constexpr only)
 EPS = tl.constexpr(reference.EPS)
 MERGE_TIE_RTOL = tl.constexpr(reference.MERGE_TIE_RTOL)
+WARPS = 8   # the token-sequential delta kernel; H200 (gla, T = 32768): 18 ms at 8 warps, 27 at 4, 104 at 1
 
 
 @triton.jit
@@ -83,9 +87,78 @@ def _close(counts, info, K: tl.constexpr, KP: tl.constexpr):
     return tl.sum(tl.where(select, counts[None, :], 0), 1), tl.sum(tl.where(select, info[None, :], 0.0), 1), merge
 
 
+@triton.jit
+def _delta_schedule_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, s0_ptr, c0_ptr, i0_ptr,
+                           I_ptr, bnd_ptr, merge_ptr, c_ptr, info_ptr, s_ptr,
+                           T, H, tau,
+                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+                           BDK: tl.constexpr, BDV: tl.constexpr, KP: tl.constexpr):
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    slot = tl.arange(0, KP)
+    mdk = dk < DK
+    mdv = dv < DV
+    mk = slot < K
+    cache_sh = (n * H + h)
+    S = tl.load(s0_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :],
+                mask=mdk[:, None] & mdv[None, :], other=0.0).to(tl.float32)
+    counts = tl.load(c0_ptr + cache_sh * K + slot, mask=mk, other=0)
+    info = tl.load(i0_ptr + cache_sh * K + slot, mask=mk, other=0.0).to(tl.float32)
+    n_o = tl.sum(tl.where(slot == 0, counts, 0))
+    S2 = tl.sum(tl.sum(S * S, 1), 0)
+    # this token's inputs are loaded one iteration ahead, so that the loads overlap the last token's work
+    tok = n * T * H + h
+    kt = tl.load(k_ptr + tok * DK + dk, mask=mdk, other=0.0).to(tl.float32)
+    vt = tl.load(v_ptr + tok * DV + dv, mask=mdv, other=0.0).to(tl.float32)
+    gt = tl.load(g_ptr + tok).to(tl.float32)
+    kvn = tl.load(kvn_ptr + tok)
+    for t in range(0, T):
+        tok = (n * T + t) * H + h
+        nxt = (n * T + tl.minimum(t + 1, T - 1)) * H + h
+        k_next = tl.load(k_ptr + nxt * DK + dk, mask=mdk, other=0.0).to(tl.float32)
+        v_next = tl.load(v_ptr + nxt * DV + dv, mask=mdv, other=0.0).to(tl.float32)
+        g_next = tl.load(g_ptr + nxt).to(tl.float32)
+        kvn_next = tl.load(kvn_ptr + nxt)
+        # spec step 1: information score against the open state before this token
+        kv = kt[:, None] * vt[None, :]
+        num = tl.sum(tl.sum(S * kv, 1), 0)
+        I, boundary, close = _score(num, kvn, S2, n_o, tau, K)
+        # spec step 2: close the open state; if K states are then closed, merge the adjacent pair
+        # of least mean information, oldest among ties. Old slots j, j+1 (j <= K-2) are the
+        # chronological pair i = K-2-j after the close. Most tokens close nothing: skip the work.
+        merge = n_o * 0 - 1
+        if close:
+            counts, info, merge = _close(counts, info, K, KP)
+            S = S * 0.0
+            S2 = S2 * 0.0
+            n_o = n_o * 0
+        # spec steps 3-4 for the open state (closed states do not matter to the schedule)
+        alpha = tl.exp(gt)
+        bt = tl.load(beta_ptr + tok).to(tl.float32)
+        kS = tl.sum(kt[:, None] * S, 0)
+        S = alpha * (S - bt * kt[:, None] * kS[None, :]) + bt * kv
+        S2 = tl.sum(tl.sum(S * S, 1), 0)
+        n_o = n_o + 1
+        counts = counts + tl.where(slot == 0, 1, 0)
+        info = info + tl.where(slot == 0, I, 0.0)
+        tl.store(I_ptr + tok, I)
+        tl.store(bnd_ptr + tok, boundary.to(tl.int8))
+        tl.store(merge_ptr + tok, merge)
+        kt, vt, gt, kvn = k_next, v_next, g_next, kvn_next
+    tl.store(c_ptr + cache_sh * K + slot, counts, mask=mk)
+    tl.store(info_ptr + cache_sh * K + slot, info, mask=mk)
+    tl.store(s_ptr + cache_sh * DK * DV + dk[:, None] * DV + dv[None, :], S, mask=mdk[:, None] & mdv[None, :])
+
+
 CHUNK = 64       # tokens per chunk of the gla schedule: at most 64, the bits of one int64 close mask
 CHUNK_WARPS = 4  # H200, T = 32768: chunk 64 at 4 warps 9.1 ms; at 8 warps 11.9; chunk 32 12.9 / 17.3
 MERGE_WARPS = 4  # H200, T = 32768: schedule 8.4 / 9.2 ms at K = 16 / 32 (1 warp: 8.9 / 12.2)
+# the delta carry walk holds the open state and the chunk's transition Z whole: at DK = DV = 128 it
+# needs 256 KB of shared memory (Triton 3.6, H200: OutOfResources; sm_90 allows 227 KB), so larger
+# feature sizes take the token-sequential delta kernel, which keeps its state in registers
+CHUNKED_DELTA_MAX_D = 64
 STAGES = 2       # software pipelining of the sequential kernels' chunk loads: 8.90 ms against 9.05 at 1
 
 
@@ -581,4 +654,17 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     cache = (open0.contiguous(), counts0.contiguous(), info0.contiguous())
     if beta is None:
         return _gla_schedule(k, v, g, kvn, *cache, tau, chunk)
-    return _delta_schedule(k, v, g, beta.contiguous(), kvn, *cache, tau, chunk)
+    if max(k.shape[-1], v.shape[-1]) <= CHUNKED_DELTA_MAX_D:
+        return _delta_schedule(k, v, g, beta.contiguous(), kvn, *cache, tau, chunk)
+    B, T, H, DK = k.shape
+    DV, K = v.shape[-1], counts0.shape[-1]
+    dev = k.device
+    I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
+    merge = torch.empty(B, T, H, dtype=torch.int64, device=dev)
+    counts, info, S = torch.empty_like(counts0), torch.empty_like(info0), torch.empty_like(open0)
+    launch(_delta_schedule_kernel, (B, H), ("I_ptr", "bnd_ptr", "merge_ptr", "c_ptr", "info_ptr", "s_ptr"))(
+        k, v, g, beta.contiguous(), kvn, *cache, I, boundary, merge, counts, info, S, T, H, float(tau),
+        DK=DK, DV=DV, K=K, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
+        KP=triton.next_power_of_2(K), num_warps=WARPS)
+    return I, boundary.bool(), merge, counts, info, S

@@ -4,6 +4,8 @@ Without a GPU the kernel runs in Triton's interpreter on CPU tensors (conftest.p
 TRITON_INTERPRET before anything imports triton)."""
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,28 +22,32 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@pytest.mark.parametrize("base, K, tau, dtype, cache_kind, decay", [
-    ("gla", 1, 0.6, torch.float32, None, 0.2),
-    ("gla", 3, 0.6, torch.float32, "normal", 0.2),
-    ("gla", 5, 0.3, torch.bfloat16, "garbage", 0.2),
-    ("gla", 4, 0.0, torch.float32, "open_empty", 0.2),
-    ("gla", 2, 1.0, torch.float32, "normal", 5.0),
-    ("delta", 2, 1.0, torch.float32, "open_empty", 0.2),
-    ("delta", 4, 0.6, torch.float16, "normal", 0.2),
-    ("delta", 40, 0.6, torch.float32, None, 0.2),
-    ("delta", 3, 0.6, torch.float32, "garbage", 5.0),
+@pytest.mark.parametrize("base, K, tau, dtype, cache_kind, decay, dims", [
+    ("gla", 1, 0.6, torch.float32, None, 0.2, (6, 5)),
+    ("gla", 3, 0.6, torch.float32, "normal", 0.2, (6, 5)),
+    ("gla", 5, 0.3, torch.bfloat16, "garbage", 0.2, (6, 5)),
+    ("gla", 4, 0.0, torch.float32, "open_empty", 0.2, (6, 5)),
+    ("gla", 2, 1.0, torch.float32, "normal", 5.0, (6, 5)),
+    ("delta", 2, 1.0, torch.float32, "open_empty", 0.2, (6, 5)),
+    ("delta", 4, 0.6, torch.float16, "normal", 0.2, (6, 5)),
+    ("delta", 40, 0.6, torch.float32, None, 0.2, (6, 5)),
+    ("delta", 3, 0.6, torch.float32, "garbage", 5.0, (6, 5)),
+    ("delta", 3, 0.6, torch.float32, "normal", 0.2, (72, 65)),   # past CHUNKED_DELTA_MAX_D: token-sequential
 ])
-def test_kernel_matches_the_torch_schedule(base, K, tau, dtype, cache_kind, decay):
-    from dla_ops.kernels.schedule import schedule as triton_schedule
-    x = make_inputs(K, B=2, T=33, H=2, DK=6, DV=5, K=K, base=base, dtype=dtype, decay=decay)
+def test_kernel_matches_the_torch_schedule(base, K, tau, dtype, cache_kind, decay, dims):
+    from dla_ops.kernels import schedule
+    DK, DV = dims
+    x = make_inputs(K, B=2, T=33, H=2, DK=DK, DV=DV, K=K, base=base, dtype=dtype, decay=decay)
     x = {n: None if a is None else a.to(DEVICE) for n, a in x.items()}
-    init = dla_ops.DLACache.empty(2, 2, K, 6, 5) if cache_kind is None else \
-        random_cache(K, 2, 2, K, 6, 5, torch.float32, kind=cache_kind)
+    init = dla_ops.DLACache.empty(2, 2, K, DK, DV) if cache_kind is None else \
+        random_cache(K, 2, 2, K, DK, DV, torch.float32, kind=cache_kind)
     counts0 = init.counts.to(DEVICE)
     open0 = torch_backend.ignore_empty_slots(init.states.to(DEVICE), counts0)[:, :, 0]
     info0 = torch_backend.ignore_empty_slots(init.info.to(DEVICE), counts0)
-    I, boundary, merge, counts, info, _ = triton_schedule(x["k"], x["v"], x["g"], x["beta"], open0, counts0,
-                                                          info0, tau)
+    with mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked:
+        I, boundary, merge, counts, info, _ = schedule.schedule(x["k"], x["v"], x["g"], x["beta"], open0, counts0,
+                                                                info0, tau)
+    assert chunked.called == (base == "delta" and max(dims) <= schedule.CHUNKED_DELTA_MAX_D)
     tm = lambda a: None if a is None else a.transpose(1, 2).float()
     rI, rb, rm, rc, ri = torch_backend.schedule(tm(x["k"]), tm(x["v"]), tm(x["g"]), tm(x["beta"]), open0,
                                                 counts0, info0, tau)

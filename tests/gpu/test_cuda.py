@@ -20,9 +20,9 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-3}
 
 @pytest.mark.parametrize("base", ["gla", "delta"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("T, K", [(63, 4), (200, 16)])
-def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K):
-    x = make_inputs(7, B=2, T=T, H=2, DK=32, DV=32, K=K, base=base, dtype=dtype)
+@pytest.mark.parametrize("T, K, D", [(63, 4, 32), (200, 16, 32), (130, 8, 128)])
+def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K, D):
+    x = make_inputs(7, B=2, T=T, H=2, DK=D, DV=D, K=K, base=base, dtype=dtype)
     xc = {n: None if a is None else a.cuda().requires_grad_() for n, a in x.items()}
     o, cache, sched = run("op", xc, tau=0.6, output_final_cache=True, return_schedule=True)
     assert o.is_cuda and cache.states.is_cuda and sched.merge.is_cuda
