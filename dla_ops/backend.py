@@ -27,7 +27,8 @@ def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: s
                        backward: bool = False) -> bool:
     """The readout (``backward``: its backward): Triton covers float32 compute with K up to
     ``MAX_KERNEL_K``, for the ``gla`` forward and backward and the ``delta`` forward. The ``delta``
-    backward has no kernel yet (``torch_backend.readout_backward``, under either backend)."""
+    backward is ``torch_backend.readout_backward`` under either backend, with its two walks over the
+    chunks on Triton where this holds (``use_triton_state_sweeps``)."""
     if not use_triton_schedule(device, compute_dtype):
         return False
     if base == "delta" and backward:

@@ -12,10 +12,12 @@ token's close and merge slot (as ``torch_backend.slot_tables`` does).
 
 The sweeps run one program per (sequence, head, block of the value dimension), sequential over
 chunks, with the K states of the cache at the chunk start in an fp32 scratch buffer (two copies,
-swapped per chunk; small enough to stay in L2; with ``KEEP``, one copy per chunk start). Per chunk they do the intra-chunk attention with the
-slot-dependent weights, the readout of the K chunk-start states, and the states at the chunk end:
-entry j at the chunk end is the sum of the chunk-start entries and chunk tokens that the table's
-last row maps to j. Nothing of size T * K * DK * DV is ever stored. (Holding the K states in
+swapped per chunk; small enough to stay in L2; with ``KEEP``, one copy per chunk start). Per chunk
+they do the readout of the K chunk-start states and the states at the chunk end: entry j at the
+chunk end is the sum of the chunk-start entries and chunk tokens that the table's last row maps to
+j. The intra-chunk attention with the slot-dependent weights is, for gla, a separate kernel over all
+chunks at once (``_intra_forward_kernel``; for delta the sweep does it). Nothing of size
+T * K * DK * DV is ever stored. (Holding the K states in
 registers instead, with the readout and the moves as single products over [KP, DK, BV] tensors, was
 measured slower on an H200 and runs out of shared memory at K = 32.)
 
@@ -27,6 +29,7 @@ measured slower on an H200 and runs out of shared memory at K = 32.)
   states at every chunk start, which the delta backward pairs with their gradients.
 - ``_state_gradient_kernel`` (delta): the gradient of the states at every chunk start, walking back
   from the final states' gradient.
+- ``_intra_forward_kernel`` (gla): o's terms within chunks, one program per chunk, all in parallel.
 - ``_intra_backward_kernel`` (gla): the backward's terms within chunks (dq, dk, dv, dlam), one
   program per chunk, all in parallel; the sweeps then carry only what crosses chunks.
 - ``_reverse_sweep_kernel``: dk (partial per value block), dv and the gradient of the initial
@@ -46,7 +49,7 @@ from torch import Tensor
 from dla_ops.backend import MAX_KERNEL_K, is_tracing_kernels, launch
 
 CHUNK = 64
-# measured on an H200, T=32768, K=16 (fwd sweep / backward ms): 16 columns and 4 warps 10.4 / 34.2,
+# measured on an H200, T=32768, K=16, before the within-chunk kernels (fwd sweep / backward ms): 16 columns and 4 warps 10.4 / 34.2,
 # 32 columns 15.2 / 40.7, 64 columns 37.9 / 81.3; 8 warps no better at 16 columns. Latency-bound:
 # more, smaller programs per head win.
 SWEEP_WARPS = 4
@@ -207,6 +210,7 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
     Without INTRA (gla), oi holds o's within-chunk terms in fp32 (``_intra_forward_kernel``, or
     ``_intra_backward_kernel`` for dq) and the sweep adds the chunk-start states' readouts to them;
     WITH_DLAM (only so) gives the chunk-start states' part of dlam."""
+    tl.static_assert(not (WITH_DLAM and INTRA), "dlam's within-chunk part comes from _intra_backward_kernel")
     bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, s0_ptr, T, H, DK, DV, K, KP, C, BV,
                                                                   KEEP)
     SZ = DK * DV
@@ -488,8 +492,9 @@ def _check_covered(q: Tensor, v: Tensor, K: int) -> None:
         raise ValueError("the Triton readout computes in float32; float64 inputs are not covered")
     B, T, H, DK = q.shape
     DV = v.shape[-1]
-    # the largest offsets: the per-value-block partials of dk and dlam, and the value rows
-    _check_offsets(max(DV // _block_v(DV) * B * T * H * max(DK, K), B * T * H * DV),
+    # the largest offsets: the per-value-block partials of dk (reverse sweep) and of dlam (the dq sweep,
+    # whose value blocks are DK's), and the value rows
+    _check_offsets(max(DV // _block_v(DV) * B * T * H * DK, DK // _block_v(DK) * B * T * H * K, B * T * H * DV),
                    f"B={B}, T={T}, H={H}, DK={DK}, DV={DV}, K={K}")
 
 
@@ -561,6 +566,7 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, kee
     """The forward sweep's launch: o and the final states, or with ``keep`` (delta) the states at every
     chunk start. For gla, o's within-chunk terms come from a parallel kernel first (``within``: given
     by the caller, fp32, which then gets o in place; gla's backward passes dq's with ``x``, for dlam)."""
+    assert x is None or within is not None, "dlam's within-chunk part comes with `within`"
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     BV = _block_v(DV)
@@ -586,7 +592,7 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, kee
     # (without x the kernel never touches dlam: an empty tensor, so no argument aliases o)
     dlam = torch.empty(nvb, B, T, H, K, dtype=torch.float32, device=q.device) if x is not None else o.new_empty(0)
     launch(_forward_sweep_kernel, (B * H, nvb), ("buf_ptr", "o_ptr", "sT_ptr", "dlam_ptr"))(
-        q, k, v, g, lam, tables, states0.contiguous(), buf, o if within is None else within, o, sT,
+        q, k, v, g, lam, tables, states0.contiguous(), buf, o.new_empty(0) if within is None else within, o, sT,
         x.contiguous() if x is not None else v, dlam, qt, kt, A, Z, T, H, tables.shape[2], float(scale),
         BV=BV, WITH_DLAM=x is not None, DELTA=ops is not None, KEEP=keep, INTRA=within is None,
         num_warps=SWEEP_WARPS, **blocks)
@@ -653,7 +659,7 @@ def _backward(do, dstates, q, k, v, g, lam, states0, tables, scale, chunk):
     # dq's remaining terms are the forward readout of (do, v, k) against the transposed initial
     # states (in fp32: dg below is a difference of sums of q . dq and k . dk). They do not depend on
     # the reverse sweep: on a GPU they run on a second stream beside it, since both sweeps are
-    # latency-bound programs that leave most of each SM idle (H200, T=32768, K=16: 16.9 ms for the
+    # latency-bound programs that leave most of each SM idle (H200, T=32768, K=16: 16.6 ms for the
     # whole backward, 18.1 in turn even with the reverse sweep at 8 warps, where it alone is 1 ms faster).
     # (not while torch.compile traces the kernels in: the graph has one stream)
     side = torch.cuda.Stream(q.device) if q.is_cuda and not is_tracing_kernels() else None

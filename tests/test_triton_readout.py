@@ -59,6 +59,10 @@ def _check_against_reference(x: dict, init, tau: float, tol: float, cu_seqlens=N
 @given(seed=st.integers(0, 10_000), T=st.integers(1, 130), K=st.integers(1, 6),
        dims=st.sampled_from([(3, 5), (8, 16), (16, 16)]), tau=st.sampled_from([0.0, 0.3, 0.6, 1.0, 2.5]),
        cache_kind=st.sampled_from([None, "normal", "open_empty", "garbage"]))
+# two value blocks (DV = 32) and, for the dq sweep, two key blocks (DK = 32): the within-chunk dk goes
+# into block 0's partial only, and the partials' offsets run past the first block
+@example(seed=5, T=70, K=3, dims=(16, 32), tau=0.6, cache_kind="normal")
+@example(seed=6, T=70, K=3, dims=(32, 16), tau=0.6, cache_kind=None)
 def test_gla_kernels_match_the_reference(seed, T, K, dims, tau, cache_kind):
     DK, DV = dims
     x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=DV, K=K, dtype=torch.float32, decay=1.0)
@@ -88,8 +92,8 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     DK, DV = dims
     x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base="delta", dtype=torch.float32, decay=decay)
     init = None if cache_kind is None else random_cache(seed, 2, 2, K, DK, DV, torch.float32, kind=cache_kind)
-    # (the reference would match the PyTorch path as well: check that the kernels are what ran; with
-    # the chunked delta schedule runs the operator kernel too)
+    # (the reference would match the PyTorch path as well: check that the kernels are what ran; the
+    # chunked delta schedule runs the operator kernel too)
     with mock.patch.object(readout, "forward", wraps=readout.forward) as forward, \
             mock.patch.object(readout, "state_sweeps", wraps=readout.state_sweeps) as sweeps, \
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked:

@@ -97,17 +97,18 @@ def test_the_chunked_gla_schedule_equals_the_token_recurrence(seed, T, chunk, K,
 
 
 @settings(max_examples=6, deadline=None)
-@example(seed=1, T=250, chunk=64, K=3, tau=0.6, run=120, decay_bias=6.0, cached=False)   # ~100-token segments
+@example(seed=1, T=250, chunk=64, K=3, tau=0.6, run=120, decay_bias=6.0, cached=False, D=16)   # ~100-token segments
+@example(seed=2, T=200, chunk=64, K=3, tau=0.6, run=40, decay_bias=6.0, cached=True, D=72)     # token-sequential
 @given(seed=st.integers(0, 2**16), T=st.integers(1, 260), chunk=st.sampled_from([16, 32, 64]), K=st.integers(1, 5),
        tau=st.sampled_from([0.3, 0.6, 1.0]), run=st.sampled_from([3, 8, 40, 120]),
-       decay_bias=st.sampled_from([6.0, -3.0]), cached=st.booleans())
-def test_the_delta_schedule_kernels_over_long_segments(seed, T, chunk, K, tau, run, decay_bias, cached):
-    """The delta path (segments that start inside a chunk scored from [C, C] tables, a carried-in
-    state by one product per chunk) against the PyTorch token loop, with open segments of a few to
-    many tokens that span chunks; and the final open state against the segment since the last
-    close, built token by token."""
+       decay_bias=st.sampled_from([6.0, -3.0]), cached=st.booleans(), D=st.just(16))
+def test_the_delta_schedule_kernels_over_long_segments(seed, T, chunk, K, tau, run, decay_bias, cached, D):
+    """The delta kernels (chunked: segments that start inside a chunk scored from [C, C] tables, a
+    carried-in state by one product per chunk; or, past CHUNKED_DELTA_MAX_D, token-sequential)
+    against the PyTorch token loop, with open segments of a few to many tokens that span chunks; and
+    the final open state against the segment since the last close, built token by token."""
     from dla_ops.kernels.schedule import schedule as triton_schedule
-    B, H, D = 2, 2, 16
+    B, H = 2, 2
     k, v, g = _regimes(seed, B, T, H, D, run, decay_bias)
     beta = torch.rand(B, T, H, generator=torch.Generator().manual_seed(seed))
     init = random_cache(seed, B, H, K, D, D, torch.float32) if cached else dla_ops.DLACache.empty(B, H, K, D, D)

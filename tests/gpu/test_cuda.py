@@ -42,20 +42,21 @@ def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K, D):
 def test_cuda_delta_kernels_match_the_reference(dtype, T, K):
     """The delta kernels on CUDA's default path: the chunked schedule, the forward readout and the
     backward's two state sweeps; the rest of the backward is PyTorch's readout_backward."""
-    from dla_ops.kernels import readout
+    from dla_ops.kernels import readout, schedule
     x = make_inputs(9, B=2, T=T, H=2, DK=32, DV=32, K=K, base="delta", dtype=dtype)
     init = random_cache(9, 2, 2, K, 32, 32, torch.float32)
     xc = {n: a.cuda().requires_grad_() for n, a in x.items()}
     s0 = init.states.cuda().requires_grad_()
     gen = torch.Generator().manual_seed(0)
     with mock.patch.dict(os.environ, {"DLA_BACKEND": ""}), \
+            mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked, \
             mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators, \
             mock.patch.object(readout, "state_sweeps", wraps=readout.state_sweeps) as state_sweeps:
         o, cache, sched = run("op", xc, tau=0.6, initial_cache=DLACache(s0, init.counts.cuda(), init.info.cuda()),
                               output_final_cache=True, return_schedule=True)
         wo, ws = (torch.randn(a.shape, generator=gen).to(a) for a in (o, cache.states))
         ((o.float() * wo.float()).sum() + (cache.states * ws).sum()).backward()
-    assert operators.called and state_sweeps.called
+    assert chunked.called and operators.called and state_sweeps.called
     x64 = {n: a.detach().double().requires_grad_() for n, a in x.items()}
     init64 = cache64(init)._replace(states=init.states.detach().double().requires_grad_())
     s64 = init64.states
