@@ -6,11 +6,15 @@ memory differs) and matched training budget, each with the same learning-rate sw
     python benchmarks/recall.py --tiny            # a CPU check of the whole pipeline (seconds)
 
 For each (task, T, N) and mixer the table reports the best held-out answer accuracy over the sweep
-and the learning rate that gave it."""
+and the learning rate that gave it. A grid longer than one sitting runs in parts:
+``--runs docs/recall_runs.jsonl --minutes 8`` skips the runs already in the file, appends each new
+one, starts none after 8 minutes, and writes the table of what the file holds so far."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,30 +64,62 @@ def with_fla(device: str) -> dict:
     return {**MIXERS, FLA[0]: FLA[1]}
 
 
-def run(grid: dict, device: str, mixers=MIXERS, progress: bool = True) -> list[dict]:
-    rows = []
+def run_key(r: dict) -> tuple:
+    """What identifies one training run: its setting, mixer, learning rate and the grid's budget."""
+    return tuple(r[f] for f in ("task", "T", "N", "mixer", "lr", "steps", "batch", "hidden", "vocab"))
+
+
+def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=frozenset(), deadline=None):
+    """Yield one record per training run of the grid (settings x mixers x learning rates, in that
+    order), skipping the runs whose ``run_key`` is in ``done`` and starting none after ``deadline``
+    (a ``time.time()``)."""
+    budget = dict(steps=grid["steps"], batch=grid["batch"], hidden=grid["hidden"], vocab=grid["vocab"])
     for name, T, N in grid["settings"]:
         make = task(name, T, N, grid["vocab"])
         for mixer, overrides in mixers.items():
-            best = None
             for lr in grid["lrs"]:
+                record = dict(task=name, T=T, N=N, mixer=mixer, lr=lr, **budget)
+                if run_key(record) in done:
+                    continue
+                if deadline is not None and time.time() > deadline:
+                    return
                 config = DLAConfig(vocab_size=grid["vocab"], hidden_size=grid["hidden"], num_hidden_layers=2,
                                    num_heads=2, **overrides)
-                r = train_recall(config, make, grid["steps"], grid["batch"], lr, seed=0, device=device,
-                                 progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}")
-                if best is None or r["accuracy"] > best["accuracy"]:
-                    best = dict(task=name, T=T, N=N, mixer=mixer, lr=lr, **r)
-            rows.append(best)
+                yield dict(record, **train_recall(config, make, grid["steps"], grid["batch"], lr, seed=0, device=device,
+                                                  progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}"))
+
+
+def best(records: list[dict], grid: dict, mixers) -> list[dict]:
+    """Per (setting, mixer) of the grid, the run of highest accuracy among ``records`` (those of this
+    grid's budget), with ``swept``: how many of the sweep's learning rates it was chosen from."""
+    wanted = {run_key(dict(task=n, T=T, N=N, mixer=m, lr=lr, steps=grid["steps"], batch=grid["batch"],
+                           hidden=grid["hidden"], vocab=grid["vocab"]))
+              for n, T, N in grid["settings"] for m in mixers for lr in grid["lrs"]}
+    rows = []
+    for name, T, N in grid["settings"]:
+        for mixer in mixers:
+            runs = [r for r in records if run_key(r) in wanted and (r["task"], r["T"], r["N"], r["mixer"]) ==
+                    (name, T, N, mixer)]
+            if runs:
+                rows.append(dict(max(runs, key=lambda r: r["accuracy"]), swept=f"{len(runs)}/{len(grid['lrs'])}"))
     return rows
 
 
+def run(grid: dict, device: str, mixers=MIXERS, progress: bool = True) -> list[dict]:
+    """The whole grid in one sitting: the best run per (setting, mixer)."""
+    return best(list(sweep(grid, device, mixers, progress)), grid, mixers)
+
+
 def write(rows: list[dict], out: Path, header: str) -> str:
-    lines = [header, "", "| task | T | N | mixer | accuracy | best lr | seconds |", "|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| task | T | N | mixer | accuracy | best lr | lrs run | seconds |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['T']} | {r['N']} | {r['mixer']} | {r['accuracy']:.3f} | {r['lr']:g} | "
-              f"{r['seconds']:.0f} |" for r in rows]
+              f"{r['swept']} | {r['seconds']:.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    if not rows:
+        return text
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,6 +149,9 @@ def main():
     p.add_argument("--steps", type=int, help="training steps per run (default: the grid's)")
     p.add_argument("--lrs", type=float, nargs="+", help="the learning-rate sweep (default: the grid's)")
     p.add_argument("--out", default="docs/results.md")
+    p.add_argument("--runs", help="JSON lines of finished runs: runs already in it are skipped and each new "
+                                  "one is appended (a grid in parts)")
+    p.add_argument("--minutes", type=float, help="start no run after this many minutes")
     a = p.parse_args()
     grid = dict(TINY if a.tiny else FULL)
     if a.task:
@@ -122,13 +161,25 @@ def main():
     if a.lrs:
         grid["lrs"] = tuple(a.lrs)
     mixers = MIXERS if a.tiny else with_fla(a.device)
-    rows = run(grid, a.device, mixers)
+    runs = Path(a.runs) if a.runs else None
+    records = [json.loads(line) for line in runs.read_text().splitlines() if line] if runs and runs.exists() else []
+    deadline = time.time() + 60 * a.minutes if a.minutes is not None else None
+    for record in sweep(grid, a.device, mixers, done={run_key(r) for r in records}, deadline=deadline):
+        records.append(record)
+        if runs:
+            with runs.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+    rows = best(records, grid, mixers)
+    total = len(grid["settings"]) * len(mixers) * len(grid["lrs"])
+    have = sum(int(r["swept"].split("/")[0]) for r in rows)
     where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
     header = (f"# Recall results ({'tiny check' if a.tiny else a.task or 'all tasks'}, {where})\n\n"
               f"`python benchmarks/recall.py {' '.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
               f"best of lr in {grid['lrs']}."
-              + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row."))
+              + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row.")
+              + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
+                 "best lr is over the learning rates run so far."))
     print(write(rows, Path(a.out), header))
 
 
