@@ -179,22 +179,8 @@ def _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau,
     ||k||^2 ||v||^2 over i for all s at once. Returns the table I[i, s], nxt[s] (the first token that
     closes the segment started at s; C: none in this chunk), and the two columns of the segment started
     at the chunk's first token that the carried-in state adds to: num0[i] and sq0[i]."""
-    i = tl.arange(0, C)
-    t = c * C + i
-    valid = t < T
-    prev = valid & (i > 0)
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    tok = (n * T + t) * H + h
-    mk = dk[None, :] < DK
-    mv = dv[None, :] < DV
-    kc = tl.load(k_ptr + tok[:, None] * DK + dk[None, :], mask=valid[:, None] & mk, other=0.0).to(tl.float32)
-    vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
-    kp = tl.load(k_ptr + (tok - H)[:, None] * DK + dk[None, :], mask=prev[:, None] & mk, other=0.0).to(tl.float32)
-    vp = tl.load(v_ptr + (tok - H)[:, None] * DV + dv[None, :], mask=prev[:, None] & mv, other=0.0).to(tl.float32)
-    gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-    gp = tl.load(g_ptr + tok - H, mask=prev, other=0.0).to(tl.float32)
-    kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
+    i, valid, prev, tok, kc, vc, gc, kp, vp, gp, kvn = _score_rows(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H,
+                                                                   DK, DV, C, BDK, BDV)
     kvnp = tl.load(kvn_ptr + tok - H, mask=prev, other=0.0)
     # cumulative log-decays in float64: in float32 their differences lose |G| * 2^-24, which is 1e-5
     # relative error in every decay factor of a chunk of strong decays (the reference multiplies exp(g))
@@ -292,6 +278,25 @@ def _carry_rows(k_ptr, v_ptr, g_ptr, n, h, c, T, H, i, dk, dv, DK: tl.constexpr,
                  other=0.0).to(tl.float32)
     gc = tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     return valid, tl.minimum(T - c * C, C), tok, kc, vc, gc
+
+
+@triton.jit
+def _score_rows(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                BDK: tl.constexpr, BDV: tl.constexpr):
+    """What both bases' chunk score tables read of chunk c: its rows (``_carry_rows``), each token's
+    predecessor's k, v and g (zero at the chunk's first token) and ||k|| ||v||."""
+    i = tl.arange(0, C)
+    dk = tl.arange(0, BDK)
+    dv = tl.arange(0, BDV)
+    valid, _, tok, kc, vc, gc = _carry_rows(k_ptr, v_ptr, g_ptr, n, h, c, T, H, i, dk, dv, DK, DV, C)
+    prev = valid & (i > 0)
+    kp = tl.load(k_ptr + (tok - H)[:, None] * DK + dk[None, :], mask=prev[:, None] & (dk[None, :] < DK),
+                 other=0.0).to(tl.float32)
+    vp = tl.load(v_ptr + (tok - H)[:, None] * DV + dv[None, :], mask=prev[:, None] & (dv[None, :] < DV),
+                 other=0.0).to(tl.float32)
+    gp = tl.load(g_ptr + tok - H, mask=prev, other=0.0).to(tl.float32)
+    kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
+    return i, valid, prev, tok, kc, vc, gc, kp, vp, gp, kvn
 
 
 @triton.jit
@@ -403,21 +408,9 @@ def _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, 
     inside the chunk is sum_u Phi(i-1, u) beta_u k_u v_u^T, so k_i^T S is a combination of the
     segment's values with the weights M (``_delta_schedule_operators``), and ||S||^2 follows the
     recurrence of ``_delta_increment`` over i for all s at once."""
-    i = tl.arange(0, C)
-    t = c * C + i
-    valid = t < T
-    prev = valid & (i > 0)
-    dk = tl.arange(0, BDK)
-    dv = tl.arange(0, BDV)
-    tok = (n * T + t) * H + h
-    mk = dk[None, :] < DK
-    mv = dv[None, :] < DV
-    vc = tl.load(v_ptr + tok[:, None] * DV + dv[None, :], mask=valid[:, None] & mv, other=0.0).to(tl.float32)
-    vp = tl.load(v_ptr + (tok - H)[:, None] * DV + dv[None, :], mask=prev[:, None] & mv, other=0.0).to(tl.float32)
-    kp = tl.load(k_ptr + (tok - H)[:, None] * DK + dk[None, :], mask=prev[:, None] & mk, other=0.0).to(tl.float32)
-    gp = tl.load(g_ptr + tok - H, mask=prev, other=0.0).to(tl.float32)
+    i, valid, prev, tok, _, vc, _, kp, vp, gp, kvn = _score_rows(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H,
+                                                                 DK, DV, C, BDK, BDV)
     bp = tl.load(beta_ptr + tok - H, mask=prev, other=0.0).to(tl.float32)
-    kvn = tl.load(kvn_ptr + tok, mask=valid, other=0.0)
     i2 = i[:, None]
     u2 = i[None, :]
     at = (n * H + h) * NC + c
