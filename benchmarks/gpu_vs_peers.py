@@ -73,8 +73,9 @@ def delta_rows(T: int, Ks, q, k, v, g) -> list:
     """The delta base (issue #7) on the gla section's q, k, v, g (k is unit-norm, as Gated DeltaNet
     needs) and a random beta: DLA-delta at each K, our own K = 1 path (the plain gated delta rule) and
     fla's chunk_gated_delta_rule, which refuses some Triton versions on Hopper (the row says so).
-    DLA-delta runs its Triton schedule and forward readout; its backward walks the states on Triton
-    (readout.state_sweeps) and does the rest in PyTorch (torch_backend.readout_backward). Each row
+    DLA-delta runs its Triton schedule and forward readout; its backward walks the states and forms
+    their products on Triton (readout.delta_state_products) and differentiates the chunk operators
+    in PyTorch (torch_backend.readout_backward). Each row
     also gives the relative difference of the kernel's
     output from the PyTorch readout's on the same schedule."""
     gen = torch.Generator(device=DEV).manual_seed(1)
@@ -185,7 +186,8 @@ def write(rows, decode, name, out: Path, delta=()):
                      f"{r.get('floor_frac', float('nan')):.4f} |")
     if delta:
         lines += ["", "The delta base (issue #7): schedule and forward readout on Triton; backward: the state "
-                  "walks on Triton, the rest in PyTorch (torch_backend.readout_backward); SDPA rows above. Kernel diff: relative difference of the "
+                  "walks and products on Triton, autograd through the chunk operators in PyTorch "
+                  "(torch_backend.readout_backward); SDPA rows above. Kernel diff: relative difference of the "
                   "kernel's output from the PyTorch readout's.", "",
                   "| op | T | K | fwd ms | fwd+bwd ms | peak MiB | kernel diff |", "|---|---|---|---|---|---|---|"]
         for r in delta:

@@ -28,7 +28,8 @@ def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: s
     """The readout (``backward``: its backward): Triton covers float32 compute with K up to
     ``MAX_KERNEL_K``, for the ``gla`` forward and backward and the ``delta`` forward. The ``delta``
     backward is ``torch_backend.readout_backward`` under either backend, with its two walks over the
-    chunks on Triton where this holds (``use_triton_state_sweeps``)."""
+    chunks and the products of the states on Triton where this holds
+    (``use_triton_state_products``)."""
     if not use_triton_schedule(device, compute_dtype):
         return False
     if base == "delta" and backward:
@@ -40,9 +41,10 @@ def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: s
     return True
 
 
-def use_triton_state_sweeps(device: torch.device, compute_dtype: torch.dtype, base: str, K: int) -> bool:
-    """The two sequential walks of ``torch_backend.readout_backward`` (``kernels.readout.state_sweeps``),
-    for the backward that has no full kernels (``delta``), wherever its forward readout is Triton's."""
+def use_triton_state_products(device: torch.device, compute_dtype: torch.dtype, base: str, K: int) -> bool:
+    """The part of ``torch_backend.readout_backward`` that involves the K states (their two walks over
+    the chunks and their products with the tokens: ``kernels.readout.delta_state_products``), for the
+    backward that has no full kernels (``delta``), wherever its forward readout is Triton's."""
     return base == "delta" and use_triton_readout(device, compute_dtype, base, K)
 
 

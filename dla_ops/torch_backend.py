@@ -301,40 +301,24 @@ def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optio
 
 def readout_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
                      beta: Optional[Tensor], states0: Tensor, tables: Tensor, scale: float, chunk: int = CHUNK,
-                     sweeps: Optional[tuple] = None):
+                     products: Optional[tuple] = None):
     """The gradients of ``readout`` (same layout and dtype) for the output gradient do and the final
     states' gradient dstates: [dq, dk, dv, dg, dlam, dbeta (None for gla), dstates0].
 
     Autograd through ``readout`` records every chunk's step; here the K states' recurrence runs twice
-    without a graph (forward: the chunk-start states; backward: their gradients), every other term is
-    one batched product over all chunks, and autograd differentiates only the chunk-parallel terms
-    (``_readout_terms``). ``sweeps``: those two walks done elsewhere (the Triton ``state_sweeps``), as
-    (states at each chunk start, their gradients at each chunk end, [B, H, n, K, DK, DV] each, and the
-    initial states' gradient). Memory: about four tensors of n K DK DV values per sequence and head
-    (the chunk-start states, their gradients and two products of them)."""
-    K, T = states0.shape[2], g.shape[2]
+    without a graph (``_state_products``), every other term is one batched product over all chunks,
+    and autograd differentiates only the chunk-parallel terms (``_readout_terms``). ``products``: what
+    ``_state_products`` returns, computed elsewhere (the Triton ``delta_state_products``)."""
+    K = states0.shape[2]
     with torch.enable_grad():
         leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, g, lam, beta)]
         terms = _readout_terms(*leaves, tables, K, chunk)
     vc, q_t, A, k_t, tr, W, L, to_pre, to_in = (x.detach() for x in terms)
-    d_transition = (_GLA_TRANSITION if beta is None else _DELTA_TRANSITION)[2]
-    n = vc.shape[2]
+    n, T = vc.shape[2], g.shape[2]
     doc = scale * F.pad(do, (0, 0, 0, n * chunk - T)).unflatten(2, (n, chunk))
-    if sweeps is None:
-        sweeps = _state_sweeps(doc, dstates, states0, W, q_t, tr, to_pre, to_in, k_t, vc, beta is None)
-    starts, ends, dstates0 = sweeps
-    # batched over chunks; each product of a state with the chunk's tokens is formed once as
-    # [.., K, DK or DV, C] (a per-token copy of the states would be C times larger)
-    d_tr = d_transition(torch.einsum("bhnjx,bhnxdv->bhnjdv", to_pre, ends), starts)
-    Y = ends @ vc.unsqueeze(3).transpose(-1, -2)                            # [.., x, DK, s]: G_x v_s
-    dk_t = torch.einsum("bhnsx,bhnxds->bhnsd", to_in, Y)
-    Y = ends.transpose(-1, -2) @ k_t.unsqueeze(3).transpose(-1, -2)         # [.., x, DV, s]: G_x^T k~_s
-    dv = torch.einsum("bhnsx,bhnxvs->bhnsv", to_in, Y)
-    del ends, Y
-    X = starts @ doc.unsqueeze(3).transpose(-1, -2)                         # [.., j, DK, t]: S_j do_t
-    dq_t = torch.einsum("bhntj,bhnjdt->bhntd", W, X)
-    dW = torch.einsum("bhntd,bhnjdt->bhntj", q_t, X)
-    del X, starts
+    if products is None:
+        products = _state_products(doc, dstates, states0, W, q_t, tr, to_pre, to_in, k_t, vc, beta is None)
+    d_tr, dk_t, dv, dq_t, dW, dstates0 = products
     P = doc @ vc.transpose(-1, -2)                      # [.., t, s]: do_t . v_s
     dv = dv + (L * A).transpose(-1, -2) @ doc
     wrt = [x for x in leaves if x is not None]
@@ -342,10 +326,14 @@ def readout_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tenso
     return [None if x is None else next(grads) for x in leaves] + [dstates0]
 
 
-def _state_sweeps(doc, dstates, states0, W, q_t, tr, to_pre, to_in, k_t, vc, gla: bool):
-    """``readout_backward``'s two walks over the chunks, without a graph: the states at each chunk
-    start, then their gradients G at each chunk end (G <- W^T q~ do^T + transition^T routing^T G)."""
-    advance, adjoint, _ = _GLA_TRANSITION if gla else _DELTA_TRANSITION
+def _state_products(doc, dstates, states0, W, q_t, tr, to_pre, to_in, k_t, vc, gla: bool):
+    """The part of ``readout_backward`` that involves the K states: their two walks over the chunks,
+    without a graph (the states at each chunk start S; their gradients G at each chunk end, walking
+    back: G <- W^T q~ do^T + transition^T routing^T G), then their products with the chunk's tokens,
+    batched over chunks. Returns the gradients of the chunks' transitions, of k~ (dk_t), dv's terms
+    across chunks, the gradients of q~ (dq_t) and of the entry weights W (dW), and the initial
+    states' gradient. Memory: about four tensors of n K DK DV values per sequence and head."""
+    advance, adjoint, d_transition = _GLA_TRANSITION if gla else _DELTA_TRANSITION
     per_chunk = list(zip(*(x.unbind(2) for x in (W, q_t, tr, to_pre, to_in, k_t, vc, doc))))
     n = len(per_chunk)
     starts = states0.new_empty(states0.shape[:2] + (n,) + states0.shape[2:])
@@ -361,7 +349,18 @@ def _state_sweeps(doc, dstates, states0, W, q_t, tr, to_pre, to_in, k_t, vc, gla
         ends[:, :, c] = G
         G = torch.einsum("bhcj,bhcd,bhce->bhjde", W_c, q_c, do_c) + \
             adjoint(tr_c, torch.einsum("bhjx,bhxdv->bhjdv", pre_c, G))
-    return starts, ends, G
+    # each product of a state with the chunk's tokens is formed once as [.., K, DK or DV, C] (a
+    # per-token copy of the states would be C times larger)
+    d_tr = d_transition(torch.einsum("bhnjx,bhnxdv->bhnjdv", to_pre, ends), starts)
+    Y = ends @ vc.unsqueeze(3).transpose(-1, -2)                            # [.., x, DK, s]: G_x v_s
+    dk_t = torch.einsum("bhnsx,bhnxds->bhnsd", to_in, Y)
+    Y = ends.transpose(-1, -2) @ k_t.unsqueeze(3).transpose(-1, -2)         # [.., x, DV, s]: G_x^T k~_s
+    dv = torch.einsum("bhnsx,bhnxvs->bhnsv", to_in, Y)
+    del ends, Y
+    X = starts @ doc.unsqueeze(3).transpose(-1, -2)                         # [.., j, DK, t]: S_j do_t
+    dq_t = torch.einsum("bhntj,bhnjdt->bhntd", W, X)
+    dW = torch.einsum("bhntd,bhnjdt->bhntj", q_t, X)
+    return d_tr, dk_t, dv, dq_t, dW, G
 
 
 def _time_major(x: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
@@ -421,19 +420,20 @@ def _torch_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bounda
     close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
     tables = slot_tables(close, mu, K, CHUNK)
     held0 = ignore_empty_slots(states0, counts0)
-    sweeps = None
-    if backend.use_triton_state_sweeps(q.device, cdt, "gla" if beta is None else "delta", K):
+    products = None
+    if backend.use_triton_state_products(q.device, cdt, "gla" if beta is None else "delta", K):
         from dla_ops.kernels import readout as kernels
-        states, grads = kernels.state_sweeps(do, dstates.to(cdt), q, k, v, g, lam, beta, held0,
-                                             _kernel_tables(boundary, merge, counts0), scale)
-        states, grads = (x.unflatten(0, (B, H)).to(cdt) for x in (states, grads))
-        sweeps = states[:, :, :-1], grads[:, :, 1:], grads[:, :, 0]
+        d_tr, dk_t, dv, dq_t, dW, ds0 = kernels.delta_state_products(
+            do, dstates.to(cdt), q, k, v, g, lam, beta, held0, _kernel_tables(boundary, merge, counts0), scale)
+        per_chunk = lambda x: x.unflatten(0, (B, H)).unflatten(2, (-1, CHUNK)).to(cdt)
+        products = (d_tr.unflatten(0, (B, H)).to(cdt), *(per_chunk(x) for x in (dk_t, dv, dq_t, dW)),
+                    ds0.unflatten(0, (B, H)).to(cdt))
     # custom-op implementations run below the autograd dispatch key; the chunk-parallel terms'
     # gradients need it back
     with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
         grads = readout_backward(_time_major(do, cdt), dstates.to(cdt),
                                  *(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)),
-                                 held0, tables, scale, sweeps=sweeps)
+                                 held0, tables, scale, products=products)
     back = [None if dx is None else dx.transpose(1, 2).to(x.dtype) for dx, x in zip(grads, (q, k, v, g, lam, beta))]
     return back + [ignore_empty_slots(grads[6], counts0).to(states0.dtype)]
 

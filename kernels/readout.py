@@ -1,6 +1,7 @@
 """Stages 2 and 3 as Triton kernels, on a given schedule: slot tables, the fused multi-state readout
-(forward) of both bases, for ``gla`` its backward, and for ``delta`` the two sequential walks of its
-backward (``state_sweeps``; the rest is ``torch_backend.readout_backward``).
+(forward) of both bases, for ``gla`` its backward, and for ``delta`` the part of its backward that
+involves the K states (``delta_state_products``; autograd through the chunk operators is
+``torch_backend.readout_backward``).
 
 For ``gla`` the output is a masked linear attention,
     o_t = scale * sum_{s <= t} lam_t[slot(t, s)] * exp(G_t - G_s) * (q_t . k_s) v_s,
@@ -29,6 +30,8 @@ measured slower on an H200 and runs out of shared memory at K = 32.)
   states at every chunk start, which the delta backward pairs with their gradients.
 - ``_state_gradient_kernel`` (delta): the gradient of the states at every chunk start, walking back
   from the final states' gradient.
+- ``_delta_state_products_kernel`` (delta): the products of those states and gradients with each
+  chunk's tokens, one program per chunk, all in parallel.
 - ``_intra_forward_kernel`` (gla): o's terms within chunks, one program per chunk, all in parallel.
 - ``_intra_backward_kernel`` (gla): the backward's terms within chunks (dq, dk, dv, dlam), one
   program per chunk, all in parallel; the sweeps then carry only what crosses chunks.
@@ -55,6 +58,10 @@ CHUNK = 64
 SWEEP_WARPS = 4
 BLOCK_V = 16
 INTRA_WARPS = 8
+# H200, T=32768, B * H = 32, DK=DV=64: the delta operator kernel 3.95 ms at 2 warps (1: 5.43, 4: 5.32,
+# 8: 9.72); the state products (with the walks) 32.9 ms at 4 warps (8: 35.9, 16: 38.0)
+OPERATOR_WARPS = 2
+PRODUCT_WARPS = 4
 GATE_BLOCK = 1024
 
 
@@ -162,11 +169,15 @@ def _entry_weight(tab_row, lam_row, valid, e):
 def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, T, H, NC,
                             DK: tl.constexpr, C: tl.constexpr):
     """Gated DeltaNet's chunk operators (``torch_backend._chunk_operators_delta``), one program per
-    (sequence, head, chunk), all chunks in parallel: M = [Phi | P] advances one token at a time,
-    Phi = Phi(t, c0 - 1) and column s of P = Phi(t, s) beta_s k_s, as
-        M <- alpha_t (M - beta_t k_t (k_t^T M)), then column t of P gains beta_t k_t.
-    Row t of q~ is q_t^T Phi and of A is q_t^T P (so A[t, s] = 0 for s > t); at the chunk end
-    k~ = P^T and the transition Z = Phi. Tokens past T are zero with g = 0: they change nothing."""
+    (sequence, head, chunk), all chunks in parallel. Column s of P = Phi(t, s) beta_s k_s advances one
+    token at a time,
+        P <- alpha_t (P - beta_t k_t (k_t^T P)), then column t gains beta_t k_t,
+    and row t of A is q_t^T P (so A[t, s] = 0 for s > t); at the chunk end k~ = P^T. The rest is two
+    products, by the WY form (``_chunk_operators_delta``'s docstring):
+        q~ = diag(gamma) Q - A diag(gamma) K,   Z = gamma_end I - k~^T diag(gamma) K,
+    rather than also carrying Phi(t, c0 - 1) through the token loop (twice the loop's work). The
+    products run as tf32x3, fp32-accurate: Z multiplies the states of every later chunk. Tokens past
+    T are zero with g = 0: they change nothing."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -174,7 +185,6 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     rk = tl.arange(0, DK)
     rc = tl.arange(0, C)
     at = bh.to(tl.int64) * NC + c   # this chunk's index in A and Z
-    Phi = (rk[:, None] == rk[None, :]).to(tl.float32)
     P = tl.zeros([DK, C], dtype=tl.float32)
     for i in range(C):
         t = c * C + i
@@ -185,15 +195,24 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
         beta_i = tl.load(beta_ptr + tok, mask=t < T, other=0.0).to(tl.float32)
         alpha_i = tl.exp(tl.load(g_ptr + tok, mask=t < T, other=0.0).to(tl.float32))
         bk = (beta_i * k_i)[:, None]
-        Phi = alpha_i * (Phi - bk * tl.sum(k_i[:, None] * Phi, 0)[None, :])
         P = alpha_i * (P - bk * tl.sum(k_i[:, None] * P, 0)[None, :]) + tl.where(rc[None, :] == i, bk, 0.0)
-        # row i of q~ and of A, stored as they come (the tiles would cost registers)
-        tl.store(qt_ptr + tok * DK + rk, tl.sum(q_i[:, None] * Phi, 0), mask=live)
+        # row i of A, stored as it comes (the [C, C] tile would cost registers), read back below
         tl.store(A_ptr + (at * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0))
+    tl.debug_barrier()
     t = c * C + rc
+    valid = t < T
     rows = ((b.to(tl.int64) * T + t) * H + h)[:, None] * DK + rk[None, :]
-    tl.store(kt_ptr + rows, tl.trans(P), mask=(t < T)[:, None])
-    tl.store(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :], Phi)
+    gamma = tl.exp(tl.cumsum(tl.load(g_ptr + (b.to(tl.int64) * T + t) * H + h, mask=valid, other=0.0)
+                             .to(tl.float32), 0))
+    gamma_end = tl.sum(tl.where(rc == C - 1, gamma, 0.0), 0)
+    gK = gamma[:, None] * tl.load(k_ptr + rows, mask=valid[:, None], other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + (at * C + rc[:, None]) * C + rc[None, :])
+    q_t = gamma[:, None] * tl.load(q_ptr + rows, mask=valid[:, None], other=0.0).to(tl.float32) \
+        - tl.dot(A, gK, input_precision="tf32x3")
+    tl.store(qt_ptr + rows, q_t, mask=valid[:, None])
+    tl.store(kt_ptr + rows, tl.trans(P), mask=valid[:, None])
+    Z = tl.where(rk[:, None] == rk[None, :], gamma_end, 0.0) - tl.dot(P, gK, input_precision="tf32x3")
+    tl.store(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :], Z)
 
 
 @triton.jit
@@ -339,6 +358,69 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
             G += tl.dot(tl.trans(q_start * w_e[:, None]), do, input_precision=PREC)
             tl.store(start + e * SZ + tile, G)
         tl.debug_barrier()
+
+
+@triton.jit
+def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr, kt_ptr, sbuf_ptr, gbuf_ptr,
+                                 dZ_ptr, dq_ptr, dk_ptr, dv_ptr, dW_ptr, T, H, TP, scale,
+                                 DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                                 C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """For the delta base's backward: every product of a chunk's K start states S_e (sbuf) or of the
+    gradients G_x of its K end states (gbuf, as ``_state_gradient_kernel`` leaves them) with the
+    chunk's tokens, one program per (sequence, head, chunk), all chunks in parallel. With x(e) the
+    chunk-end image of entry e, x(s) that of token s, w_e(t) = lam_t[slot_t(e)] and do scaled:
+        dZ = sum_e G_x(e) S_e^T,             dq~_t = sum_e w_e(t) S_e do_t,  dW[t, e] = q~_t^T S_e do_t,
+        dk~_s = G_x(s) v_s,                  dv_s = G_x(s)^T k~_s
+    (the gradients of the chunk's transition Z, of q~, of the entry weights, of k~, and dv's terms
+    across chunks). Written per padded token row ([B * H, NC * C, ...]; rows past T get zeros), with
+    dZ [B * H, NC, DK, DK]. The [C, C] terms and autograd through the chunk operators stay in
+    ``torch_backend.readout_backward``."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    NC = tl.cdiv(T, C)
+    rk = tl.arange(0, DK)
+    slots = tl.arange(0, KP)
+    SZ = DK * DV
+    tok, valid, _, _, tab_row, lam_row, last_row = _chunk_rows(g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, K, C)
+    q_t = _rows(qt_ptr, tok, valid, rk, DK)
+    k_t = _rows(kt_ptr, tok, valid, rk, DK)
+    rc = tl.arange(0, C)
+    e_tok = tl.load(last_row + K + rc, mask=valid, other=-1).to(tl.int32)
+    j_tok = tl.max(e_tok, 0)
+    starts = sbuf_ptr + (bh.to(tl.int64) * (NC + 1) + c) * K * SZ
+    ends = gbuf_ptr + (bh.to(tl.int64) * (NC + 1) + c + 1) * K * SZ
+    rows = (bh.to(tl.int64) * NC + c) * C + rc   # this chunk's rows of the outputs
+    dZ = tl.zeros([DK, DK], dtype=tl.float32)
+    dq = tl.zeros([C, DK], dtype=tl.float32)
+    dk = tl.zeros([C, DK], dtype=tl.float32)
+    dW = tl.zeros([C, KP], dtype=tl.float32)
+    for vb in range(DV // BV):
+        rv = vb * BV + tl.arange(0, BV)
+        tile = rk[:, None] * DV + rv[None, :]
+        do = _rows(do_ptr, tok, valid, rv, DV)
+        v = _rows(v_ptr, tok, valid, rv, DV)
+        for e in range(K):
+            S = tl.load(starts + e * SZ + tile)
+            D = tl.load(ends + tl.load(last_row + e).to(tl.int32) * SZ + tile)
+            dZ += tl.dot(D, tl.trans(S), input_precision=PREC)
+            X = tl.dot(do, tl.trans(S), input_precision=PREC)       # row t: S_e do_t (unscaled)
+            w_e = _entry_weight(tab_row, lam_row, valid, e)[1]
+            dq += w_e[:, None] * X
+            dW += tl.where(slots[None, :] == e, tl.sum(q_t * X, 1)[:, None], 0.0)
+        dv = tl.zeros([C, BV], dtype=tl.float32)
+        for x in range(0, j_tok + 1):
+            G = tl.load(ends + x * SZ + tile)
+            mine = (e_tok == x)[:, None]
+            dk += tl.where(mine, tl.dot(v, tl.trans(G), input_precision=PREC), 0.0)
+            dv += tl.where(mine, tl.dot(k_t, G, input_precision=PREC), 0.0)
+        tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv)
+    # (scale multiplies results, not dot operands, as in _intra_backward_kernel)
+    tl.store(dq_ptr + rows[:, None] * DK + rk[None, :], scale * dq)
+    tl.store(dW_ptr + rows[:, None] * K + slots[None, :], scale * dW, mask=(slots < K)[None, :] & (rc >= 0)[:, None])
+    tl.store(dk_ptr + rows[:, None] * DK + rk[None, :], dk)
+    tl.store(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[:, None]) * DK + rk[None, :], dZ)
 
 
 @triton.jit
@@ -558,7 +640,7 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
     A = torch.empty(B * H, n, chunk, chunk, dtype=torch.float32, device=q.device)
     Z = torch.empty(B * H, n, DK, DK, dtype=torch.float32, device=q.device)
     launch(_delta_operators_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr"))(
-        q, k, g, beta, qt, kt, A, Z, T, H, n, DK=DK, C=chunk)
+        q, k, g, beta, qt, kt, A, Z, T, H, n, DK=DK, C=chunk, num_warps=OPERATOR_WARPS)
     return qt, kt, A, Z
 
 
@@ -603,14 +685,17 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, kee
     return o, sT
 
 
-def state_sweeps(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
-                 beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
-    """The two sequential parts of the delta base's backward, for ``torch_backend.readout_backward``:
-    the K states at every chunk start (the forward sweep keeping them) and their gradients (walking
-    back from the final states' gradient dstates), each [B * H, NC + 1, K, DK, DV] fp32. Entry c is
-    chunk c's start (entry NC the end): the states' last entry is the final states, the gradients'
-    first the initial states'. states0 must have its empty slots zeroed. (gla's backward has its own
-    kernels.)"""
+def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
+                         beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
+    """The delta base's backward up to what ``torch_backend.readout_backward`` does with the chunk
+    operators: the two walks over the chunks (the forward sweep keeping the K states at every chunk
+    start; their gradients, walking back from the final states' gradient dstates), then every product
+    of those with the chunk's tokens (``_delta_state_products_kernel``). Returns, fp32 and in the
+    chunked token layout [B * H, NC * C, ...] (rows past T zero): the gradients of the chunks'
+    transitions Z ([B * H, NC, DK, DK]), of k~ and the cross-chunk terms of dv, of q~ and of the
+    entry weights ([.., K]); and the initial states' gradient [B * H, K, DK, DV]. states0 must have
+    its empty slots zeroed. The walks' buffers (two of [B * H, NC + 1, K, DK, DV] fp32) are freed on
+    return. (gla's backward has its own kernels.)"""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
@@ -622,11 +707,20 @@ def state_sweeps(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g
     grads = torch.empty_like(states)
     grads[:, -1] = _pad(dstates, PK, PV).flatten(0, 1)
     BV = _block_v(PV)
-    qt, _, _, Z = ops
+    qt, kt, _, Z = ops
+    lam, do, v, g = (t.contiguous() for t in (lam, do, v, g))
+    blocks = dict(DK=PK, DV=PV, K=K, C=chunk, BV=BV, PREC=_precision(q.dtype))
     launch(_state_gradient_kernel, (B * H, PV // BV), ("gbuf_ptr",))(
-        lam.contiguous(), do.contiguous(), tables, qt, Z, grads, T, H, tables.shape[2], float(scale),
-        DK=PK, DV=PV, K=K, C=chunk, BV=BV, PREC=_precision(q.dtype), num_warps=SWEEP_WARPS)
-    return states[..., :DK, :DV], grads[..., :DK, :DV]
+        lam, do, tables, qt, Z, grads, T, H, tables.shape[2], float(scale), **blocks, num_warps=SWEEP_WARPS)
+    NC = triton.cdiv(T, chunk)
+    rows = lambda width: torch.empty(B * H, NC * chunk, width, dtype=torch.float32, device=q.device)
+    dZ = torch.empty(B * H, NC, PK, PK, dtype=torch.float32, device=q.device)
+    dqt, dkt, dv, dW = rows(PK), rows(PK), rows(PV), rows(K)
+    launch(_delta_state_products_kernel, (B * H, NC), ("dZ_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dW_ptr"))(
+        do, v, g, lam, tables, qt, kt, states, grads, dZ, dqt, dkt, dv, dW, T, H, tables.shape[2], float(scale),
+        KP=_slots(K), **blocks, num_warps=PRODUCT_WARPS)
+    return (dZ[..., :DK, :DK], dkt[..., :DK], dv[..., :DV], dqt[..., :DK], dW,
+            grads[:, 0, :, :DK, :DV].clone())
 
 
 def backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,

@@ -86,8 +86,8 @@ def test_gla_kernels_with_varlen_strong_decay_and_half_inputs():
 @example(seed=4, T=130, K=5, dims=(16, 8), tau=0.3, decay=8.0, cache_kind="garbage")
 def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_kind):
     """The delta kernels on the op's path under DLA_BACKEND=triton: the chunked schedule, the chunk
-    operators and forward sweep, and the backward's two state sweeps (the rest of the backward is
-    PyTorch's ``readout_backward``), against the reference on the same schedule."""
+    operators and forward sweep, and the backward's state walks and products (the rest of the
+    backward is autograd through the chunk operators in ``readout_backward``), against the reference on the same schedule."""
     from dla_ops.kernels import readout, schedule
     DK, DV = dims
     x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base="delta", dtype=torch.float32, decay=decay)
@@ -95,10 +95,10 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     # (the reference would match the PyTorch path as well: check that the kernels are what ran; the
     # chunked delta schedule runs the operator kernel too)
     with mock.patch.object(readout, "forward", wraps=readout.forward) as forward, \
-            mock.patch.object(readout, "state_sweeps", wraps=readout.state_sweeps) as sweeps, \
+            mock.patch.object(readout, "delta_state_products", wraps=readout.delta_state_products) as products, \
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked:
         _check_against_reference(x, init, tau, 1e-5)
-    assert forward.called and sweeps.called and chunked.called
+    assert forward.called and products.called and chunked.called
 
 
 def test_the_readout_refuses_sizes_past_int32_offsets():

@@ -41,7 +41,8 @@ def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K, D):
 @pytest.mark.parametrize("T, K", [(63, 4), (200, 16)])
 def test_cuda_delta_kernels_match_the_reference(dtype, T, K):
     """The delta kernels on CUDA's default path: the chunked schedule, the forward readout and the
-    backward's two state sweeps; the rest of the backward is PyTorch's readout_backward."""
+    backward's state walks and products; the rest of the backward is autograd through the chunk
+    operators in readout_backward."""
     from dla_ops.kernels import readout, schedule
     x = make_inputs(9, B=2, T=T, H=2, DK=32, DV=32, K=K, base="delta", dtype=dtype)
     init = random_cache(9, 2, 2, K, 32, 32, torch.float32)
@@ -51,12 +52,12 @@ def test_cuda_delta_kernels_match_the_reference(dtype, T, K):
     with mock.patch.dict(os.environ, {"DLA_BACKEND": ""}), \
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked, \
             mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators, \
-            mock.patch.object(readout, "state_sweeps", wraps=readout.state_sweeps) as state_sweeps:
+            mock.patch.object(readout, "delta_state_products", wraps=readout.delta_state_products) as products:
         o, cache, sched = run("op", xc, tau=0.6, initial_cache=DLACache(s0, init.counts.cuda(), init.info.cuda()),
                               output_final_cache=True, return_schedule=True)
         wo, ws = (torch.randn(a.shape, generator=gen).to(a) for a in (o, cache.states))
         ((o.float() * wo.float()).sum() + (cache.states * ws).sum()).backward()
-    assert chunked.called and operators.called and state_sweeps.called
+    assert chunked.called and operators.called and products.called
     x64 = {n: a.detach().double().requires_grad_() for n, a in x.items()}
     init64 = cache64(init)._replace(states=init.states.detach().double().requires_grad_())
     s64 = init64.states
