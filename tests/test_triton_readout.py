@@ -1,5 +1,5 @@
 """The Triton kernels of the ``gla`` base (schedule, slot tables, readout and its backward) and of
-the ``delta`` base (chunked schedule, readout, the backward's state sweeps) through the op, against
+the ``delta`` base (chunked schedule, readout, the backward's state walks and products) through the op, against
 the float64 reference recurrence on the kernels' own schedule (P5, P6, P10 for the kernel path).
 Without a GPU they run in Triton's interpreter on CPU tensors."""
 from __future__ import annotations
@@ -84,10 +84,13 @@ def test_gla_kernels_with_varlen_strong_decay_and_half_inputs():
        decay=st.sampled_from([0.0, 1.0, 8.0]), cache_kind=st.sampled_from([None, "normal", "open_empty", "garbage"]))
 @example(seed=3, T=65, K=1, dims=(3, 5), tau=0.6, decay=1.0, cache_kind="open_empty")
 @example(seed=4, T=130, K=5, dims=(16, 8), tau=0.3, decay=8.0, cache_kind="garbage")
+# two value blocks: the state products accumulate dZ, dq~, dk~ and dW over them and store dv per block
+@example(seed=7, T=70, K=3, dims=(16, 32), tau=0.6, decay=1.0, cache_kind="normal")
 def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_kind):
     """The delta kernels on the op's path under DLA_BACKEND=triton: the chunked schedule, the chunk
     operators and forward sweep, and the backward's state walks and products (the rest of the
-    backward is autograd through the chunk operators in ``readout_backward``), against the reference on the same schedule."""
+    backward is autograd through the chunk operators in ``readout_backward``), against the reference
+    on the same schedule."""
     from dla_ops.kernels import readout, schedule
     DK, DV = dims
     x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base="delta", dtype=torch.float32, decay=decay)
