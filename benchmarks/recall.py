@@ -8,7 +8,9 @@ memory differs) and matched training budget, each with the same learning-rate sw
 For each (task, T, N) and mixer the table reports the best held-out answer accuracy over the sweep
 and the learning rate that gave it. A grid longer than one sitting runs in parts:
 ``--runs docs/recall_runs.jsonl --minutes 8`` skips the runs already in the file, appends each new
-one, starts none after 8 minutes, and writes the table of what the file holds so far."""
+one, starts none after 8 minutes, and writes the table of what the file holds so far. ``--T`` and
+``--mixers`` restrict a run to settings and mixers, e.g. to find the budget at which softmax (the upper
+bound) solves a setting: ``--task mqar --T 256 --mixers softmax --steps 5000 --out /tmp/budget.md``."""
 from __future__ import annotations
 
 import argparse
@@ -146,6 +148,9 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="the CPU check: tiny model, three steps per run")
     p.add_argument("--task", choices=["mqar", "bursty", "passkey"], help="only this task's settings")
+    p.add_argument("--T", type=int, help="only the settings of this sequence length")
+    p.add_argument("--mixers", nargs="+", metavar="NAME",
+                   help="only these mixers, named as in the table (e.g. softmax, to size the training budget)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the grid's)")
     p.add_argument("--lrs", type=float, nargs="+", help="the learning-rate sweep (default: the grid's)")
     p.add_argument("--out", default="docs/results.md")
@@ -156,11 +161,20 @@ def main():
     grid = dict(TINY if a.tiny else FULL)
     if a.task:
         grid["settings"] = [s for s in grid["settings"] if s[0] == a.task]
+    if a.T:
+        grid["settings"] = [s for s in grid["settings"] if s[1] == a.T]
+    if not grid["settings"]:
+        p.error("no setting of the grid has this task and T")
     if a.steps:
         grid["steps"] = a.steps
     if a.lrs:
         grid["lrs"] = tuple(a.lrs)
     mixers = MIXERS if a.tiny else with_fla(a.device)
+    if a.mixers:
+        unknown = sorted(set(a.mixers) - set(mixers))
+        if unknown:
+            p.error(f"unknown mixers {unknown}; this run has {sorted(mixers)}")
+        mixers = {name: mixers[name] for name in a.mixers}
     runs = Path(a.runs) if a.runs else None
     records = [json.loads(line) for line in runs.read_text().splitlines() if line] if runs and runs.exists() else []
     deadline = time.time() + 60 * a.minutes if a.minutes is not None else None

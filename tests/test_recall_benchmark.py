@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,3 +50,21 @@ def test_a_grid_in_parts_skips_finished_runs_and_reports_what_is_missing(tmp_pat
     assert {recall.run_key(json.loads(x)) for x in lines} == {recall.run_key(r) for r in records}
     text = out.read_text()
     assert "Partial" not in text and text.count("| 2/2 |") == 6
+
+
+def test_a_run_can_be_restricted_to_a_setting_and_mixers(tmp_path, monkeypatch):
+    """--T and --mixers size the training budget on one setting and mixer (softmax, the upper bound)
+    without the whole grid; unknown names are refused."""
+    recall = _recall()
+    out = tmp_path / "results.md"
+    trained = []
+    monkeypatch.setattr(recall, "train_recall", lambda config, *a, **k: trained.append(config.merge_policy) or
+                        dict(accuracy=0.5, loss=1.0, seconds=0.0))
+    monkeypatch.setattr(sys, "argv", ["recall.py", "--tiny", "--task", "mqar", "--T", "32", "--mixers", "softmax",
+                                      "--out", str(out)])
+    recall.main()
+    assert trained == ["softmax"] and out.read_text().count("| softmax |") == 1
+    for bad in (["--mixers", "nope"], ["--T", "31"]):
+        monkeypatch.setattr(sys, "argv", ["recall.py", "--tiny", "--out", str(out)] + bad)
+        with pytest.raises(SystemExit):
+            recall.main()
