@@ -417,17 +417,21 @@ def _torch_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bounda
     beta and the initial states."""
     cdt = states0.dtype
     B, H, K = counts0.shape
-    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
-    tables = slot_tables(close, mu, K, CHUNK)
     held0 = ignore_empty_slots(states0, counts0)
     products = None
     if backend.use_triton_state_products(q.device, cdt, "gla" if beta is None else "delta", K):
         from dla_ops.kernels import readout as kernels
+        # the kernel's tables are the same as slot_tables' (int8): built once, by the kernel, rather
+        # than also by slot_tables' loop of C steps
+        kernel_tables = _kernel_tables(boundary, merge, counts0)
+        tables = kernel_tables.long()
         d_tr, dk_t, dv, dq_t, dW, ds0 = kernels.delta_state_products(
-            do, dstates.to(cdt), q, k, v, g, lam, beta, held0, _kernel_tables(boundary, merge, counts0), scale)
+            do, dstates.to(cdt), q, k, v, g, lam, beta, held0, kernel_tables, scale)
         per_chunk = lambda x: x.unflatten(0, (B, H)).unflatten(2, (-1, CHUNK)).to(cdt)
         products = (d_tr.unflatten(0, (B, H)).to(cdt), *(per_chunk(x) for x in (dk_t, dv, dq_t, dW)),
                     ds0.unflatten(0, (B, H)).to(cdt))
+    else:
+        tables = slot_tables(*events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0), K, CHUNK)
     # custom-op implementations run below the autograd dispatch key; the chunk-parallel terms'
     # gradients need it back
     with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
