@@ -8,11 +8,13 @@ cache (both timed as CUDA graph replays), and the fraction of a roofline floor r
 --delta adds the delta base's section (issue #7): DLA-delta, our own K=1 delta path and fla's
 chunk_gated_delta_rule, with the ratios against SDPA and against our K=1 path.
 
-Writes a markdown table with the GPU's name to --out and a PNG plot beside it."""
+Writes a markdown table with the GPU's name to --out and a PNG plot beside it. Where --out already
+has the generated-table markers (docs/benchmarks.md does), only the text between them is replaced."""
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -160,23 +162,31 @@ def main():
         torch.cuda.empty_cache()
     decode = []
     for ctx in a.ctx:
-        kc = torch.randn(B, H, ctx, D, device=DEV, dtype=torch.bfloat16)
-        qd = torch.randn(B, H, 1, D, device=DEV, dtype=torch.bfloat16)
-        decode.append(dict(op="sdpa decode", ctx=ctx, us=1e3 * graph_ms(lambda: F.scaled_dot_product_attention(qd, kc, kc))))
+        kc, vc = (torch.randn(B, H, ctx, D, device=DEV, dtype=torch.bfloat16) for _ in range(2))
+        qd, kd, vd = (torch.randn(B, H, 1, D, device=DEV, dtype=torch.bfloat16) for _ in range(3))
+
+        def sdpa_step():   # the new token's key and value written into the cache, then attention over it
+            kc[:, :, -1:].copy_(kd)
+            vc[:, :, -1:].copy_(vd)
+            return F.scaled_dot_product_attention(qd, kc, vc)
+        decode.append(dict(op="sdpa decode", ctx=ctx, us=1e3 * graph_ms(sdpa_step)))
     for K in a.K:
-        # DLA's step costs the same at any context: the cache holds K states whatever came before
+        # DLA's step costs the same at any context: the cache holds K states whatever came before. It
+        # is timed on a full cache (every slot holds a state), since the kernel skips empty slots' loads
         tok = [torch.randn(B, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
         gd = F.logsigmoid(torch.randn(B, H, device=DEV) + 4)
-        lamd = torch.ones(B, H, K, device=DEV)
-        cache = DLACache.empty(B, H, K, D, D, device=DEV)
-        decode.append(dict(op=f"dla gla decode K={K}", ctx="any",
+        lamd = torch.rand(B, H, K, device=DEV) + 0.5
+        cache = DLACache(0.02 * torch.randn(B, H, K, D, D, device=DEV),
+                         torch.full((B, H, K), 256, dtype=torch.int64, device=DEV),
+                         torch.rand(B, H, K, device=DEV) + 1.0)
+        decode.append(dict(op=f"dla gla decode K={K} (full cache)", ctx="any",
                            us=1e3 * graph_ms(lambda: dla_decode_step(tok[0], tok[1], tok[2], gd, lamd, None, cache))))
     write(rows, decode, name, Path(a.out), delta)
 
 
 def write(rows, decode, name, out: Path, delta=()):
-    lines = [f"# Benchmarks on {name}", "",
-             f"`python benchmarks/gpu_vs_peers.py`, torch {torch.__version__}, triton {triton.__version__}; "
+    command = " ".join(["python benchmarks/gpu_vs_peers.py", *sys.argv[1:]])
+    lines = [f"`{command}` on {name}, torch {torch.__version__}, triton {triton.__version__}; "
              f"bf16 inputs, B={B}, H={H}, DK=DV={D}; medians of triton.testing.do_bench.", "",
              "| op | T | K | fwd ms | fwd+bwd ms | peak MiB | schedule ms | floor fraction (fwd) |",
              "|---|---|---|---|---|---|---|---|"]
@@ -218,9 +228,24 @@ def write(rows, decode, name, out: Path, delta=()):
               "| T | peer | fwd ratio | fwd+bwd ratio |", "|---|---|---|---|"] + ratios
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    out.write_text(replace_generated(out.read_text() if out.exists() else None, text, name))
     print(text)
     plot(rows, name, out.with_suffix(".png"))
+
+
+BEGIN, END = "<!-- gpu_vs_peers.py: generated table begins -->", "<!-- gpu_vs_peers.py: generated table ends -->"
+
+
+def replace_generated(old: str | None, table: str, name: str) -> str:
+    """The file's new text: where the old text has the BEGIN / END markers, only what lies between
+    them is replaced (the written analysis around the table stays); otherwise the table alone under
+    a title naming the GPU."""
+    if old is None or BEGIN not in old or END not in old:
+        return f"# Benchmarks on {name}\n\n{table}"
+    head, rest = old.split(BEGIN, 1)
+    if END not in rest:
+        raise ValueError(f"{END!r} must follow {BEGIN!r}")
+    return f"{head}{BEGIN}\n{table}{END}{rest.split(END, 1)[1]}"
 
 
 def plot(rows, name: str, path: Path) -> None:

@@ -78,6 +78,18 @@ def test_gla_kernels_with_varlen_strong_decay_and_half_inputs():
     _check_against_reference(x, init, 0.6, 5e-3, cu_seqlens=torch.tensor([0, 70, 71, 140]))
 
 
+@pytest.mark.parametrize("dtype, T, K, dims", [
+    (torch.float16, 130, 64, (64, 64)),    # fp16 inputs and the largest K the issue names
+    (torch.float32, 70, 8, (32, 128)),     # DK != DV at the largest width, both ways
+    (torch.float32, 70, 3, (128, 32)),
+])
+def test_gla_kernels_at_the_issue_widths_dtypes_and_capacity(dtype, T, K, dims):
+    DK, DV = dims
+    x = make_inputs(13, B=1, T=T, H=2, DK=DK, DV=DV, K=K, dtype=dtype, decay=1.0)
+    init = random_cache(13, 1, 2, K, DK, DV, torch.float32)
+    _check_against_reference(x, init, 0.6, 5e-3 if dtype == torch.float16 else 1e-5)
+
+
 @settings(max_examples=4)
 @given(seed=st.integers(0, 10_000), T=st.integers(1, 140), K=st.integers(1, 6),
        dims=st.sampled_from([(3, 5), (16, 8), (16, 16)]), tau=st.sampled_from([0.0, 0.3, 0.6, 2.5]),
