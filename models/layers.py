@@ -113,13 +113,17 @@ class DLAMixer(nn.Module):
         copy_(self.lam_proj.weight, torch.zeros_like(self.lam_proj.weight))
         copy_(self.lam_proj.bias, torch.full_like(self.lam_proj.bias, LAM_BIAS))
 
-    def _features(self, x: Tensor, conv_state: Optional[Tensor], mask: Optional[Tensor] = None):
+    def _features(self, x: Tensor, conv_state: Optional[Tensor], mask: Optional[Tensor] = None,
+                  unit_qk: bool = True):
+        """unit_qk: L2-normalised q and k, as linear attention's states want them (``False`` only
+        for softmax attention, whose logits they would bound by DK^-0.5)."""
         B, T, _ = x.shape
         qkv, conv_state = self.conv(torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], -1), conv_state,
                                     mask)
         q, k, v = qkv.split([self.H * self.DK, self.H * self.DK, self.H * self.DV], -1)
-        q = F.normalize(q.view(B, T, self.H, self.DK), dim=-1)
-        k = F.normalize(k.view(B, T, self.H, self.DK), dim=-1)
+        q, k = q.view(B, T, self.H, self.DK), k.view(B, T, self.H, self.DK)
+        if unit_qk:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         v = v.view(B, T, self.H, self.DV)
         g = -torch.exp(self.A_log.float()) * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         lam = F.softplus(self.lam_proj(x).float()).view(B, T, self.H, self.K)
@@ -163,11 +167,14 @@ class DLAMixer(nn.Module):
 
     def _fixed_policy(self, x, attention_mask, cache, use_cache):
         """For comparisons, on the same features: a fixed merge policy's schedule instead of DLA's, or
-        causal softmax attention ("softmax", the upper bound). Whole sequences only."""
+        causal softmax attention ("softmax", the upper bound; on q and k before their L2
+        normalisation). Whole sequences only."""
         if cache is not None or use_cache or (attention_mask is not None and not bool(attention_mask.all())):
             raise ValueError(f"merge_policy={self.policy!r} runs whole unpadded sequences only: "
                              "no cache, no padding (use_cache=False)")
-        q, k, v, g, lam, _, _ = self._features(x, None)
+        # softmax attention on unit q and k would have logits within +-DK^-0.5 (+-1/8 at DK=64): too flat
+        # to pick one token out of hundreds, so the upper bound would be no bound (docs/models.md)
+        q, k, v, g, lam, _, _ = self._features(x, None, unit_qk=self.policy != "softmax")
         if self.policy == "softmax":
             heads = lambda t: t.transpose(1, 2)
             o = heads(F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True))

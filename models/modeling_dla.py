@@ -40,7 +40,7 @@ class DLAConfig(PretrainedConfig):
         self.tau = tau
         self.conv_size = conv_size
         # "dla" (information-aware); for comparisons a fixed policy of dla_ops.policies, or "softmax"
-        # (causal softmax attention on the same features)
+        # (causal softmax attention on the same projections, q and k not L2-normalised)
         self.merge_policy = merge_policy
         self.policy_block = policy_block
         self.rms_norm_eps = rms_norm_eps

@@ -151,3 +151,18 @@ def test_fla_mixer_without_fla_says_what_it_needs():
     layer = DLAMixer(32, 2, 16, 16, capacity=8, tau=0.6, merge_policy="fla-log-linear")
     with pytest.raises(ImportError, match="flash-linear-attention"):
         layer(torch.randn(1, 8, 32))
+
+
+def test_the_softmax_comparison_attends_with_unnormalised_q_and_k():
+    """The recall benchmark's upper bound: causal softmax attention on the layer's projections. With
+    L2-normalised q and k its logits would stay within +-DK^-0.5, too flat to recall one token out of
+    hundreds (it stayed near chance on mqar); a sharp query must be able to pick one key."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    layer = DLAMixer(32, 2, 16, 16, capacity=1, tau=0.6, merge_policy="softmax")
+    x = torch.randn(2, 12, 32)
+    q, k, v, *_ = layer._features(x, None, unit_qk=False)
+    heads = lambda t: t.transpose(1, 2)
+    expected = layer._output(heads(F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)), x)
+    torch.testing.assert_close(layer(x)[0], expected)
+    assert not torch.allclose(q.norm(dim=-1), torch.ones(()))
