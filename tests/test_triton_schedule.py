@@ -166,8 +166,8 @@ def test_the_gla_schedule_refuses_an_unsupported_chunk_or_length():
 ])
 def test_the_kernels_schedule_equals_the_references_away_from_near_ties(base, dtype, T, K, dims, seed, monkeypatch):
     """The schedule the op runs on the Triton backend (on the GPU where there is one) against
-    dla_reference's own, unforced, on the same (rounded) inputs: boundaries, merges and the final
-    counts agree up to the first token whose score is within 1e-4 of tau in either."""
+    dla_reference's own, unforced, on the same (rounded) inputs: boundaries, merges and scores agree
+    up to the first token whose score is within 1e-4 of tau in either."""
     DK, DV = dims
     x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base=base, dtype=dtype)
     monkeypatch.setenv("DLA_BACKEND", "triton")
