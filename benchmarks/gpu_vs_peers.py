@@ -120,6 +120,19 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}".replace("|", "/")
 
 
+# bf16 dense TFLOP/s and HBM TB/s of the SXM cards the roofline fraction knows by name
+CARDS = {"H200": (989.0, 4.8), "H100": (989.0, 3.35)}
+
+
+def card_peaks(name: str, peak_tflops=None, bandwidth=None):
+    """The roofline's (peak TFLOP/s, TB/s): the flags where given, else the card's by name; (None, None)
+    for a card this table does not know (the fraction is then left out, not computed against another
+    card's peaks)."""
+    known = next((v for card, v in CARDS.items() if card in name), (None, None))
+    peak, bw = peak_tflops or known[0], bandwidth or known[1]
+    return (peak, bw) if peak and bw else (None, None)
+
+
 def floors(T: int, K: int, peak_tflops: float, bandwidth_tbs: float) -> float:
     """Forward floor in ms: the larger of reading q, k, v, g, lam and writing o (bf16/fp32) at full
     bandwidth, and the readout's flops (2 T K DK DV for the states, 2 T C (DK + DV) within chunks)
@@ -134,13 +147,14 @@ def main():
     p.add_argument("--T", type=int, nargs="+", default=[2048, 8192, 32768, 65536])
     p.add_argument("--K", type=int, nargs="+", default=[16, 32])
     p.add_argument("--ctx", type=int, nargs="+", default=[4096, 16384, 32768, 65536])
-    p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 dense peak (H200/H100 SXM: ~790)")
-    p.add_argument("--bandwidth", type=float, default=4.8, help="HBM TB/s (H200: 4.8, H100 SXM: 3.35)")
+    p.add_argument("--peak-tflops", type=float, help="bf16 dense peak (default: the card's, for H100 / H200 SXM)")
+    p.add_argument("--bandwidth", type=float, help="HBM TB/s (default: the card's, for H100 / H200 SXM)")
     p.add_argument("--out", default="docs/benchmarks.md")
     p.add_argument("--delta", action="store_true",
                    help="also the delta section: DLA-delta, our own K=1 delta path, fla's chunk_gated_delta_rule")
     a = p.parse_args()
     name = torch.cuda.get_device_name()
+    peak, bandwidth = card_peaks(name, a.peak_tflops, a.bandwidth)
     try:
         from fla.ops.log_linear_attn import chunk_log_linear_attn
     except ImportError:
@@ -163,7 +177,7 @@ def main():
             cache = empty_cache_like(q, v, lam, B, torch.float32)
             with torch.no_grad():
                 row["schedule_ms"] = ms(lambda: schedule_stage(k, v, g, None, *cache, 0.6))
-            row["floor_frac"] = floors(T, K, a.peak_tflops, a.bandwidth) / row["fwd_ms"]
+            row["floor_frac"] = floors(T, K, peak, bandwidth) / row["fwd_ms"] if peak else float("nan")
             rows.append(row)
         if a.delta:
             delta += delta_rows(T, a.K, q, k, v, g)

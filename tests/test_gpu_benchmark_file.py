@@ -1,5 +1,6 @@
-"""benchmarks/gpu_vs_peers.py's output file: a rerun replaces only its generated table between the
-markers, so the written analysis in docs/benchmarks.md survives (the GPU timing itself needs a GPU)."""
+"""benchmarks/gpu_vs_peers.py's parts that need no GPU: a rerun replaces only its generated table
+between the markers, so the written analysis in docs/benchmarks.md survives; the roofline takes the
+card's own peaks."""
 from __future__ import annotations
 
 import importlib.util
@@ -41,3 +42,11 @@ def test_the_docs_file_has_the_markers():
     bench = _bench()
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     assert text.index(bench.BEGIN) < text.index(bench.END)
+
+
+def test_the_roofline_peaks_are_the_cards_own_or_none():
+    bench = _bench()
+    assert bench.card_peaks("NVIDIA H200") == (989.0, 4.8)
+    assert bench.card_peaks("NVIDIA H100 80GB HBM3") == (989.0, 3.35)
+    assert bench.card_peaks("NVIDIA A100-SXM4-80GB") == (None, None)   # unknown: no fraction, not H200's
+    assert bench.card_peaks("NVIDIA A100-SXM4-80GB", 312.0, 2.0) == (312.0, 2.0)
