@@ -2,6 +2,9 @@
 relative-error assertion against float64."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 
@@ -97,3 +100,13 @@ def tiny_lm(base="delta", layers=2, capacity=4, **kw):
         for layer in model.model.layers:
             layer.mixer.lam_proj.weight.normal_(std=0.5)
     return model
+
+
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a fresh module (the folder is not a package), so that tests can call
+    its functions and patch them without touching another test's copy."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,23 +3,17 @@ between the markers, so the written analysis in docs/benchmarks.md survives; the
 card's own peaks."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("gpu_vs_peers", ROOT / "benchmarks" / "gpu_vs_peers.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
-
-
 def test_a_rerun_replaces_only_the_generated_table():
-    bench = _bench()
+    bench = load_benchmark("gpu_vs_peers")
     old = f"# Title\n\nanalysis before\n\n{bench.BEGIN}\nold table\n{bench.END}\n\nanalysis after\n"
     new = bench.replace_generated(old, "new table\n", "Some GPU")
     assert new == f"# Title\n\nanalysis before\n\n{bench.BEGIN}\nnew table\n{bench.END}\n\nanalysis after\n"
@@ -27,25 +21,25 @@ def test_a_rerun_replaces_only_the_generated_table():
 
 
 def test_a_file_without_markers_gets_the_table_under_a_title_naming_the_gpu():
-    bench = _bench()
+    bench = load_benchmark("gpu_vs_peers")
     assert bench.replace_generated(None, "table\n", "Some GPU") == "# Benchmarks on Some GPU\n\ntable\n"
     assert bench.replace_generated("no markers\n", "table\n", "Some GPU") == "# Benchmarks on Some GPU\n\ntable\n"
 
 
 def test_the_end_marker_before_the_begin_marker_is_refused():
-    bench = _bench()
+    bench = load_benchmark("gpu_vs_peers")
     with pytest.raises(ValueError, match="must follow"):
         bench.replace_generated(f"{bench.END}\nx\n{bench.BEGIN}\n", "table\n", "Some GPU")
 
 
 def test_the_docs_file_has_the_markers():
-    bench = _bench()
+    bench = load_benchmark("gpu_vs_peers")
     text = (ROOT / "docs" / "benchmarks.md").read_text()
     assert text.index(bench.BEGIN) < text.index(bench.END)
 
 
 def test_the_roofline_peaks_are_the_cards_own_or_none():
-    bench = _bench()
+    bench = load_benchmark("gpu_vs_peers")
     assert bench.card_peaks("NVIDIA H200") == (989.0, 4.8)
     assert bench.card_peaks("NVIDIA H100 80GB HBM3") == (989.0, 3.35)
     assert bench.card_peaks("NVIDIA A100-SXM4-80GB") == (None, None)   # unknown: no fraction, not H200's

@@ -2,25 +2,16 @@
 task and the table and plot are written; a grid run in parts resumes where it stopped."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _recall():
-    spec = importlib.util.spec_from_file_location("recall", ROOT / "benchmarks" / "recall.py")
-    recall = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recall)
-    return recall
+from helpers import load_benchmark
 
 
 def test_tiny_grid_writes_a_row_per_setting_and_mixer(tmp_path):
-    recall = _recall()
+    recall = load_benchmark("recall")
     rows = recall.run(recall.TINY, "cpu", progress=False)
     assert len(rows) == len(recall.TINY["settings"]) * len(recall.MIXERS)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rows)
@@ -29,7 +20,7 @@ def test_tiny_grid_writes_a_row_per_setting_and_mixer(tmp_path):
 
 
 def test_a_grid_in_parts_skips_finished_runs_and_reports_what_is_missing(tmp_path, monkeypatch):
-    recall = _recall()
+    recall = load_benchmark("recall")
     runs, out = tmp_path / "runs.jsonl", tmp_path / "results.md"
     argv = ["recall.py", "--tiny", "--task", "passkey", "--lrs", "0.01", "0.03", "--runs", str(runs), "--out", str(out)]
     # a sitting that may start no run writes an empty, partial table
@@ -55,7 +46,7 @@ def test_a_grid_in_parts_skips_finished_runs_and_reports_what_is_missing(tmp_pat
 def test_a_run_can_be_restricted_to_a_setting_and_mixers(tmp_path, monkeypatch):
     """--T and --mixers size the training budget on one setting and mixer (softmax, the upper bound)
     without the whole grid; unknown names are refused."""
-    recall = _recall()
+    recall = load_benchmark("recall")
     out = tmp_path / "results.md"
     trained = []
     monkeypatch.setattr(recall, "train_recall", lambda config, *a, **k: trained.append(config.merge_policy) or
