@@ -102,6 +102,13 @@ def tiny_lm(base="delta", layers=2, capacity=4, **kw):
     return model
 
 
+def tokens_before(near) -> int:
+    """How many tokens precede the first one where the [B, T, H] mask holds for some sequence and
+    head (all T if none): schedules are compared up to their first near-tie."""
+    first = near.any(dim=2).any(dim=0).nonzero()
+    return int(first[0]) if len(first) else near.shape[1]
+
+
 def load_benchmark(name: str):
     """``benchmarks/<name>.py`` as a fresh module (the folder is not a package), so that tests can call
     its functions and patch them without touching another test's copy."""
