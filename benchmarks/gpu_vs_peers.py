@@ -79,6 +79,19 @@ def inputs(T: int, K: int):
     return q, k, v, g, lam
 
 
+def decode_inputs(K: int):
+    """One gla decode step's arguments (bf16 q, k, v, g, lam, beta=None, cache) on a full cache: every
+    slot holds a state, so the step closes a state and merges a pair. The kernel skips the loads of
+    empty slots, so an empty cache would time a step that never reads the K states."""
+    tok = [torch.randn(B, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
+    g = F.logsigmoid(torch.randn(B, H, device=DEV) + 4)
+    lam = torch.rand(B, H, K, device=DEV) + 0.5
+    cache = DLACache(0.02 * torch.randn(B, H, K, D, D, device=DEV),
+                     torch.full((B, H, K), 256, dtype=torch.int64, device=DEV),
+                     torch.rand(B, H, K, device=DEV) + 1.0)
+    return (*tok, g, lam, None, cache)
+
+
 def delta_rows(T: int, Ks, q, k, v, g) -> list:
     """The delta base (issue #7) on the gla section's q, k, v, g (k is unit-norm, as Gated DeltaNet
     needs) and a random beta: DLA-delta at each K, our own K = 1 path (the plain gated delta rule) and
@@ -193,16 +206,10 @@ def main():
             return flash(qd, kc, vc)
         decode.append(dict(op="sdpa decode", ctx=ctx, us=1e3 * graph_ms(sdpa_step)))
     for K in a.K:
-        # DLA's step costs the same at any context: the cache holds K states whatever came before. It
-        # is timed on a full cache (every slot holds a state), since the kernel skips empty slots' loads
-        tok = [torch.randn(B, H, D, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
-        gd = F.logsigmoid(torch.randn(B, H, device=DEV) + 4)
-        lamd = torch.rand(B, H, K, device=DEV) + 0.5
-        cache = DLACache(0.02 * torch.randn(B, H, K, D, D, device=DEV),
-                         torch.full((B, H, K), 256, dtype=torch.int64, device=DEV),
-                         torch.rand(B, H, K, device=DEV) + 1.0)
+        # DLA's step costs the same at any context: the cache holds K states whatever came before
+        step = decode_inputs(K)
         decode.append(dict(op=f"dla gla decode K={K} (full cache)", ctx="any",
-                           us=1e3 * graph_ms(lambda: dla_decode_step(tok[0], tok[1], tok[2], gd, lamd, None, cache))))
+                           us=1e3 * graph_ms(lambda: dla_decode_step(*step))))
     write(rows, decode, name, Path(a.out), delta)
 
 

@@ -21,8 +21,9 @@ from torch import Tensor
 from dla_ops.backend import launch
 from dla_ops.kernels.schedule import _close, _score
 
-# measured on an H200 (B=2, H=16, DK=DV=64; benchmarks/decode_tiles.py): 16 value columns per
-# program is best at K=16 (11.0 us) and K=32 (13.9 us); fewer columns repeat the score's full-state
+# measured on an H200 (B=2, H=16, DK=DV=64; benchmarks/decode_tiles.py, then on an empty cache, whose
+# loads the kernel skips: to re-measure on a full one): 16 value columns per program is best at K=16
+# (11.0 us) and K=32 (13.9 us); fewer columns repeat the score's full-state
 # read in more programs, more columns leave too few programs. Fewer columns where the [KP, DK, BV]
 # block would pass 32768 elements (128 fp32 registers a thread at 8 warps), down to 2 (large K * DK
 # then spills registers: slower, not wrong).
