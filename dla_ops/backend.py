@@ -23,29 +23,16 @@ def requested() -> str | None:
 MAX_KERNEL_K = 120   # the readout kernels' slot tables are int8
 
 
-def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, base: str, K: int,
-                       backward: bool = False) -> bool:
-    """The readout (``backward``: its backward): Triton covers float32 compute with K up to
-    ``MAX_KERNEL_K``, for the ``gla`` forward and backward and the ``delta`` forward. The ``delta``
-    backward is ``torch_backend.readout_backward`` under either backend, with its two walks over the
-    chunks and the products of the states on Triton where this holds
-    (``use_triton_state_products``)."""
+def use_triton_readout(device: torch.device, compute_dtype: torch.dtype, K: int) -> bool:
+    """The readout and its backward: Triton covers float32 compute with K up to ``MAX_KERNEL_K``, for
+    both bases."""
     if not use_triton_schedule(device, compute_dtype):
-        return False
-    if base == "delta" and backward:
         return False
     if K > MAX_KERNEL_K:
         if requested() == "triton":
             raise ValueError(f"DLA_BACKEND=triton: the Triton readout covers K <= {MAX_KERNEL_K}, got K={K}")
         return False
     return True
-
-
-def use_triton_state_products(device: torch.device, compute_dtype: torch.dtype, base: str, K: int) -> bool:
-    """The part of ``torch_backend.readout_backward`` that involves the K states (their two walks over
-    the chunks and their products with the tokens: ``kernels.readout.delta_state_products``), for the
-    backward that has no full kernels (``delta``), wherever its forward readout is Triton's."""
-    return base == "delta" and use_triton_readout(device, compute_dtype, base, K)
 
 
 def use_triton_decode(device: torch.device, compute_dtype: torch.dtype) -> bool:

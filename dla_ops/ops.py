@@ -29,8 +29,11 @@ def _initial_cache(q, v, lam, cu_seqlens, states, counts, info):
 
 
 def _on_kernels(q: Tensor, lam: Tensor, beta: Optional[Tensor], cu_seqlens: Optional[Tensor]) -> bool:
-    """Whether a whole call runs on the Triton kernels (decided from static properties only)."""
-    return cu_seqlens is None and torch_backend._triton_readout(q, beta, lam, compute_dtype(q.dtype), backward=True)
+    """Whether a whole call runs on the Triton kernels and may be traced into them under
+    ``torch.compile`` (decided from static properties only). gla only: the delta kernels have not
+    been run traced (their backward's scratch buffers are 4 GB at T=32768, which a traced launch
+    must not copy)."""
+    return beta is None and cu_seqlens is None and torch_backend._triton_readout(q, lam, compute_dtype(q.dtype))
 
 
 @torch.library.custom_op("dla::checked_kv_norms", mutates_args=())

@@ -300,15 +300,14 @@ def readout(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optio
 
 
 def readout_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
-                     beta: Optional[Tensor], states0: Tensor, tables: Tensor, scale: float, chunk: int = CHUNK,
-                     products: Optional[tuple] = None):
+                     beta: Optional[Tensor], states0: Tensor, tables: Tensor, scale: float, chunk: int = CHUNK):
     """The gradients of ``readout`` (same layout and dtype) for the output gradient do and the final
     states' gradient dstates: [dq, dk, dv, dg, dlam, dbeta (None for gla), dstates0].
 
     Autograd through ``readout`` records every chunk's step; here the K states' recurrence runs twice
     without a graph (``_state_products``), every other term is one batched product over all chunks,
-    and autograd differentiates only the chunk-parallel terms (``_readout_terms``). ``products``: what
-    ``_state_products`` returns, computed elsewhere (the Triton ``delta_state_products``)."""
+    and autograd differentiates only the chunk-parallel terms (``_readout_terms``). (The Triton
+    ``readout.delta_backward`` does all of it for delta in kernels, the operators' gradients by hand.)"""
     K = states0.shape[2]
     with torch.enable_grad():
         leaves = [None if x is None else x.detach().requires_grad_() for x in (q, k, v, g, lam, beta)]
@@ -316,9 +315,8 @@ def readout_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tenso
     vc, q_t, A, k_t, tr, W, L, to_pre, to_in = (x.detach() for x in terms)
     n, T = vc.shape[2], g.shape[2]
     doc = scale * F.pad(do, (0, 0, 0, n * chunk - T)).unflatten(2, (n, chunk))
-    if products is None:
-        products = _state_products(doc, dstates, states0, W, q_t, tr, to_pre, to_in, k_t, vc, beta is None)
-    d_tr, dk_t, dv, dq_t, dW, dstates0 = products
+    d_tr, dk_t, dv, dq_t, dW, dstates0 = _state_products(doc, dstates, states0, W, q_t, tr, to_pre, to_in, k_t,
+                                                         vc, beta is None)
     P = doc @ vc.transpose(-1, -2)                      # [.., t, s]: do_t . v_s
     dv = dv + (L * A).transpose(-1, -2) @ doc
     wrt = [x for x in leaves if x is not None]
@@ -379,7 +377,7 @@ def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale
     """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H])."""
     cdt = states0.dtype
     states0 = ignore_empty_slots(states0, counts0)
-    if _triton_readout(q, beta, lam, cdt):
+    if _triton_readout(q, lam, cdt):
         from dla_ops.kernels import readout as kernels
         return kernels.forward(q, k, v, g, lam, states0, _kernel_tables(boundary, merge, counts0), scale,
                                beta=beta)
@@ -389,8 +387,8 @@ def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale
     return o.transpose(1, 2).to(q.dtype), states
 
 
-def _triton_readout(q: Tensor, beta: Optional[Tensor], lam: Tensor, cdt: torch.dtype, backward: bool = False) -> bool:
-    return backend.use_triton_readout(q.device, cdt, "gla" if beta is None else "delta", lam.shape[-1], backward)
+def _triton_readout(q: Tensor, lam: Tensor, cdt: torch.dtype) -> bool:
+    return backend.use_triton_readout(q.device, cdt, lam.shape[-1])
 
 
 def _kernel_tables(boundary: Tensor, merge: Tensor, counts0: Tensor) -> Tensor:
@@ -401,14 +399,19 @@ def _kernel_tables(boundary: Tensor, merge: Tensor, counts0: Tensor) -> Tensor:
 
 
 def _kernel_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
-    """The Triton backward of one gla run: gradients of q, k, v, g, lam, (no beta) and the initial
-    states."""
-    assert beta is None, "the Triton backward covers gla only"
+    """The Triton backward of one run: gradients of q, k, v, g, lam, beta (None for gla) and the
+    initial states."""
     from dla_ops.kernels import readout as kernels
     states0 = ignore_empty_slots(states0, counts0)
-    dq, dk, dv, dg, dlam, ds0 = kernels.backward(do, dstates, q, k, v, g, lam, states0,
-                                                 _kernel_tables(boundary, merge, counts0), scale)
-    return [dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), None,
+    tables = _kernel_tables(boundary, merge, counts0)
+    if beta is None:
+        dq, dk, dv, dg, dlam, ds0 = kernels.backward(do, dstates, q, k, v, g, lam, states0, tables, scale)
+        dbeta = None
+    else:
+        dq, dk, dv, dg, dlam, dbeta, ds0 = kernels.delta_backward(do, dstates.float(), q, k, v, g, lam, beta,
+                                                                  states0, tables, scale)
+        dq, dk, dv, dbeta = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype)
+    return [dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), dbeta,
             ignore_empty_slots(ds0, counts0).to(states0.dtype)]
 
 
@@ -416,28 +419,16 @@ def _torch_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bounda
     """``readout_backward`` on one run, in the op's layout and dtypes: gradients of q, k, v, g, lam,
     beta and the initial states."""
     cdt = states0.dtype
-    B, H, K = counts0.shape
+    K = counts0.shape[-1]
+    close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
+    tables = slot_tables(close, mu, K, CHUNK)
     held0 = ignore_empty_slots(states0, counts0)
-    products = None
-    if backend.use_triton_state_products(q.device, cdt, "gla" if beta is None else "delta", K):
-        from dla_ops.kernels import readout as kernels
-        # the kernel's tables are the same as slot_tables' (int8): built once, by the kernel, rather
-        # than also by slot_tables' loop of C steps
-        kernel_tables = _kernel_tables(boundary, merge, counts0)
-        tables = kernel_tables.long()
-        d_tr, dk_t, dv, dq_t, dW, ds0 = kernels.delta_state_products(
-            do, dstates.to(cdt), q, k, v, g, lam, beta, held0, kernel_tables, scale)
-        per_chunk = lambda x: x.unflatten(0, (B, H)).unflatten(2, (-1, CHUNK)).to(cdt)
-        products = (d_tr.unflatten(0, (B, H)).to(cdt), *(per_chunk(x) for x in (dk_t, dv, dq_t, dW)),
-                    ds0.unflatten(0, (B, H)).to(cdt))
-    else:
-        tables = slot_tables(*events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0), K, CHUNK)
     # custom-op implementations run below the autograd dispatch key; the chunk-parallel terms'
     # gradients need it back
     with torch._C._SetExcludeDispatchKeyGuard(torch._C.DispatchKey.AutogradFunctionality, False):
         grads = readout_backward(_time_major(do, cdt), dstates.to(cdt),
                                  *(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)),
-                                 held0, tables, scale, products=products)
+                                 held0, tables, scale)
     back = [None if dx is None else dx.transpose(1, 2).to(x.dtype) for dx, x in zip(grads, (q, k, v, g, lam, beta))]
     return back + [ignore_empty_slots(grads[6], counts0).to(states0.dtype)]
 
@@ -495,7 +486,7 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
     the forward's schedule: by the Triton backward kernels where they cover the case, else by
     ``readout_backward``."""
     inputs = [q, k, v, g, lam, beta, states0]
-    on_kernels = _triton_readout(q, beta, lam, states0.dtype, backward=True)
+    on_kernels = _triton_readout(q, lam, states0.dtype)
     backward = _kernel_backward if on_kernels else _torch_backward
     runs = [backward(do_, ds_, *xs, s0, c0, b_, m_, scale) for (do_, *xs, b_, m_), (ds_, s0, c0)
             in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, beta, boundary, merge], [dstates, states0, counts0])]

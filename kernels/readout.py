@@ -62,6 +62,7 @@ INTRA_WARPS = 8
 # 8: 9.72); the state products (with the walks) 32.9 ms at 4 warps (8: 35.9, 16: 38.0)
 OPERATOR_WARPS = 2
 PRODUCT_WARPS = 4
+OPERATOR_BACKWARD_WARPS = 8   # not yet timed
 GATE_BLOCK = 1024
 
 
@@ -365,19 +366,19 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
 
 @triton.jit
 def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr, kt_ptr, sbuf_ptr, gbuf_ptr,
-                                 dZ_ptr, dq_ptr, dk_ptr, dv_ptr, dW_ptr, T, H, TP, scale,
+                                 dZ_ptr, dq_ptr, dk_ptr, dv_ptr, dlam_ptr, T, H, TP, scale,
                                  DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                                  C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """For the delta base's backward: every product of a chunk's K start states S_e (sbuf) or of the
     gradients G_x of its K end states (gbuf, as ``_state_gradient_kernel`` leaves them) with the
     chunk's tokens, one program per (sequence, head, chunk), all chunks in parallel. With x(e) the
     chunk-end image of entry e, x(s) that of token s, w_e(t) = lam_t[slot_t(e)] and do scaled:
-        dZ = sum_e G_x(e) S_e^T,             dq~_t = sum_e w_e(t) S_e do_t,  dW[t, e] = q~_t^T S_e do_t,
+        dZ = sum_e G_x(e) S_e^T,             dq~_t = sum_e w_e(t) S_e do_t,  dw_e(t) = q~_t^T S_e do_t,
         dk~_s = G_x(s) v_s,                  dv_s = G_x(s)^T k~_s
-    (the gradients of the chunk's transition Z, of q~, of the entry weights, of k~, and dv's terms
-    across chunks). Written per padded token row ([B * H, NC * C, ...]; rows past T get zeros), with
-    dZ [B * H, NC, DK, DK]. The [C, C] terms and autograd through the chunk operators stay in
-    ``torch_backend.readout_backward``."""
+    (the gradients of the chunk's transition Z, of q~, of k~, and dv's terms across chunks), and the
+    entry weights' part of dlam (dw_e(t) goes to lam_t[slot_t(e)]). Written per padded token row
+    ([B * H, NC * C, ...]; rows past T get zeros), with dZ [B * H, NC, DK, DK], for
+    ``_delta_operators_backward_kernel``."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -398,7 +399,7 @@ def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr,
     dZ = tl.zeros([DK, DK], dtype=tl.float32)
     dq = tl.zeros([C, DK], dtype=tl.float32)
     dk = tl.zeros([C, DK], dtype=tl.float32)
-    dW = tl.zeros([C, KP], dtype=tl.float32)
+    dlam = tl.zeros([C, KP], dtype=tl.float32)
     for vb in range(DV // BV):
         rv = vb * BV + tl.arange(0, BV)
         tile = rk[:, None] * DV + rv[None, :]
@@ -409,9 +410,9 @@ def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr,
             D = tl.load(ends + tl.load(last_row + e).to(tl.int32) * SZ + tile)
             dZ += tl.dot(D, tl.trans(S), input_precision=PREC)
             X = tl.dot(do, tl.trans(S), input_precision=PREC)       # row t: S_e do_t (unscaled)
-            w_e = _entry_weight(tab_row, lam_row, valid, e)[1]
+            slot_e, w_e = _entry_weight(tab_row, lam_row, valid, e)
             dq += w_e[:, None] * X
-            dW += tl.where(slots[None, :] == e, tl.sum(q_t * X, 1)[:, None], 0.0)
+            dlam += tl.where(slots[None, :] == slot_e[:, None], tl.sum(q_t * X, 1)[:, None], 0.0)
         dv = tl.zeros([C, BV], dtype=tl.float32)
         for x in range(0, j_tok + 1):
             G = tl.load(ends + x * SZ + tile)
@@ -421,9 +422,122 @@ def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr,
         tl.store(dv_ptr + rows[:, None] * DV + rv[None, :], dv)
     # (scale multiplies results, not dot operands, as in _intra_backward_kernel)
     tl.store(dq_ptr + rows[:, None] * DK + rk[None, :], scale * dq)
-    tl.store(dW_ptr + rows[:, None] * K + slots[None, :], scale * dW, mask=(slots < K)[None, :] & (rc >= 0)[:, None])   # (rc: the mask's shape)
+    tl.store(dlam_ptr + rows[:, None] * K + slots[None, :], scale * dlam, mask=(slots < K)[None, :] & (rc >= 0)[:, None])   # (rc: the mask's shape)
     tl.store(dk_ptr + rows[:, None] * DK + rk[None, :], dk)
     tl.store(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[:, None]) * DK + rk[None, :], dZ)
+
+
+@triton.jit
+def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_ptr, lam_ptr, tab_ptr,
+                                     dqt_ptr, dkt_ptr, dZ_ptr, dvx_ptr, dlamx_ptr,
+                                     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, dlam_ptr, T, H, TP, scale,
+                                     DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                                     C: tl.constexpr, BV: tl.constexpr):
+    """The delta backward's chunk-local part, one program per (sequence, head, chunk), all in
+    parallel: from the gradients of the chunk operators that ``_delta_state_products_kernel`` leaves
+    (q~, k~, Z; and its cross-chunk parts of dv and dlam), the gradients of q, k, v, g, beta and lam,
+    by differentiating the WY form (``torch_backend._chunk_operators_delta``) by hand:
+        Gamma[t, s] = exp(G_t - G_s) (s <= t), gamma = exp(G), L = strict(diag(beta) (K K^T * Gamma)),
+        W = (I + L)^-1, Tm = W diag(beta), A = (Q K^T * Gamma) Tm, k~ = Tm^T diag(Gamma[end]) K,
+        q~ = diag(gamma) Q - A diag(gamma) K, Z = gamma_end I - k~^T diag(gamma) K,
+    plus the within-chunk readout o += scale (A * lam_t[slot_t(s)]) v, whose gradients are
+    dA = scale (do v^T) * Lw, dv += scale (Lw * A)^T do and dlam from scale (do v^T) * A. W comes
+    from forward substitution (C steps on a [C, C] tile). Every product runs as tf32x3: dg is a
+    difference of sums. Writes the op layout ([B, T, H, ...], fp32)."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    NC = tl.cdiv(T, C)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    slots = tl.arange(0, KP)
+    tok, valid, q, k, G, G_end, tab_row, lam_row, last_row, live, slot_in, Lw, Gamma, held = _chunk(
+        q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    rows = (bh.to(tl.int64) * NC + c) * C + rc   # the chunked layout of the products kernel's outputs
+    eye = rc[:, None] == rc[None, :]
+    strict = rc[:, None] > rc[None, :]
+    # the forward: W = (I + L)^-1 row by row (row i needs rows j < i, which are final by then)
+    KK = tl.dot(k, tl.trans(k), input_precision="tf32x3")
+    L = tl.where(strict, beta[:, None] * KK * Gamma, 0.0)
+    W = tl.where(eye, 1.0, 0.0)
+    for i in range(1, C):
+        l_i = tl.sum(tl.where(rc[:, None] == i, L, 0.0), 0)
+        w_i = tl.where(rc == i, 1.0, 0.0) - tl.sum(l_i[:, None] * W, 0)
+        W = tl.where(rc[:, None] == i, w_i[None, :], W)
+    Tm = W * beta[None, :]
+    QK = tl.dot(q, tl.trans(k), input_precision="tf32x3")
+    QKg = QK * Gamma
+    A = tl.dot(QKg, Tm, input_precision="tf32x3")
+    gamma = tl.exp(G)
+    Gamma_end = tl.exp(G_end - G)
+    gamma_end = tl.exp(G_end)
+    gk = gamma[:, None] * k
+    R = Gamma_end[:, None] * k
+    kt = tl.dot(tl.trans(Tm), R, input_precision="tf32x3")
+    # the within-chunk readout: P = scale do v^T, over value blocks; dv's within-chunk term
+    P = tl.zeros([C, C], dtype=tl.float32)
+    for vb in range(DV // BV):
+        rv = vb * BV + tl.arange(0, BV)
+        P += tl.dot(_rows(do_ptr, tok, valid, rv, DV), tl.trans(_rows(v_ptr, tok, valid, rv, DV)),
+                    input_precision="tf32x3")
+    P = scale * P
+    LA = tl.where(live, Lw * A, 0.0)
+    for vb in range(DV // BV):
+        rv = vb * BV + tl.arange(0, BV)
+        dv = scale * tl.dot(tl.trans(LA), _rows(do_ptr, tok, valid, rv, DV), input_precision="tf32x3")
+        dv += tl.load(dvx_ptr + rows[:, None] * DV + rv[None, :])
+        tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv, mask=valid[:, None])
+    # dlam: the entries' part (products kernel) and the within-chunk tokens' slots
+    X = tl.where(live, P * A, 0.0)
+    dlam = tl.load(dlamx_ptr + rows[:, None] * K + slots[None, :], mask=(slots < K)[None, :] & (rc >= 0)[:, None],
+                   other=0.0)
+    for j in range(0, tl.max(tl.max(slot_in, 1), 0) + 1):
+        dlam += tl.where(slots[None, :] == j, tl.sum(tl.where(slot_in == j, X, 0.0), 1)[:, None], 0.0)
+    tl.store(dlam_ptr + tok[:, None] * K + slots[None, :], dlam, mask=held)
+    # backward through the operators
+    dqt = tl.load(dqt_ptr + rows[:, None] * DK + rk[None, :])
+    dkt = tl.load(dkt_ptr + rows[:, None] * DK + rk[None, :])
+    dZ = tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[:, None]) * DK + rk[None, :])
+    dA = tl.where(live, P * Lw, 0.0) - tl.dot(dqt, tl.trans(gk), input_precision="tf32x3")
+    # Z and q~ through gk = diag(gamma) K; gamma_end
+    dgk = -tl.dot(kt, dZ, input_precision="tf32x3") - tl.dot(tl.trans(A), dqt, input_precision="tf32x3")
+    dkt += -tl.dot(gk, tl.trans(dZ), input_precision="tf32x3")
+    d_gamma_end = tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], dZ, 0.0), 1), 0)
+    dq = gamma[:, None] * dqt
+    d_gamma = tl.sum(dqt * q, 1) + tl.sum(dgk * k, 1)
+    dk = gamma[:, None] * dgk
+    # k~ = Tm^T R, R = diag(Gamma_end) K
+    dTm = tl.dot(R, tl.trans(dkt), input_precision="tf32x3")
+    dR = tl.dot(Tm, dkt, input_precision="tf32x3")
+    dk += Gamma_end[:, None] * dR
+    d_Gamma_end = tl.sum(dR * k, 1)
+    # A = (Q K^T * Gamma) Tm
+    dQKg = tl.dot(dA, tl.trans(Tm), input_precision="tf32x3")
+    dTm += tl.dot(tl.trans(QKg), dA, input_precision="tf32x3")
+    dQK = dQKg * Gamma
+    dq += tl.dot(dQK, k, input_precision="tf32x3")
+    dk += tl.dot(tl.trans(dQK), q, input_precision="tf32x3")
+    dGamma = dQKg * QK
+    # Tm = W diag(beta), W = (I + L)^-1: dL = strict(-W^T dW W^T)
+    dbeta = tl.sum(dTm * W, 0)
+    dW = dTm * beta[None, :]
+    dL = tl.where(strict, -tl.dot(tl.dot(tl.trans(W), dW, input_precision="tf32x3"), tl.trans(W),
+                                 input_precision="tf32x3"), 0.0)
+    dbeta += tl.sum(dL * KK * Gamma, 1)
+    dKK = beta[:, None] * dL * Gamma
+    dGamma += beta[:, None] * dL * KK
+    dk += tl.dot(dKK + tl.trans(dKK), k, input_precision="tf32x3")
+    # the decays: G_t = sum of g up to t in the chunk; G_end the whole chunk's sum
+    Y = tl.where(live, dGamma * Gamma, 0.0)
+    dG = tl.sum(Y, 1) - tl.sum(Y, 0) + d_gamma * gamma - d_Gamma_end * Gamma_end
+    dG_end = d_gamma_end * gamma_end + tl.sum(d_Gamma_end * Gamma_end, 0)
+    dg = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG + dG_end   # dg_t = sum of dG_u over u >= t, plus G_end's
+    tl.store(dq_ptr + tok[:, None] * DK + rk[None, :], dq, mask=valid[:, None])
+    tl.store(dk_ptr + tok[:, None] * DK + rk[None, :], dk, mask=valid[:, None])
+    tl.store(dg_ptr + tok, dg, mask=valid)
+    tl.store(dbeta_ptr + tok, dbeta, mask=valid)
 
 
 @triton.jit
@@ -690,22 +804,21 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, kee
     return o, sT
 
 
-def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
-                         beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
-    """The delta base's backward up to what ``torch_backend.readout_backward`` does with the chunk
-    operators: the two walks over the chunks (the forward sweep keeping the K states at every chunk
-    start; their gradients, walking back from the final states' gradient dstates), then every product
-    of those with the chunk's tokens (``_delta_state_products_kernel``). Returns, fp32 and in the
-    chunked token layout [B * H, NC * C, ...] (rows past T zero): the gradients of the chunks'
-    transitions Z ([B * H, NC, DK, DK]), of k~ and the cross-chunk terms of dv, of q~ and of the
-    entry weights ([.., K]); and the initial states' gradient [B * H, K, DK, DV]. states0 must have
-    its empty slots zeroed. The walks' buffers (two of [B * H, NC + 1, K, DK, DV] fp32) are freed on
-    return. (gla's backward has its own kernels.)"""
+def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
+                   beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
+    """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base),
+    fp32, for the output gradient do and the final states' gradient dstates. states0 must have its
+    empty slots zeroed. Four stages: the two walks over the chunks (the forward sweep keeping the K
+    states at every chunk start; their gradients, walking back from dstates), the products of those
+    with each chunk's tokens (``_delta_state_products_kernel``), then the chunk operators' backward
+    (``_delta_operators_backward_kernel``). The walks' buffers (two of [B * H, NC + 1, K, DK, DV]
+    fp32) are freed before the last stage."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
-    q, k, v, do = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(do, PV)
+    q, k, v, do = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(do.to(q.dtype), PV)
     _check_covered(q, v, K)
+    q, k, v, do, g, lam, beta = (t.contiguous() for t in (q, k, v, do, g, lam, beta))
     ops = delta_operators(q, k, g, beta, chunk)
     states = _forward(q, k, v, g, lam, _pad(states0, PK, PV), tables, scale, x=None, chunk=chunk, ops=ops,
                       keep=True)
@@ -713,19 +826,28 @@ def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: T
     grads[:, -1] = _pad(dstates, PK, PV).flatten(0, 1)
     BV = _block_v(PV)
     qt, kt, _, Z = ops
-    lam, do, v, g = (t.contiguous() for t in (lam, do, v, g))
-    blocks = dict(DK=PK, DV=PV, K=K, C=chunk, BV=BV, PREC=_precision(q.dtype))
+    blocks = dict(DK=PK, DV=PV, K=K, C=chunk, BV=BV)
     launch(_state_gradient_kernel, (B * H, PV // BV), ("gbuf_ptr",))(
-        lam, do, tables, qt, Z, grads, T, H, tables.shape[2], float(scale), **blocks, num_warps=SWEEP_WARPS)
+        lam, do, tables, qt, Z, grads, T, H, tables.shape[2], float(scale), **blocks, PREC=_precision(q.dtype),
+        num_warps=SWEEP_WARPS)
     NC = triton.cdiv(T, chunk)
     rows = lambda width: torch.empty(B * H, NC * chunk, width, dtype=torch.float32, device=q.device)
     dZ = torch.empty(B * H, NC, PK, PK, dtype=torch.float32, device=q.device)
-    dqt, dkt, dv, dW = rows(PK), rows(PK), rows(PV), rows(K)
-    launch(_delta_state_products_kernel, (B * H, NC), ("dZ_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dW_ptr"))(
-        do, v, g, lam, tables, qt, kt, states, grads, dZ, dqt, dkt, dv, dW, T, H, tables.shape[2], float(scale),
-        KP=_slots(K), **blocks, num_warps=PRODUCT_WARPS)
-    return (dZ[..., :DK, :DK], dkt[..., :DK], dv[..., :DV], dqt[..., :DK], dW,
-            grads[:, 0, :, :DK, :DV].clone())
+    dqt, dkt, dvx, dlamx = rows(PK), rows(PK), rows(PV), rows(K)
+    launch(_delta_state_products_kernel, (B * H, NC), ("dZ_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dlam_ptr"))(
+        do, v, g, lam, tables, qt, kt, states, grads, dZ, dqt, dkt, dvx, dlamx, T, H, tables.shape[2],
+        float(scale), KP=_slots(K), **blocks, PREC=_precision(q.dtype), num_warps=PRODUCT_WARPS)
+    ds0 = grads[:, 0, :, :DK, :DV].unflatten(0, (B, H)).clone()
+    del states, grads, ops, qt, kt, Z
+    dq, dk = (torch.empty(B, T, H, PK, dtype=torch.float32, device=q.device) for _ in range(2))
+    dv = torch.empty(B, T, H, PV, dtype=torch.float32, device=q.device)
+    dg, dbeta = (torch.empty(B, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
+    dlam = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    launch(_delta_operators_backward_kernel, (B * H, NC),
+           ("dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
+        q, k, v, do, g, beta, lam, tables, dqt, dkt, dZ, dvx, dlamx, dq, dk, dv, dg, dbeta, dlam, T, H,
+        tables.shape[2], float(scale), KP=_slots(K), **blocks, num_warps=OPERATOR_BACKWARD_WARPS)
+    return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0
 
 
 def backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,

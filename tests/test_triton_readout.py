@@ -110,10 +110,10 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     # (the reference would match the PyTorch path as well: check that the kernels are what ran; the
     # chunked delta schedule runs the operator kernel too)
     with mock.patch.object(readout, "forward", wraps=readout.forward) as forward, \
-            mock.patch.object(readout, "delta_state_products", wraps=readout.delta_state_products) as products, \
+            mock.patch.object(readout, "delta_backward", wraps=readout.delta_backward) as backward, \
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked:
         _check_against_reference(x, init, tau, 1e-5)
-    assert forward.called and products.called and chunked.called
+    assert forward.called and backward.called and chunked.called
 
 
 def test_delta_state_products_match_the_pytorch_products():
