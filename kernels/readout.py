@@ -167,13 +167,16 @@ def _entry_weight(tab_row, lam_row, valid, e):
 
 
 @triton.jit
-def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, T, H, NC,
-                            DK: tl.constexpr, C: tl.constexpr):
+def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, W_ptr, T, H, NC,
+                            DK: tl.constexpr, C: tl.constexpr, WITH_W: tl.constexpr = False):
     """Gated DeltaNet's chunk operators (``torch_backend._chunk_operators_delta``), one program per
-    (sequence, head, chunk), all chunks in parallel. Column s of P = Phi(t, s) beta_s k_s advances one
-    token at a time,
-        P <- alpha_t (P - beta_t k_t (k_t^T P)), then column t gains beta_t k_t,
-    and row t of A is q_t^T P (so A[t, s] = 0 for s > t); at the chunk end k~ = P^T. The rest is two
+    (sequence, head, chunk), all chunks in parallel. Column s of P = Phi(t, s) k_s advances one token
+    at a time,
+        P <- alpha_t (P - beta_t k_t (k_t^T P)), then column t becomes k_t,
+    and row t of A is (q_t^T P) diag(beta) (so A[t, s] = 0 for s > t); at the chunk end
+    k~ = (P diag(beta))^T. With WITH_W it also writes W = (I + L)^-1 (the WY form's, below, for
+    ``_delta_operators_backward_kernel``): row t is -alpha_t beta_t k_t^T P before token t's update,
+    plus 1 on the diagonal, since P = K^T diag(Gamma[t]) W at every t. The rest is two
     products, by the WY form (``_chunk_operators_delta``'s docstring):
         q~ = diag(gamma) Q - A diag(gamma) K,   Z = gamma_end I - k~^T diag(gamma) K,
     rather than also carrying Phi(t, c0 - 1) through the token loop (twice the loop's work). The
@@ -188,22 +191,26 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     rk = tl.arange(0, DK)
     rc = tl.arange(0, C)
     at = bh.to(tl.int64) * NC + c   # this chunk's index in A and Z
-    P = tl.zeros([DK, C], dtype=tl.float32)
-    for i in range(C):
-        t = c * C + i
-        tok = (b.to(tl.int64) * T + t) * H + h
-        live = (t + 0 * rk) < T
-        k_i = tl.load(k_ptr + tok * DK + rk, mask=live, other=0.0).to(tl.float32)
-        q_i = tl.load(q_ptr + tok * DK + rk, mask=live, other=0.0).to(tl.float32)
-        beta_i = tl.load(beta_ptr + tok, mask=t < T, other=0.0).to(tl.float32)
-        alpha_i = tl.exp(tl.load(g_ptr + tok, mask=t < T, other=0.0).to(tl.float32))
-        bk = (beta_i * k_i)[:, None]
-        P = alpha_i * (P - bk * tl.sum(k_i[:, None] * P, 0)[None, :]) + tl.where(rc[None, :] == i, bk, 0.0)
-        # row i of A, stored as it comes (the [C, C] tile would cost registers), read back below
-        tl.store(A_ptr + (at * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0))
-    tl.debug_barrier()
     t = c * C + rc
     valid = t < T
+    betas = tl.load(beta_ptr + (b.to(tl.int64) * T + t) * H + h, mask=valid, other=0.0).to(tl.float32)
+    P = tl.zeros([DK, C], dtype=tl.float32)
+    for i in range(C):
+        ti = c * C + i
+        tok = (b.to(tl.int64) * T + ti) * H + h
+        live = (ti + 0 * rk) < T
+        k_i = tl.load(k_ptr + tok * DK + rk, mask=live, other=0.0).to(tl.float32)
+        q_i = tl.load(q_ptr + tok * DK + rk, mask=live, other=0.0).to(tl.float32)
+        beta_i = tl.load(beta_ptr + tok, mask=ti < T, other=0.0).to(tl.float32)
+        alpha_i = tl.exp(tl.load(g_ptr + tok, mask=ti < T, other=0.0).to(tl.float32))
+        kP = tl.sum(k_i[:, None] * P, 0)
+        if WITH_W:
+            tl.store(W_ptr + (at * C + i) * C + rc, tl.where(rc < i, -alpha_i * beta_i * kP, (rc == i).to(tl.float32)))
+        P = alpha_i * (P - (beta_i * k_i)[:, None] * kP[None, :]) + tl.where(rc[None, :] == i, k_i[:, None], 0.0)
+        # row i of A, stored as it comes (the [C, C] tile would cost registers), read back below
+        tl.store(A_ptr + (at * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0) * betas)
+    tl.debug_barrier()
+    P = P * betas[None, :]
     rows = ((b.to(tl.int64) * T + t) * H + h)[:, None] * DK + rk[None, :]
     gamma = tl.exp(tl.cumsum(tl.load(g_ptr + (b.to(tl.int64) * T + t) * H + h, mask=valid, other=0.0)
                              .to(tl.float32), 0))
@@ -429,7 +436,7 @@ def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr,
 
 @triton.jit
 def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_ptr, lam_ptr, tab_ptr,
-                                     dqt_ptr, dkt_ptr, dZ_ptr, dvx_ptr, dlamx_ptr,
+                                     W_ptr, dqt_ptr, dkt_ptr, dZ_ptr, dvx_ptr, dlamx_ptr,
                                      dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, dlam_ptr, T, H, TP, scale,
                                      DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                                      C: tl.constexpr, BV: tl.constexpr):
@@ -442,7 +449,7 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
         q~ = diag(gamma) Q - A diag(gamma) K, Z = gamma_end I - k~^T diag(gamma) K,
     plus the within-chunk readout o += scale (A * lam_t[slot_t(s)]) v, whose gradients are
     dA = scale (do v^T) * Lw, dv += scale (Lw * A)^T do and dlam from scale (do v^T) * A. W comes
-    from forward substitution (C steps on a [C, C] tile). Every product runs as tf32x3: dg is a
+    from ``_delta_operators_kernel`` (WITH_W). Every product runs as tf32x3: dg is a
     difference of sums. Writes the op layout ([B, T, H, ...], fp32)."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
@@ -456,37 +463,45 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
         q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     rows = (bh.to(tl.int64) * NC + c) * C + rc   # the chunked layout of the products kernel's outputs
-    eye = rc[:, None] == rc[None, :]
     strict = rc[:, None] > rc[None, :]
-    # the forward: W = (I + L)^-1 row by row (row i needs rows j < i, which are final by then)
+    # Every transposed operand below is loaded, or built from loads by elementwise steps, never the
+    # transpose of a product's result: a transposed tl.dot result fed to tl.dot is what Triton 3.4-3.7
+    # miscompiles on Hopper (fla #640). The transposes of computed tiles are computed directly (xT).
+    liveT = (rc[:, None] <= rc[None, :]) & valid[None, :]            # liveT[s, t] = live[t, s]
+    GammaT = tl.exp(tl.where(liveT, G[None, :] - G[:, None], float("-inf")))
+    slot_inT = tl.load(tab_row[None, :] + K + rc[:, None], mask=liveT, other=0).to(tl.int32)
+    LwT = tl.load(lam_row[None, :] + slot_inT, mask=liveT, other=0.0).to(tl.float32)
+    # the forward's terms, with W = (I + L)^-1 from the operator kernel
     KK = tl.dot(k, tl.trans(k), input_precision="tf32x3")
-    L = tl.where(strict, beta[:, None] * KK * Gamma, 0.0)
-    W = tl.where(eye, 1.0, 0.0)
-    for i in range(1, C):
-        l_i = tl.sum(tl.where(rc[:, None] == i, L, 0.0), 0)
-        w_i = tl.where(rc == i, 1.0, 0.0) - tl.sum(l_i[:, None] * W, 0)
-        W = tl.where(rc[:, None] == i, w_i[None, :], W)
+    W = tl.load(W_ptr + ((bh.to(tl.int64) * NC + c) * C + rc[:, None]) * C + rc[None, :])
     Tm = W * beta[None, :]
     QK = tl.dot(q, tl.trans(k), input_precision="tf32x3")
     QKg = QK * Gamma
+    QKgT = tl.dot(k, tl.trans(q), input_precision="tf32x3") * GammaT
     A = tl.dot(QKg, Tm, input_precision="tf32x3")
+    AT = tl.dot(tl.trans(Tm), QKgT, input_precision="tf32x3")
     gamma = tl.exp(G)
     Gamma_end = tl.exp(G_end - G)
     gamma_end = tl.exp(G_end)
     gk = gamma[:, None] * k
     R = Gamma_end[:, None] * k
     kt = tl.dot(tl.trans(Tm), R, input_precision="tf32x3")
-    # the within-chunk readout: P = scale do v^T, over value blocks; dv's within-chunk term
+    # the within-chunk readout: P = scale do v^T (and its transpose), over value blocks; dv's
+    # within-chunk term
     P = tl.zeros([C, C], dtype=tl.float32)
+    PT = tl.zeros([C, C], dtype=tl.float32)
     for vb in range(DV // BV):
         rv = vb * BV + tl.arange(0, BV)
-        P += tl.dot(_rows(do_ptr, tok, valid, rv, DV), tl.trans(_rows(v_ptr, tok, valid, rv, DV)),
-                    input_precision="tf32x3")
+        do_b = _rows(do_ptr, tok, valid, rv, DV)
+        v_b = _rows(v_ptr, tok, valid, rv, DV)
+        P += tl.dot(do_b, tl.trans(v_b), input_precision="tf32x3")
+        PT += tl.dot(v_b, tl.trans(do_b), input_precision="tf32x3")
     P = scale * P
-    LA = tl.where(live, Lw * A, 0.0)
+    PT = scale * PT
+    LAT = tl.where(liveT, LwT * AT, 0.0)
     for vb in range(DV // BV):
         rv = vb * BV + tl.arange(0, BV)
-        dv = scale * tl.dot(tl.trans(LA), _rows(do_ptr, tok, valid, rv, DV), input_precision="tf32x3")
+        dv = scale * tl.dot(LAT, _rows(do_ptr, tok, valid, rv, DV), input_precision="tf32x3")
         dv += tl.load(dvx_ptr + rows[:, None] * DV + rv[None, :])
         tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv, mask=valid[:, None])
     # dlam: the entries' part (products kernel) and the within-chunk tokens' slots
@@ -498,37 +513,39 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     tl.store(dlam_ptr + tok[:, None] * K + slots[None, :], dlam, mask=held)
     # backward through the operators
     dqt = tl.load(dqt_ptr + rows[:, None] * DK + rk[None, :])
-    dkt = tl.load(dkt_ptr + rows[:, None] * DK + rk[None, :])
     dZ = tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[:, None]) * DK + rk[None, :])
     dA = tl.where(live, P * Lw, 0.0) - tl.dot(dqt, tl.trans(gk), input_precision="tf32x3")
+    dAT = tl.where(liveT, PT * LwT, 0.0) - tl.dot(gk, tl.trans(dqt), input_precision="tf32x3")
     # Z and q~ through gk = diag(gamma) K; gamma_end
-    dgk = -tl.dot(kt, dZ, input_precision="tf32x3") - tl.dot(tl.trans(A), dqt, input_precision="tf32x3")
-    dkt += -tl.dot(gk, tl.trans(dZ), input_precision="tf32x3")
+    dgk = -tl.dot(kt, dZ, input_precision="tf32x3") - tl.dot(AT, dqt, input_precision="tf32x3")
+    dkt = tl.load(dkt_ptr + rows[:, None] * DK + rk[None, :]) - tl.dot(gk, tl.trans(dZ), input_precision="tf32x3")
+    dktT = tl.load(dkt_ptr + rows[None, :] * DK + rk[:, None]) - tl.dot(dZ, tl.trans(gk), input_precision="tf32x3")
     d_gamma_end = tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], dZ, 0.0), 1), 0)
     dq = gamma[:, None] * dqt
     d_gamma = tl.sum(dqt * q, 1) + tl.sum(dgk * k, 1)
     dk = gamma[:, None] * dgk
     # k~ = Tm^T R, R = diag(Gamma_end) K
-    dTm = tl.dot(R, tl.trans(dkt), input_precision="tf32x3")
+    dTm = tl.dot(R, dktT, input_precision="tf32x3")
+    dTmT = tl.dot(dkt, tl.trans(R), input_precision="tf32x3")
     dR = tl.dot(Tm, dkt, input_precision="tf32x3")
     dk += Gamma_end[:, None] * dR
     d_Gamma_end = tl.sum(dR * k, 1)
     # A = (Q K^T * Gamma) Tm
     dQKg = tl.dot(dA, tl.trans(Tm), input_precision="tf32x3")
-    dTm += tl.dot(tl.trans(QKg), dA, input_precision="tf32x3")
-    dQK = dQKg * Gamma
-    dq += tl.dot(dQK, k, input_precision="tf32x3")
-    dk += tl.dot(tl.trans(dQK), q, input_precision="tf32x3")
+    dTm += tl.dot(QKgT, dA, input_precision="tf32x3")
+    dTmT += tl.dot(dAT, QKg, input_precision="tf32x3")
+    dq += tl.dot(dQKg * Gamma, k, input_precision="tf32x3")
+    dk += tl.dot(tl.dot(Tm, dAT, input_precision="tf32x3") * GammaT, q, input_precision="tf32x3")
     dGamma = dQKg * QK
-    # Tm = W diag(beta), W = (I + L)^-1: dL = strict(-W^T dW W^T)
+    # Tm = W diag(beta), W = (I + L)^-1: dL = strict(-W^T dW W^T), and its transpose
     dbeta = tl.sum(dTm * W, 0)
-    dW = dTm * beta[None, :]
-    dL = tl.where(strict, -tl.dot(tl.dot(tl.trans(W), dW, input_precision="tf32x3"), tl.trans(W),
+    dL = tl.where(strict, -tl.dot(tl.dot(tl.trans(W), dTm * beta[None, :], input_precision="tf32x3"), tl.trans(W),
                                  input_precision="tf32x3"), 0.0)
+    dLT = tl.where(rc[:, None] < rc[None, :], -tl.dot(tl.dot(W, dTmT * beta[:, None], input_precision="tf32x3"), W,
+                                                       input_precision="tf32x3"), 0.0)
     dbeta += tl.sum(dL * KK * Gamma, 1)
-    dKK = beta[:, None] * dL * Gamma
     dGamma += beta[:, None] * dL * KK
-    dk += tl.dot(dKK + tl.trans(dKK), k, input_precision="tf32x3")
+    dk += tl.dot(beta[:, None] * dL * Gamma + beta[None, :] * dLT * GammaT, k, input_precision="tf32x3")
     # the decays: G_t = sum of g up to t in the chunk; G_end the whole chunk's sum
     Y = tl.where(live, dGamma * Gamma, 0.0)
     dG = tl.sum(Y, 1) - tl.sum(Y, 0) + d_gamma * gamma - d_Gamma_end * Gamma_end
@@ -748,9 +765,10 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states0: Te
     return o[..., :DV], sT[..., :DK, :DV]
 
 
-def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK):
+def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK, with_w: bool = False):
     """Gated DeltaNet's chunk operators for [B, T, H, DK] q, k (DK a power of two >= 16) and [B, T, H]
-    g, beta: q~ and k~ ([B, T, H, DK] fp32), A ([B * H, NC, C, C]) and Z ([B * H, NC, DK, DK])."""
+    g, beta: q~ and k~ ([B, T, H, DK] fp32), A ([B * H, NC, C, C]) and Z ([B * H, NC, DK, DK]); with
+    ``with_w`` also W ([B * H, NC, C, C]), for the backward."""
     B, T, H, DK = q.shape
     n = triton.cdiv(T, chunk)
     q, k, g, beta = (t.contiguous() for t in (q, k, g, beta))
@@ -758,9 +776,10 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
     kt = torch.empty_like(qt)
     A = torch.empty(B * H, n, chunk, chunk, dtype=torch.float32, device=q.device)
     Z = torch.empty(B * H, n, DK, DK, dtype=torch.float32, device=q.device)
-    launch(_delta_operators_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr"))(
-        q, k, g, beta, qt, kt, A, Z, T, H, n, DK=DK, C=chunk, num_warps=OPERATOR_WARPS)
-    return qt, kt, A, Z
+    W = torch.empty_like(A) if with_w else A.new_empty(0)
+    launch(_delta_operators_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr", "W_ptr"))(
+        q, k, g, beta, qt, kt, A, Z, W, T, H, n, DK=DK, C=chunk, WITH_W=with_w, num_warps=OPERATOR_WARPS)
+    return (qt, kt, A, Z, W) if with_w else (qt, kt, A, Z)
 
 
 def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, keep=False, within=None):
@@ -819,7 +838,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     q, k, v, do = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(do.to(q.dtype), PV)
     _check_covered(q, v, K)
     q, k, v, do, g, lam, beta = (t.contiguous() for t in (q, k, v, do, g, lam, beta))
-    ops = delta_operators(q, k, g, beta, chunk)
+    *ops, Wm = delta_operators(q, k, g, beta, chunk, with_w=True)
     states = _forward(q, k, v, g, lam, _pad(states0, PK, PV), tables, scale, x=None, chunk=chunk, ops=ops,
                       keep=True)
     grads = torch.empty_like(states)
@@ -845,7 +864,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     dlam = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     launch(_delta_operators_backward_kernel, (B * H, NC),
            ("dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
-        q, k, v, do, g, beta, lam, tables, dqt, dkt, dZ, dvx, dlamx, dq, dk, dv, dg, dbeta, dlam, T, H,
+        q, k, v, do, g, beta, lam, tables, Wm, dqt, dkt, dZ, dvx, dlamx, dq, dk, dv, dg, dbeta, dlam, T, H,
         tables.shape[2], float(scale), KP=_slots(K), **blocks, num_warps=OPERATOR_BACKWARD_WARPS)
     return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0
 

@@ -116,42 +116,6 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     assert forward.called and backward.called and chunked.called
 
 
-def test_delta_state_products_match_the_pytorch_products():
-    """``readout.delta_state_products`` (the walks and the products in Triton) against
-    ``torch_backend._state_products`` (loops and einsums, float64) on one schedule, each result on its
-    own, so that a failure names the product: two value blocks (DV = 32), a partial last chunk, and a
-    schedule with merges."""
-    import torch.nn.functional as F
-    from dla_ops import torch_backend as tb
-    from dla_ops.kernels import readout
-    T, K, DK, DV, scale = 70, 3, 16, 32, 16 ** -0.5
-    x = make_inputs(7, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base="delta", dtype=torch.float32, decay=1.0)
-    q, k, v, g, lam, beta = (x[n].detach().to(DEVICE) for n in ("q", "k", "v", "g", "lam", "beta"))
-    init = random_cache(7, 2, 2, K, DK, DV, torch.float32)
-    s0, c0, i0 = (t.to(DEVICE) for t in (init.states, init.counts, init.info))
-    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}):
-        _, boundary, merge, *_ = tb.schedule_stage(k, v, g, beta, s0, c0, i0, 0.3)
-    assert (merge >= 0).any()
-    held = tb.ignore_empty_slots(s0, c0)
-    gen = torch.Generator().manual_seed(3)
-    do = torch.randn(2, T, 2, DV, generator=gen).to(DEVICE)
-    dstates = torch.randn(2, 2, K, DK, DV, generator=gen).to(DEVICE)
-    got = readout.delta_state_products(do, dstates, q, k, v, g, lam, beta, held,
-                                       tb._kernel_tables(boundary, merge, c0), scale)
-    close, mu = tb.events(boundary.transpose(1, 2).cpu(), merge.transpose(1, 2).cpu(), c0.cpu())
-    tables = tb.slot_tables(close, mu, K, tb.CHUNK)
-    terms = tb._readout_terms(*(tb._time_major(t.cpu(), torch.float64) for t in (q, k, v, g, lam, beta)),
-                              tables, K, tb.CHUNK)
-    vc, q_t, _, k_t, tr, W, _, to_pre, to_in = terms
-    n = vc.shape[2]
-    doc = scale * F.pad(tb._time_major(do.cpu(), torch.float64), (0, 0, 0, n * tb.CHUNK - T)).unflatten(2, (n, tb.CHUNK))
-    want = tb._state_products(doc, dstates.cpu().double(), held.cpu().double(), W, q_t, tr, to_pre, to_in, k_t, vc,
-                              False)
-    names = ("transition", "k~", "dv across chunks", "q~", "entry weights", "initial states")
-    for name, a, b in zip(names, got, want):
-        assert rel_err(a.cpu().reshape(b.shape), b) <= 1e-5, name
-
-
 def test_the_readout_refuses_sizes_past_int32_offsets():
     """The kernels address with 32-bit offsets: a size that would wrap raises instead (checked on
     the host, so meta tensors stand in for the 4 GB of inputs)."""
