@@ -62,7 +62,10 @@ INTRA_WARPS = 8
 # 8: 9.72); the state products (with the walks) 32.9 ms at 4 warps (8: 35.9, 16: 38.0)
 OPERATOR_WARPS = 2
 PRODUCT_WARPS = 4
-OPERATOR_BACKWARD_WARPS = 8   # not yet timed
+# the operator backward, not yet timed; correct on the H200 at 2 warps for DK, DV <= 32 (ninth session), but
+# offline sm_90 compiles (.dbg/opbwd_compile.py) at DK = DV = 64 take 45 s at 4 warps (255 registers,
+# 14 KB spilled) and 53 s at 8, and at 2 warps ptxas ran for minutes (on the H200 too)
+OPERATOR_BACKWARD_WARPS = 4
 GATE_BLOCK = 1024
 
 
