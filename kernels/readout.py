@@ -1,7 +1,7 @@
 """Stages 2 and 3 as Triton kernels, on a given schedule: slot tables, the fused multi-state readout
-(forward) of both bases, for ``gla`` its backward, and for ``delta`` the part of its backward that
-involves the K states (``delta_state_products``; autograd through the chunk operators is
-``torch_backend.readout_backward``).
+(forward) of both bases, and the backward of both: for ``delta`` in two stages, the part that
+involves the K states (``delta_state_products``) and the chunk operators' gradients, derived by
+hand from their WY form (``_delta_operators_backward_kernel``).
 
 For ``gla`` the output is a masked linear attention,
     o_t = scale * sum_{s <= t} lam_t[slot(t, s)] * exp(G_t - G_s) * (q_t . k_s) v_s,
@@ -830,11 +830,38 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
     """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base),
     fp32, for the output gradient do and the final states' gradient dstates. states0 must have its
-    empty slots zeroed. Four stages: the two walks over the chunks (the forward sweep keeping the K
-    states at every chunk start; their gradients, walking back from dstates), the products of those
-    with each chunk's tokens (``_delta_state_products_kernel``), then the chunk operators' backward
-    (``_delta_operators_backward_kernel``). The walks' buffers (two of [B * H, NC + 1, K, DK, DV]
-    fp32) are freed before the last stage."""
+    empty slots zeroed. Two stages: ``delta_state_products`` (everything that involves the K states),
+    then the chunk operators' backward (``_delta_operators_backward_kernel``), after the walks'
+    buffers are freed."""
+    B, T, H, DK = q.shape
+    DV, K = v.shape[-1], lam.shape[-1]
+    dZ, dkt, dvx, dqt, dlamx, ds0, Wm = delta_state_products(do, dstates, q, k, v, g, lam, beta, states0, tables,
+                                                             scale, chunk=chunk)
+    PK, PV = _width(DK), _width(DV)
+    q, k, v, do = (_pad(t, w).contiguous() for t, w in ((q, PK), (k, PK), (v, PV), (do.to(q.dtype), PV)))
+    g, lam, beta = g.contiguous(), lam.contiguous(), beta.contiguous()
+    NC = triton.cdiv(T, chunk)
+    dq, dk = (torch.empty(B, T, H, PK, dtype=torch.float32, device=q.device) for _ in range(2))
+    dv = torch.empty(B, T, H, PV, dtype=torch.float32, device=q.device)
+    dg, dbeta = (torch.empty(B, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
+    dlam = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    launch(_delta_operators_backward_kernel, (B * H, NC),
+           ("dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
+        q, k, v, do, g, beta, lam, tables, Wm, dqt, dkt, dZ, dvx, dlamx, dq, dk, dv, dg, dbeta, dlam, T, H,
+        tables.shape[2], float(scale), DK=PK, DV=PV, K=K, KP=_slots(K), C=chunk, BV=_block_v(PV),
+        num_warps=OPERATOR_BACKWARD_WARPS)
+    return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0
+
+
+def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
+                         beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
+    """The part of the delta backward that involves the K states: the two walks over the chunks (the
+    forward sweep keeping the K states at every chunk start; their gradients, walking back from
+    dstates), then their products with each chunk's tokens (``_delta_state_products_kernel``).
+    Returns, per padded token row ([B * H, NC * C, ...], fp32, widths padded): dZ [B * H, NC, DK, DK]
+    (the chunks' transitions), dk~, dv across chunks, dq~, the entry weights' part of dlam (by slot),
+    and the initial states' gradient [B, H, K, DK, DV]; and W = (I + L)^-1 per chunk, which the operator
+    backward needs. The walks' buffers (two of [B * H, NC + 1, K, DK, DV] fp32) die here."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
@@ -860,16 +887,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
         do, v, g, lam, tables, qt, kt, states, grads, dZ, dqt, dkt, dvx, dlamx, T, H, tables.shape[2],
         float(scale), KP=_slots(K), **blocks, PREC=_precision(q.dtype), num_warps=PRODUCT_WARPS)
     ds0 = grads[:, 0, :, :DK, :DV].unflatten(0, (B, H)).clone()
-    del states, grads, ops, qt, kt, Z
-    dq, dk = (torch.empty(B, T, H, PK, dtype=torch.float32, device=q.device) for _ in range(2))
-    dv = torch.empty(B, T, H, PV, dtype=torch.float32, device=q.device)
-    dg, dbeta = (torch.empty(B, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
-    dlam = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    launch(_delta_operators_backward_kernel, (B * H, NC),
-           ("dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
-        q, k, v, do, g, beta, lam, tables, Wm, dqt, dkt, dZ, dvx, dlamx, dq, dk, dv, dg, dbeta, dlam, T, H,
-        tables.shape[2], float(scale), KP=_slots(K), **blocks, num_warps=OPERATOR_BACKWARD_WARPS)
-    return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0
+    return dZ, dkt, dvx, dqt, dlamx, ds0, Wm
 
 
 def backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,

@@ -116,6 +116,47 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     assert forward.called and backward.called and chunked.called
 
 
+def test_delta_state_products_match_the_pytorch_products():
+    """``readout.delta_state_products`` (the walks and the products in Triton) against
+    ``torch_backend._state_products`` (loops and einsums, float64) on one schedule, each result on its
+    own, so that a failure names the product: two value blocks (DV = 32), a partial last chunk, and a
+    schedule with merges. The kernel adds the entry weights' gradients into dlam by slot; so does the
+    expectation here, from the PyTorch per-entry gradients and the slot tables."""
+    import torch.nn.functional as F
+    from dla_ops import torch_backend as tb
+    from dla_ops.kernels import readout
+    T, K, DK, DV, scale = 70, 3, 16, 32, 16 ** -0.5
+    x = make_inputs(7, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base="delta", dtype=torch.float32, decay=1.0)
+    q, k, v, g, lam, beta = (x[n].detach().to(DEVICE) for n in ("q", "k", "v", "g", "lam", "beta"))
+    init = random_cache(7, 2, 2, K, DK, DV, torch.float32)
+    s0, c0, i0 = (t.to(DEVICE) for t in (init.states, init.counts, init.info))
+    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}):
+        _, boundary, merge, *_ = tb.schedule_stage(k, v, g, beta, s0, c0, i0, 0.3)
+    assert (merge >= 0).any()
+    held = tb.ignore_empty_slots(s0, c0)
+    gen = torch.Generator().manual_seed(3)
+    do = torch.randn(2, T, 2, DV, generator=gen).to(DEVICE)
+    dstates = torch.randn(2, 2, K, DK, DV, generator=gen).to(DEVICE)
+    tables = tb._kernel_tables(boundary, merge, c0)
+    dZ, dkt, dvx, dqt, dlamx, ds0, _ = readout.delta_state_products(do, dstates, q, k, v, g, lam, beta, held, tables,
+                                                                    scale)
+    tables = tables.long().cpu()
+    terms = tb._readout_terms(*(tb._time_major(t.cpu(), torch.float64) for t in (q, k, v, g, lam, beta)),
+                              tables, K, tb.CHUNK)
+    vc, q_t, _, k_t, tr, W, _, to_pre, to_in = terms
+    n = vc.shape[2]
+    doc = scale * F.pad(tb._time_major(do.cpu(), torch.float64), (0, 0, 0, n * tb.CHUNK - T)).unflatten(2, (n, tb.CHUNK))
+    d_tr, dk_t, dv, dq_t, dW, d_s0 = tb._state_products(doc, dstates.cpu().double(), held.cpu().double(), W, q_t,
+                                                         tr, to_pre, to_in, k_t, vc, False)
+    # entry e's weight at token t is lam_t[slot_t(e)]: its gradient goes to that slot's column
+    slot_of_entry = tables[..., :K].unflatten(2, (n, tb.CHUNK))                 # [B, H, n, C, K]
+    by_slot = torch.zeros_like(dW).scatter_add_(-1, slot_of_entry, dW)
+    for name, got, want in (("transition", dZ, d_tr), ("k~", dkt, dk_t), ("dv across chunks", dvx, dv),
+                            ("q~", dqt, dq_t), ("entry weights, by slot", dlamx, by_slot),
+                            ("initial states", ds0, d_s0)):
+        assert rel_err(got.cpu().reshape(want.shape), want) <= 1e-5, name
+
+
 def test_the_readout_refuses_sizes_past_int32_offsets():
     """The kernels address with 32-bit offsets: a size that would wrap raises instead (checked on
     the host, so meta tensors stand in for the 4 GB of inputs)."""
