@@ -96,11 +96,9 @@ def delta_rows(T: int, Ks, q, k, v, g) -> list:
     """The delta base (issue #7) on the gla section's q, k, v, g (k is unit-norm, as Gated DeltaNet
     needs) and a random beta: DLA-delta at each K, our own K = 1 path (the plain gated delta rule) and
     fla's chunk_gated_delta_rule, which refuses some Triton versions on Hopper (the row says so).
-    DLA-delta runs its Triton schedule and forward readout; its backward walks the states and forms
-    their products on Triton (readout.delta_state_products) and differentiates the chunk operators
-    in PyTorch (torch_backend.readout_backward). Each row
-    also gives the relative difference of the kernel's
-    output from the PyTorch readout's on the same schedule."""
+    DLA-delta runs wholly on Triton: schedule, forward readout and backward (readout.delta_backward:
+    the state walks and products, then the chunk operators' gradients). Each row also gives the
+    relative difference of the kernel's output from the PyTorch readout's on the same schedule."""
     gen = torch.Generator(device=DEV).manual_seed(1)
     beta = torch.rand(B, T, H, device=DEV, generator=gen).requires_grad_()
     rows = []
@@ -224,9 +222,8 @@ def write(rows, decode, name, out: Path, delta=()):
                      f"{r['peak_mib']:.0f} | {r.get('schedule_ms', float('nan')):.3f} | "
                      f"{r.get('floor_frac', float('nan')):.4f} |")
     if delta:
-        lines += ["", "The delta base (issue #7): schedule and forward readout on Triton; backward: the state "
-                  "walks and products on Triton, autograd through the chunk operators in PyTorch "
-                  "(torch_backend.readout_backward); SDPA rows above. Kernel diff: relative difference of the "
+        lines += ["", "The delta base (issue #7), wholly on Triton: schedule, forward readout and backward (the "
+                  "state walks and products, then the chunk operators' gradients); SDPA rows above. Kernel diff: relative difference of the "
                   "kernel's output from the PyTorch readout's.", "",
                   "| op | T | K | fwd ms | fwd+bwd ms | peak MiB | kernel diff |", "|---|---|---|---|---|---|---|"]
         for r in delta:

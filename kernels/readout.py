@@ -62,9 +62,9 @@ INTRA_WARPS = 8
 # 8: 9.72); the state products (with the walks) 32.9 ms at 4 warps (8: 35.9, 16: 38.0)
 OPERATOR_WARPS = 2
 PRODUCT_WARPS = 4
-# the operator backward, not yet timed; correct on the H200 at 2 warps for DK, DV <= 32 (ninth session), but
-# offline sm_90 compiles (.dbg/opbwd_compile.py) at DK = DV = 64 take 45 s at 4 warps (255 registers,
-# 14 KB spilled) and 53 s at 8, and at 2 warps ptxas ran for minutes (on the H200 too)
+# the operator backward on the H200 (triton 3.6): at 4 warps correct for DK, DV from 16 to 128; at 8 an
+# illegal memory access (as fla #988 saw in a similar backward); at 2 ptxas ran for minutes at DK = 64
+# (offline sm_90 at 4 warps: 45 s, 255 registers, 14 KB spilled)
 OPERATOR_BACKWARD_WARPS = 4
 GATE_BLOCK = 1024
 
