@@ -41,8 +41,7 @@ def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K, D):
 @pytest.mark.parametrize("T, K", [(63, 4), (200, 16)])
 def test_cuda_delta_kernels_match_the_reference(dtype, T, K):
     """The delta kernels on CUDA's default path: the chunked schedule, the forward readout and the
-    backward's state walks and products; the rest of the backward is autograd through the chunk
-    operators in readout_backward."""
+    backward (readout.delta_backward)."""
     from dla_ops.kernels import readout, schedule
     x = make_inputs(9, B=2, T=T, H=2, DK=32, DV=32, K=K, base="delta", dtype=dtype)
     init = random_cache(9, 2, 2, K, 32, 32, torch.float32)
