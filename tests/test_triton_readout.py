@@ -26,9 +26,10 @@ def _leaves(x: dict, dtype=None) -> dict:
                                                     dtype or a.dtype).requires_grad_() for n, a in x.items()}
 
 
-def _check_against_reference(x: dict, init, tau: float, tol: float, cu_seqlens=None):
+def _check_against_reference(x: dict, init, tau: float, tol: float, cu_seqlens=None, grad_tols=None):
     """Runs the op on the Triton path and the reference on its schedule; compares the output, the
-    final cache and the gradients of a random loss on both (with respect to inputs and initial cache)."""
+    final cache and the gradients of a random loss on both (with respect to inputs and initial cache).
+    ``grad_tols``: a looser bound for some inputs' gradients, by name."""
     xk = _leaves(x)
     init_k = None if init is None else dla_ops.DLACache(init.states.to(DEVICE).requires_grad_(),
                                                         init.counts.to(DEVICE), init.info.to(DEVICE))
@@ -50,7 +51,7 @@ def _check_against_reference(x: dict, init, tau: float, tol: float, cu_seqlens=N
     assert torch.equal(cache.counts.cpu(), rcache.counts)
     for n in ("q", "k", "v", "g", "lam", "beta"):
         if x[n] is not None:
-            assert rel_err(xk[n].grad.cpu(), x64[n].grad) <= tol, n
+            assert rel_err(xk[n].grad.cpu(), x64[n].grad) <= (grad_tols or {}).get(n, tol), n
     if init is not None:
         assert rel_err(init_k.states.grad.cpu(), init64.states.grad) <= tol, "initial states"
 
@@ -98,11 +99,12 @@ def test_gla_kernels_at_the_issue_widths_dtypes_and_capacity(dtype, T, K, dims):
 @example(seed=4, T=130, K=5, dims=(16, 8), tau=0.3, decay=8.0, cache_kind="garbage")
 # two value blocks: the state products accumulate dZ, dq~, dk~ and dW over them and store dv per block
 @example(seed=7, T=70, K=3, dims=(16, 32), tau=0.6, decay=1.0, cache_kind="normal")
+# strong decay: the case where dg's error is largest (below)
+@example(seed=619, T=47, K=4, dims=(16, 16), tau=0.0, decay=8.0, cache_kind="open_empty")
 def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_kind):
     """The delta kernels on the op's path under DLA_BACKEND=triton: the chunked schedule, the chunk
-    operators and forward sweep, and the backward's state walks and products (the rest of the
-    backward is autograd through the chunk operators in ``readout_backward``), against the reference
-    on the same schedule."""
+    operators and forward sweep, and the backward (``readout.delta_backward``: the state walks and
+    products, then the chunk operators' gradients), against the reference on the same schedule."""
     from dla_ops.kernels import readout, schedule
     DK, DV = dims
     x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=DV, K=K, base="delta", dtype=torch.float32, decay=decay)
@@ -112,7 +114,11 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     with mock.patch.object(readout, "forward", wraps=readout.forward) as forward, \
             mock.patch.object(readout, "delta_backward", wraps=readout.delta_backward) as backward, \
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked:
-        _check_against_reference(x, init, tau, 1e-5)
+        # dg at the issue's fp32 bar: under strong decay the operator backward's dg is ~50x less
+        # accurate than the PyTorch backward's (1.2e-5 against 2.3e-7 at seed=619, T=47, K=4, D=16,
+        # decay 8; 1.2e-5 on the H200 too), and summing its decay terms in float64 did not help
+        # (1.13e-5): the error is in the per-token terms. Every other gradient stays at 1e-5
+        _check_against_reference(x, init, tau, 1e-5, grad_tols={"g": 1e-4})
     assert forward.called and backward.called and chunked.called
 
 
