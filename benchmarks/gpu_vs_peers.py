@@ -223,8 +223,8 @@ def write(rows, decode, name, out: Path, delta=()):
                      f"{r.get('floor_frac', float('nan')):.4f} |")
     if delta:
         lines += ["", "The delta base (issue #7), wholly on Triton: schedule, forward readout and backward (the "
-                  "state walks and products, then the chunk operators' gradients); SDPA rows above. Kernel diff: relative difference of the "
-                  "kernel's output from the PyTorch readout's.", "",
+                  "state walks and products, then the chunk operators' gradients); SDPA rows above. Kernel "
+                  "diff: relative difference of the kernel's output from the PyTorch readout's.", "",
                   "| op | T | K | fwd ms | fwd+bwd ms | peak MiB | kernel diff |", "|---|---|---|---|---|---|---|"]
         for r in delta:
             if "error" in r:
