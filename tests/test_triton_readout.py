@@ -81,8 +81,9 @@ def test_gla_kernels_with_varlen_strong_decay_and_half_inputs():
 
 def test_gla_kernels_in_fp32_under_strong_decay():
     """fp32 with g about -8 a token: every output and gradient at 1e-5 but dg, held to the issue's fp32
-    bar, 1e-4. dg's error here is 1.5e-5, for the reason the delta test gives (decays formed from
-    differences of fp32 chunk cumsums); the tests above use milder decay."""
+    bar, 1e-4. dg's error here is 1.5e-5: the kernels sum per-token terms k_s . dk_s - q_s . dq_s
+    into dg (design.md), which cancel under strong decay, so their fp32 rounding carries into it
+    (float64 decays in the kernels did not change it); the tests above use milder decay."""
     x = make_inputs(1, B=2, T=130, H=2, DK=16, DV=16, K=4, dtype=torch.float32, decay=8.0)
     _check_against_reference(x, None, 0.6, 1e-5, grad_tols={"g": 1e-4})
 
@@ -124,9 +125,9 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked:
         # dg at the issue's fp32 bar: under strong decay the kernels' dg is ~50x less accurate than
         # the PyTorch backward's (1.2e-5 against 2.3e-7 at seed=619, T=47, K=4, D=16, decay 8; 1.2e-5
-        # on the H200 too). The kernels form decays as exp(G_t - G_s) from fp32 chunk cumsums, whose
-        # difference loses eps |G| under strong decay (PyTorch sums each segment directly); dg is made
-        # only of such off-diagonal terms. Every other gradient stays at 1e-5
+        # on the H200 too). Part of it is the decays, exp(G_t - G_s) of fp32 chunk cumsums, which lose
+        # eps |G| (PyTorch sums each segment directly; float64 cumsums gave 3.7e-6); the rest is dg's
+        # own sums of per-token terms, which cancel. Every other gradient stays at 1e-5
         _check_against_reference(x, init, tau, 1e-5, grad_tols={"g": 1e-4})
     assert forward.called and backward.called and chunked.called
 
