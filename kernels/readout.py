@@ -835,11 +835,12 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     buffers are freed."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
-    dZ, dkt, dvx, dqt, dlamx, ds0, Wm = delta_state_products(do, dstates, q, k, v, g, lam, beta, states0, tables,
-                                                             scale, chunk=chunk)
     PK, PV = _width(DK), _width(DV)
+    # padded and contiguous once for both stages (delta_state_products' own padding is then a no-op)
     q, k, v, do = (_pad(t, w).contiguous() for t, w in ((q, PK), (k, PK), (v, PV), (do.to(q.dtype), PV)))
     g, lam, beta = g.contiguous(), lam.contiguous(), beta.contiguous()
+    dZ, dkt, dvx, dqt, dlamx, ds0, Wm = delta_state_products(do, dstates, q, k, v, g, lam, beta, states0, tables,
+                                                             scale, chunk=chunk)
     NC = triton.cdiv(T, chunk)
     dq, dk = (torch.empty(B, T, H, PK, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty(B, T, H, PV, dtype=torch.float32, device=q.device)
@@ -850,7 +851,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
         q, k, v, do, g, beta, lam, tables, Wm, dqt, dkt, dZ, dvx, dlamx, dq, dk, dv, dg, dbeta, dlam, T, H,
         tables.shape[2], float(scale), DK=PK, DV=PV, K=K, KP=_slots(K), C=chunk, BV=_block_v(PV),
         num_warps=OPERATOR_BACKWARD_WARPS)
-    return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0
+    return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0[..., :DK, :DV]
 
 
 def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
