@@ -59,12 +59,15 @@ SWEEP_WARPS = 4
 BLOCK_V = 16
 INTRA_WARPS = 8
 # H200, T=32768, B * H = 32, DK=DV=64: the delta operator kernel 3.95 ms at 2 warps (1: 5.43, 4: 5.32,
-# 8: 9.72); the state products (with the walks) 32.9 ms at 4 warps (8: 35.9, 16: 38.0)
+# 8: 9.72); the state products (with the walks) 32.9 ms at 4 warps (8: 35.9, 16: 38.0). The token loop
+# beats the WY form's products: (I + L)^-1 by block doubling, 17 tf32x3 products of [64, 64] tiles and
+# no loop, took 15.9 / 8.3 / 19.9 ms at 2 / 4 / 8 warps (H200, 2026-11-28)
 OPERATOR_WARPS = 2
 PRODUCT_WARPS = 4
-# the operator backward on the H200 (triton 3.6): at 4 warps correct for DK, DV from 16 to 128; at 8 an
-# illegal memory access (as fla #988 saw in a similar backward); at 2 ptxas ran for minutes at DK = 64
-# (offline sm_90 at 4 warps: 45 s, 255 registers, 14 KB spilled)
+# the operator backward on the H200 (triton 3.6), 15.8 ms at T=32768 (B * H = 32, DK=DV=64) at 4 warps,
+# where the earlier form (which computed every transposed tile as its own product) took 22.5. That
+# form, at 4 warps, was correct for DK, DV from 16 to 128; at 8 warps it hit an illegal memory access
+# (as fla #988 saw in a similar backward); at 2 ptxas ran for minutes at DK = 64
 OPERATOR_BACKWARD_WARPS = 4
 GATE_BLOCK = 1024
 
@@ -439,7 +442,7 @@ def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr,
 
 @triton.jit
 def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_ptr, lam_ptr, tab_ptr,
-                                     W_ptr, dqt_ptr, dkt_ptr, dZ_ptr, dvx_ptr, dlamx_ptr,
+                                     W_ptr, A_ptr, kt_ptr, dqt_ptr, dkt_ptr, dZ_ptr, dvx_ptr, dlamx_ptr, tr_ptr,
                                      dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, dlam_ptr, T, H, TP, scale,
                                      DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                                      C: tl.constexpr, BV: tl.constexpr):
@@ -451,9 +454,12 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
         W = (I + L)^-1, Tm = W diag(beta), A = (Q K^T * Gamma) Tm, k~ = Tm^T diag(Gamma[end]) K,
         q~ = diag(gamma) Q - A diag(gamma) K, Z = gamma_end I - k~^T diag(gamma) K,
     plus the within-chunk readout o += scale (A * lam_t[slot_t(s)]) v, whose gradients are
-    dA = scale (do v^T) * Lw, dv += scale (Lw * A)^T do and dlam from scale (do v^T) * A. W comes
-    from ``_delta_operators_kernel`` (WITH_W). Every product runs as tf32x3: dg is a
-    difference of sums. Writes the op layout ([B, T, H, ...], fp32)."""
+    dA = scale (do v^T) * Lw, dv += scale (Lw * A)^T do and dlam from scale (do v^T) * A. W, A and
+    k~ come from ``_delta_operators_kernel``. A transposed product result never feeds another product
+    (what Triton 3.4-3.7 miscompiles on Hopper, fla #640): transposes of inputs are transposed loads,
+    and the two computed tiles whose transposes are needed (dQK, and dKK's part M) go through this
+    program's [C, C] region of ``tr`` and come back as transposed loads. Every product runs as
+    tf32x3: dg is a difference of sums. Writes the op layout ([B, T, H, ...], fp32)."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -462,93 +468,88 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
     slots = tl.arange(0, KP)
-    tok, valid, q, k, G, G_end, tab_row, lam_row, last_row, live, slot_in, Lw, Gamma, held = _chunk(
+    tok, valid, q, k, _, _, tab_row, lam_row, last_row, live, slot_in, Lw, _, held = _chunk(
         q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    # the decays from float64 cumsums: fp32 ones lose eps |G| in each G_t - G_s, which under strong decay
+    # was most of dg's error (decay 8, interpreter: 1.2e-5 -> 3.7e-6; dq, dk ~5e-7 -> ~1e-7)
+    G = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float64), 0)
+    G_end = tl.sum(tl.where(rc == tl.minimum(T - c * C, C) - 1, G, 0.0), 0)
+    Gamma = tl.exp(tl.where(live, G[:, None] - G[None, :], float("-inf")).to(tl.float32))
     rows = (bh.to(tl.int64) * NC + c) * C + rc   # the chunked layout of the products kernel's outputs
+    cc = ((bh.to(tl.int64) * NC + c) * C + rc[:, None]) * C + rc[None, :]    # this chunk's [C, C] tiles
+    ccT = ((bh.to(tl.int64) * NC + c) * C + rc[None, :]) * C + rc[:, None]   # ... read transposed
     strict = rc[:, None] > rc[None, :]
-    # Every transposed operand below is loaded, or built from loads by elementwise steps, never the
-    # transpose of a product's result: a transposed tl.dot result fed to tl.dot is what Triton 3.4-3.7
-    # miscompiles on Hopper (fla #640). The transposes of computed tiles are computed directly (xT).
     liveT = (rc[:, None] <= rc[None, :]) & valid[None, :]            # liveT[s, t] = live[t, s]
-    GammaT = tl.exp(tl.where(liveT, G[None, :] - G[:, None], float("-inf")))
-    slot_inT = tl.load(tab_row[None, :] + K + rc[:, None], mask=liveT, other=0).to(tl.int32)
-    LwT = tl.load(lam_row[None, :] + slot_inT, mask=liveT, other=0.0).to(tl.float32)
-    # the forward's terms, with W = (I + L)^-1 from the operator kernel
-    KK = tl.dot(k, tl.trans(k), input_precision="tf32x3")
-    W = tl.load(W_ptr + ((bh.to(tl.int64) * NC + c) * C + rc[:, None]) * C + rc[None, :])
-    Tm = W * beta[None, :]
-    QK = tl.dot(q, tl.trans(k), input_precision="tf32x3")
-    QKg = QK * Gamma
-    QKgT = tl.dot(k, tl.trans(q), input_precision="tf32x3") * GammaT
-    A = tl.dot(QKg, Tm, input_precision="tf32x3")
-    AT = tl.dot(tl.trans(Tm), QKgT, input_precision="tf32x3")
-    gamma = tl.exp(G)
-    Gamma_end = tl.exp(G_end - G)
-    gamma_end = tl.exp(G_end)
+    GammaT = tl.exp(tl.where(liveT, G[None, :] - G[:, None], float("-inf")).to(tl.float32))
+    kT = tl.load(k_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
+    Gamma_end = tl.exp((G_end - G).to(tl.float32))
+    gamma_end = tl.exp(G_end.to(tl.float32))
+    gamma = tl.exp(G.to(tl.float32))
     gk = gamma[:, None] * k
-    R = Gamma_end[:, None] * k
-    kt = tl.dot(tl.trans(Tm), R, input_precision="tf32x3")
-    # the within-chunk readout: P = scale do v^T (and its transpose), over value blocks; dv's
-    # within-chunk term
+    # the within-chunk readout: P = scale do v^T, dv's within-chunk term, dlam's
+    A = tl.load(A_ptr + cc)
+    slot_inT = tl.load(tab_row[None, :] + K + rc[:, None], mask=liveT, other=0).to(tl.int32)
+    LAT = tl.where(liveT, tl.load(lam_row[None, :] + slot_inT, mask=liveT, other=0.0).to(tl.float32)
+                   * tl.load(A_ptr + ccT), 0.0)
     P = tl.zeros([C, C], dtype=tl.float32)
-    PT = tl.zeros([C, C], dtype=tl.float32)
     for vb in range(DV // BV):
         rv = vb * BV + tl.arange(0, BV)
         do_b = _rows(do_ptr, tok, valid, rv, DV)
-        v_b = _rows(v_ptr, tok, valid, rv, DV)
-        P += tl.dot(do_b, tl.trans(v_b), input_precision="tf32x3")
-        PT += tl.dot(v_b, tl.trans(do_b), input_precision="tf32x3")
-    P = scale * P
-    PT = scale * PT
-    LAT = tl.where(liveT, LwT * AT, 0.0)
-    for vb in range(DV // BV):
-        rv = vb * BV + tl.arange(0, BV)
-        dv = scale * tl.dot(LAT, _rows(do_ptr, tok, valid, rv, DV), input_precision="tf32x3")
-        dv += tl.load(dvx_ptr + rows[:, None] * DV + rv[None, :])
+        P += tl.dot(do_b, tl.trans(_rows(v_ptr, tok, valid, rv, DV)), input_precision="tf32x3")
+        dv = scale * tl.dot(LAT, do_b, input_precision="tf32x3") + tl.load(dvx_ptr + rows[:, None] * DV + rv[None, :])
         tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv, mask=valid[:, None])
-    # dlam: the entries' part (products kernel) and the within-chunk tokens' slots
+    P = scale * P
     X = tl.where(live, P * A, 0.0)
     dlam = tl.load(dlamx_ptr + rows[:, None] * K + slots[None, :], mask=(slots < K)[None, :] & (rc >= 0)[:, None],
                    other=0.0)
     for j in range(0, tl.max(tl.max(slot_in, 1), 0) + 1):
         dlam += tl.where(slots[None, :] == j, tl.sum(tl.where(slot_in == j, X, 0.0), 1)[:, None], 0.0)
     tl.store(dlam_ptr + tok[:, None] * K + slots[None, :], dlam, mask=held)
-    # backward through the operators
+    # q~ and Z, through A, gk = diag(gamma) K, k~ and gamma_end
     dqt = tl.load(dqt_ptr + rows[:, None] * DK + rk[None, :])
     dZ = tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[:, None]) * DK + rk[None, :])
     dA = tl.where(live, P * Lw, 0.0) - tl.dot(dqt, tl.trans(gk), input_precision="tf32x3")
-    dAT = tl.where(liveT, PT * LwT, 0.0) - tl.dot(gk, tl.trans(dqt), input_precision="tf32x3")
-    # Z and q~ through gk = diag(gamma) K; gamma_end
-    dgk = -tl.dot(kt, dZ, input_precision="tf32x3") - tl.dot(AT, dqt, input_precision="tf32x3")
-    dkt = tl.load(dkt_ptr + rows[:, None] * DK + rk[None, :]) - tl.dot(gk, tl.trans(dZ), input_precision="tf32x3")
-    dktT = tl.load(dkt_ptr + rows[None, :] * DK + rk[:, None]) - tl.dot(dZ, tl.trans(gk), input_precision="tf32x3")
+    kt = tl.load(kt_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0)
+    dgk = -tl.dot(kt, dZ, input_precision="tf32x3") - tl.dot(tl.load(A_ptr + ccT), dqt, input_precision="tf32x3")
     d_gamma_end = tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], dZ, 0.0), 1), 0)
     dq = gamma[:, None] * dqt
     d_gamma = tl.sum(dqt * q, 1) + tl.sum(dgk * k, 1)
     dk = gamma[:, None] * dgk
-    # k~ = Tm^T R, R = diag(Gamma_end) K
-    dTm = tl.dot(R, dktT, input_precision="tf32x3")
-    dTmT = tl.dot(dkt, tl.trans(R), input_precision="tf32x3")
-    dR = tl.dot(Tm, dkt, input_precision="tf32x3")
+    # k~ = Tm^T R, R = diag(Gamma_end) K, Tm = W diag(beta); dk~ and its transpose from loads
+    W = tl.load(W_ptr + cc)
+    dkt = tl.load(dkt_ptr + rows[:, None] * DK + rk[None, :]) - tl.dot(
+        gk, tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[None, :]) * DK + rk[:, None]),
+        input_precision="tf32x3")
+    dktT = tl.load(dkt_ptr + rows[None, :] * DK + rk[:, None]) - tl.dot(dZ, gamma[None, :] * kT,
+                                                                         input_precision="tf32x3")
+    dR = tl.dot(W * beta[None, :], dkt, input_precision="tf32x3")
     dk += Gamma_end[:, None] * dR
     d_Gamma_end = tl.sum(dR * k, 1)
+    dTm = tl.dot(Gamma_end[:, None] * k, dktT, input_precision="tf32x3")
     # A = (Q K^T * Gamma) Tm
-    dQKg = tl.dot(dA, tl.trans(Tm), input_precision="tf32x3")
-    dTm += tl.dot(QKgT, dA, input_precision="tf32x3")
-    dTmT += tl.dot(dAT, QKg, input_precision="tf32x3")
-    dq += tl.dot(dQKg * Gamma, k, input_precision="tf32x3")
-    dk += tl.dot(tl.dot(Tm, dAT, input_precision="tf32x3") * GammaT, q, input_precision="tf32x3")
-    dGamma = dQKg * QK
-    # Tm = W diag(beta), W = (I + L)^-1: dL = strict(-W^T dW W^T), and its transpose
+    dQKg = tl.dot(dA, tl.load(W_ptr + ccT) * beta[:, None], input_precision="tf32x3")
+    qT = tl.load(q_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
+    dTm += tl.dot(tl.dot(k, qT, input_precision="tf32x3") * GammaT, dA, input_precision="tf32x3")
+    dGamma = dQKg * tl.dot(q, kT, input_precision="tf32x3")
+    dQK = dQKg * Gamma
+    dq += tl.dot(dQK, k, input_precision="tf32x3")
+    tl.store(tr_ptr + cc, dQK)
+    tl.debug_barrier()
+    dk += tl.dot(tl.load(tr_ptr + ccT), q, input_precision="tf32x3")
+    tl.debug_barrier()   # (every thread has read dQK^T before M overwrites it)
+    # W = (I + L)^-1: dL = strict(-W^T dW W^T) with dW = dTm diag(beta); L = strict(diag(beta) (K K^T * Gamma))
     dbeta = tl.sum(dTm * W, 0)
-    dL = tl.where(strict, -tl.dot(tl.dot(tl.trans(W), dTm * beta[None, :], input_precision="tf32x3"), tl.trans(W),
+    WT = tl.load(W_ptr + ccT)
+    dL = tl.where(strict, -tl.dot(tl.dot(WT, dTm * beta[None, :], input_precision="tf32x3"), WT,
                                  input_precision="tf32x3"), 0.0)
-    dLT = tl.where(rc[:, None] < rc[None, :], -tl.dot(tl.dot(W, dTmT * beta[:, None], input_precision="tf32x3"), W,
-                                                       input_precision="tf32x3"), 0.0)
+    KK = tl.dot(k, kT, input_precision="tf32x3")
     dbeta += tl.sum(dL * KK * Gamma, 1)
     dGamma += beta[:, None] * dL * KK
-    dk += tl.dot(beta[:, None] * dL * Gamma + beta[None, :] * dLT * GammaT, k, input_precision="tf32x3")
+    M = beta[:, None] * dL * Gamma        # dKK; dk = (M + M^T) K
+    tl.store(tr_ptr + cc, M)
+    tl.debug_barrier()
+    dk += tl.dot(M + tl.load(tr_ptr + ccT), k, input_precision="tf32x3")
     # the decays: G_t = sum of g up to t in the chunk; G_end the whole chunk's sum
     Y = tl.where(live, dGamma * Gamma, 0.0)
     dG = tl.sum(Y, 1) - tl.sum(Y, 0) + d_gamma * gamma - d_Gamma_end * Gamma_end
@@ -839,16 +840,17 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     # padded and contiguous once for both stages (delta_state_products' own padding is then a no-op)
     q, k, v, do = (_pad(t, w).contiguous() for t, w in ((q, PK), (k, PK), (v, PV), (do.to(q.dtype), PV)))
     g, lam, beta = g.contiguous(), lam.contiguous(), beta.contiguous()
-    dZ, dkt, dvx, dqt, dlamx, ds0, Wm = delta_state_products(do, dstates, q, k, v, g, lam, beta, states0, tables,
-                                                             scale, chunk=chunk)
+    dZ, dkt, dvx, dqt, dlamx, ds0, (kt, A, Wm) = delta_state_products(do, dstates, q, k, v, g, lam, beta, states0,
+                                                                       tables, scale, chunk=chunk)
     NC = triton.cdiv(T, chunk)
     dq, dk = (torch.empty(B, T, H, PK, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty(B, T, H, PV, dtype=torch.float32, device=q.device)
     dg, dbeta = (torch.empty(B, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
     dlam = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     launch(_delta_operators_backward_kernel, (B * H, NC),
-           ("dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
-        q, k, v, do, g, beta, lam, tables, Wm, dqt, dkt, dZ, dvx, dlamx, dq, dk, dv, dg, dbeta, dlam, T, H,
+           ("tr_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
+        q, k, v, do, g, beta, lam, tables, Wm, A, kt, dqt, dkt, dZ, dvx, dlamx, torch.empty_like(A), dq, dk, dv, dg,
+        dbeta, dlam, T, H,
         tables.shape[2], float(scale), DK=PK, DV=PV, K=K, KP=_slots(K), C=chunk, BV=_block_v(PV),
         num_warps=OPERATOR_BACKWARD_WARPS)
     return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0[..., :DK, :DV]
@@ -861,8 +863,9 @@ def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: T
     dstates), then their products with each chunk's tokens (``_delta_state_products_kernel``).
     Returns, per padded token row ([B * H, NC * C, ...], fp32, widths padded): dZ [B * H, NC, DK, DK]
     (the chunks' transitions), dk~, dv across chunks, dq~, the entry weights' part of dlam (by slot),
-    and the initial states' gradient [B, H, K, DK, DV]; and W = (I + L)^-1 per chunk, which the operator
-    backward needs. The walks' buffers (two of [B * H, NC + 1, K, DK, DV] fp32) die here."""
+    and the initial states' gradient [B, H, K, DK, DV]; and what the operator backward reads of the
+    operators: k~, A and W = (I + L)^-1 per chunk. The walks' buffers (two of [B * H, NC + 1, K, DK,
+    DV] fp32) die here."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
@@ -875,7 +878,7 @@ def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: T
     grads = torch.empty_like(states)
     grads[:, -1] = _pad(dstates, PK, PV).flatten(0, 1)
     BV = _block_v(PV)
-    qt, kt, _, Z = ops
+    qt, kt, A, Z = ops
     blocks = dict(DK=PK, DV=PV, K=K, C=chunk, BV=BV)
     launch(_state_gradient_kernel, (B * H, PV // BV), ("gbuf_ptr",))(
         lam, do, tables, qt, Z, grads, T, H, tables.shape[2], float(scale), **blocks, PREC=_precision(q.dtype),
@@ -888,7 +891,7 @@ def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: T
         do, v, g, lam, tables, qt, kt, states, grads, dZ, dqt, dkt, dvx, dlamx, T, H, tables.shape[2],
         float(scale), KP=_slots(K), **blocks, PREC=_precision(q.dtype), num_warps=PRODUCT_WARPS)
     ds0 = grads[:, 0, :, :DK, :DV].unflatten(0, (B, H)).clone()
-    return dZ, dkt, dvx, dqt, dlamx, ds0, Wm
+    return dZ, dkt, dvx, dqt, dlamx, ds0, (kt, A, Wm)
 
 
 def backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
