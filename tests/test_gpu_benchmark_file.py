@@ -44,3 +44,14 @@ def test_the_roofline_peaks_are_the_cards_own_or_none():
     assert bench.card_peaks("NVIDIA H100 80GB HBM3") == (989.0, 3.35)
     assert bench.card_peaks("NVIDIA A100-SXM4-80GB") == (None, None)   # unknown: no fraction, not H200's
     assert bench.card_peaks("NVIDIA A100-SXM4-80GB", 312.0, 2.0) == (312.0, 2.0)
+
+
+def test_the_kernel_profile_prints_a_table_per_capacity(capsys, monkeypatch):
+    """benchmarks/profile_kernels.py on CPU (the PyTorch path's operators): one table per K, with a total."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    load_benchmark("profile_kernels").main(["--device", "cpu", "--T", "32", "--K", "1", "2", "--steps", "1",
+                                            "--top", "3"])
+    out = capsys.readouterr().out
+    totals = [float(line.split(": ")[1].split(" ms")[0]) for line in out.splitlines() if "ms total" in line]
+    assert len(totals) == 2 and all(t > 0 for t in totals)
+    assert out.count("| kernel | ms | calls |") == 2
