@@ -850,8 +850,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     launch(_delta_operators_backward_kernel, (B * H, NC),
            ("tr_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
         q, k, v, do, g, beta, lam, tables, Wm, A, kt, dqt, dkt, dZ, dvx, dlamx, torch.empty_like(A), dq, dk, dv, dg,
-        dbeta, dlam, T, H,
-        tables.shape[2], float(scale), DK=PK, DV=PV, K=K, KP=_slots(K), C=chunk, BV=_block_v(PV),
+        dbeta, dlam, T, H, tables.shape[2], float(scale), DK=PK, DV=PV, K=K, KP=_slots(K), C=chunk, BV=_block_v(PV),
         num_warps=OPERATOR_BACKWARD_WARPS)
     return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0[..., :DK, :DV]
 
