@@ -10,11 +10,15 @@ and the learning rate that gave it. A grid longer than one sitting runs in parts
 ``--runs docs/recall_runs.jsonl --minutes 8`` skips the runs already in the file, appends each new
 one, starts none after 8 minutes, and writes the table of what the file holds so far. ``--T`` and
 ``--mixers`` restrict a run to settings and mixers, e.g. to find the budget at which softmax (the upper
-bound) solves a setting: ``--task mqar --T 256 --mixers softmax --steps 5000 --out /tmp/budget.md``."""
+bound) solves a setting: ``--task mqar --T 256 --mixers softmax --steps 5000 --out /tmp/budget.md``.
+A run longer than one sitting trains in parts with ``--checkpoints DIR``: at ``--minutes`` the run in
+progress saves its state in DIR (a folder per run, four files of up to 6.2 MiB) and the next sitting
+with the same DIR resumes it, with the result of one unbroken run."""
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -71,10 +75,18 @@ def run_key(r: dict) -> tuple:
     return tuple(r[f] for f in ("task", "T", "N", "mixer", "lr", "steps", "batch", "hidden", "vocab"))
 
 
-def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=frozenset(), deadline=None):
+def checkpoint_name(record: dict) -> str:
+    """The folder name of a run's checkpoint: its ``run_key`` in letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(f"{v:g}" if isinstance(v, float) else str(v)
+                                                     for v in run_key(record)))
+
+
+def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=frozenset(), deadline=None,
+          checkpoints: Path | None = None):
     """Yield one record per training run of the grid (settings x mixers x learning rates, in that
     order), skipping the runs whose ``run_key`` is in ``done`` and starting none after ``deadline``
-    (a ``time.time()``)."""
+    (a ``time.time()``). With ``checkpoints`` (a folder), the run in progress at the deadline saves its
+    state there and the sweep ends; a later sweep resumes it."""
     budget = dict(steps=grid["steps"], batch=grid["batch"], hidden=grid["hidden"], vocab=grid["vocab"])
     for name, T, N in grid["settings"]:
         make = task(name, T, N, grid["vocab"])
@@ -87,8 +99,13 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
                     return
                 config = DLAConfig(vocab_size=grid["vocab"], hidden_size=grid["hidden"], num_hidden_layers=2,
                                    num_heads=2, **overrides)
-                yield dict(record, **train_recall(config, make, grid["steps"], grid["batch"], lr, seed=0, device=device,
-                                                  progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}"))
+                part = None if checkpoints is None else dict(checkpoint=checkpoints / checkpoint_name(record),
+                                                             stop_at=deadline)
+                result = train_recall(config, make, grid["steps"], grid["batch"], lr, seed=0, device=device,
+                                      progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}", **(part or {}))
+                if result is None:   # saved at the deadline, for the next sitting
+                    return
+                yield dict(record, **result)
 
 
 def best(records: list[dict], grid: dict, mixers) -> list[dict]:
@@ -157,6 +174,8 @@ def main():
     p.add_argument("--runs", help="JSON lines of finished runs: runs already in it are skipped and each new "
                                   "one is appended (a grid in parts)")
     p.add_argument("--minutes", type=float, help="start no run after this many minutes")
+    p.add_argument("--checkpoints", help="a folder: at --minutes, the run in progress saves its state here "
+                                         "and a later sitting resumes it (runs longer than a sitting)")
     a = p.parse_args()
     grid = dict(TINY if a.tiny else FULL)
     if a.task:
@@ -178,7 +197,9 @@ def main():
     runs = Path(a.runs) if a.runs else None
     records = [json.loads(line) for line in runs.read_text().splitlines() if line] if runs and runs.exists() else []
     deadline = time.time() + 60 * a.minutes if a.minutes is not None else None
-    for record in sweep(grid, a.device, mixers, done={run_key(r) for r in records}, deadline=deadline):
+    checkpoints = Path(a.checkpoints) if a.checkpoints else None
+    for record in sweep(grid, a.device, mixers, done={run_key(r) for r in records}, deadline=deadline,
+                        checkpoints=checkpoints):
         records.append(record)
         if runs:
             with runs.open("a") as f:
@@ -187,13 +208,15 @@ def main():
     total = len(grid["settings"]) * len(mixers) * len(grid["lrs"])
     have = sum(int(r["swept"].split("/")[0]) for r in rows)
     where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
+    in_progress = sorted(m.parent.name for m in checkpoints.glob("*/meta.pt")) if checkpoints else []
     header = (f"# Recall results ({'tiny check' if a.tiny else a.task or 'all tasks'}, {where})\n\n"
               f"`python benchmarks/recall.py {' '.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
               f"best of lr in {grid['lrs']}."
               + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row.")
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
-                 "best lr is over the learning rates run so far."))
+                 "best lr is over the learning rates run so far."
+                 + ("" if not in_progress else f" In progress, saved in `{a.checkpoints}`: {', '.join(in_progress)}.")))
     print(write(rows, Path(a.out), header))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -24,16 +25,28 @@ TASKS = {
 
 
 def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float, seed: int,
-                 device: str = "cpu", progress: bool = True, desc: str = "", eval_size: int = 256) -> dict:
+                 device: str = "cpu", progress: bool = True, desc: str = "", eval_size: int = 256,
+                 checkpoint: Path | None = None, stop_at: float | None = None) -> dict | None:
     """Train ``DLAForCausalLM(config)`` from scratch on batches ``make(batch, generator)`` (inputs,
-    labels); returns its answer accuracy on a held-out set, the final loss and the seconds taken."""
+    labels); returns its answer accuracy on a held-out set, the final loss and the seconds taken.
+
+    A run longer than one sitting trains in parts: with ``checkpoint`` (a folder of its own) it
+    resumes from the state saved there, and past ``stop_at`` (a ``time.time()``) it saves its state
+    there and returns None. The parts give the result of one run: the model, the optimizer, the
+    batch generator's state, the steps done and the seconds spent are saved; the folder is removed
+    when the run finishes."""
+    if stop_at is not None and checkpoint is None:
+        raise ValueError("stop_at needs a checkpoint folder to save the unfinished run in")
     torch.manual_seed(seed)
     model = DLAForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     held_x, held_y = (t.to(device) for t in make(eval_size, torch.Generator().manual_seed(seed + 10_000)))
-    start = time.time()
-    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    done, spent = 0, 0.0
+    if checkpoint is not None and (checkpoint / "meta.pt").exists():
+        done, spent = _load_checkpoint(checkpoint, model, opt, gen, device)
+    start = time.time() - spent
+    bar = tqdm(range(done, steps), desc=desc, disable=not progress, initial=done, total=steps)
     for step in bar:
         x, y = (t.to(device) for t in make(batch_size, gen))
         loss = model(x, labels=y, use_cache=False).loss
@@ -44,10 +57,44 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
         # batch is generated while this step runs
         if progress and step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if stop_at is not None and step + 1 < steps and time.time() > stop_at:
+            _save_checkpoint(checkpoint, model, opt, gen, step + 1, time.time() - start)
+            return None
     with torch.no_grad():
         model.eval()
         accuracy = answer_accuracy(model(held_x, use_cache=False).logits, held_y)
+    if checkpoint is not None:
+        for name in CHECKPOINT_FILES:
+            (checkpoint / name).unlink(missing_ok=True)
+        if checkpoint.exists() and not any(checkpoint.iterdir()):
+            checkpoint.rmdir()
     return dict(accuracy=accuracy, loss=loss.item(), seconds=time.time() - start)
+
+
+# one file per tensor group, so that each stays small (at the recall benchmark's size, vocab 8192 and
+# d_model 128, 6.2 MiB each: the GPU machine returns files of at most 16 MiB); meta.pt last, as
+# the mark of a whole checkpoint
+CHECKPOINT_FILES = ("model.pt", "exp_avg.pt", "exp_avg_sq.pt", "meta.pt")
+
+
+def _save_checkpoint(folder: Path, model, opt, gen: torch.Generator, done: int, spent: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = opt.state_dict()
+    torch.save(model.state_dict(), folder / "model.pt")
+    for moment in ("exp_avg", "exp_avg_sq"):
+        torch.save({i: s[moment] for i, s in state["state"].items()}, folder / f"{moment}.pt")
+    torch.save(dict(done=done, spent=spent, generator=gen.get_state(), param_groups=state["param_groups"],
+                    step={i: s["step"] for i, s in state["state"].items()}), folder / "meta.pt")
+
+
+def _load_checkpoint(folder: Path, model, opt, gen: torch.Generator, device: str) -> tuple[int, float]:
+    meta = torch.load(folder / "meta.pt")
+    model.load_state_dict(torch.load(folder / "model.pt", map_location=device))
+    m, v = (torch.load(folder / f"{moment}.pt", map_location=device) for moment in ("exp_avg", "exp_avg_sq"))
+    opt.load_state_dict(dict(param_groups=meta["param_groups"],
+                             state={i: dict(step=meta["step"][i], exp_avg=m[i], exp_avg_sq=v[i]) for i in m}))
+    gen.set_state(meta["generator"])
+    return meta["done"], meta["spent"]
 
 
 def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, seed: int,

@@ -59,3 +59,47 @@ def test_a_run_can_be_restricted_to_a_setting_and_mixers(tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "argv", ["recall.py", "--tiny", "--out", str(out)] + bad)
         with pytest.raises(SystemExit):
             recall.main()
+
+
+
+def test_a_run_trained_in_parts_gives_the_result_of_one_run(tmp_path):
+    """train_recall with a checkpoint folder and a stop time already past saves after every step; each
+    call resumes where the last stopped, and the run that ends (model, optimizer and batch generator
+    restored) scores as the unbroken run; its folder goes."""
+    from dla_ops.models import DLAConfig
+    from dla_ops.models.demo import train_recall
+    recall = load_benchmark("recall")
+    config = DLAConfig(vocab_size=24, hidden_size=32, num_hidden_layers=2, num_heads=2, capacity=4)
+    make = recall.task("mqar", 32, 4, 24)
+    args = (config, make, 4, 8, 1e-2, 0)
+    whole = train_recall(*args, progress=False)
+    folder = tmp_path / "run"
+    parts = [train_recall(*args, progress=False, checkpoint=folder, stop_at=float("-inf")) for _ in range(4)]
+    assert parts[:3] == [None] * 3 and parts[3] is not None and not folder.exists()
+    assert (parts[3]["accuracy"], parts[3]["loss"]) == (whole["accuracy"], whole["loss"])
+    # a stop time with nowhere to save the run is refused
+    with pytest.raises(ValueError, match="checkpoint"):
+        train_recall(*args, progress=False, stop_at=0.0)
+
+
+def test_a_sweep_with_checkpoints_ends_at_a_saved_run_and_resumes_it(tmp_path, monkeypatch):
+    """--checkpoints: each run gets its own folder and the deadline as its stop time; a run that saved
+    (train_recall returns None) ends the sitting without a record, and the next sitting trains it again
+    from its folder."""
+    recall = load_benchmark("recall")
+    calls = []
+
+    def train(config, make, steps, batch, lr, **kw):
+        calls.append((lr, kw["checkpoint"], kw["stop_at"]))
+        return None if len(calls) == 2 else dict(accuracy=0.5, loss=1.0, seconds=0.0)
+
+    monkeypatch.setattr(recall, "train_recall", train)
+    grid = dict(recall.TINY, settings=[("mqar", 32, 4)], lrs=(0.01, 0.03))
+    mixers = {"softmax": recall.MIXERS["softmax"]}
+    first = list(recall.sweep(grid, "cpu", mixers, progress=False, deadline=1e18, checkpoints=tmp_path))
+    assert [r["lr"] for r in first] == [0.01] and len(calls) == 2
+    second = list(recall.sweep(grid, "cpu", mixers, progress=False, done={recall.run_key(first[0])},
+                               checkpoints=tmp_path))
+    assert [r["lr"] for r in second] == [0.03] and calls[2][1] == calls[1][1] != calls[0][1]
+    assert calls[1][1] == tmp_path / recall.checkpoint_name(dict(first[0], lr=0.03))
+    assert calls[1][1].name.replace("-", "").replace("_", "").replace(".", "").isalnum()
