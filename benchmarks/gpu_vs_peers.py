@@ -66,16 +66,16 @@ def measure(fwd, grads_of) -> dict:
     return row
 
 
-def inputs(T: int, K: int):
-    gen = torch.Generator(device=DEV).manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, device=DEV, generator=gen)
-    regime = torch.randint(0, 8, (B, T // 32 + 1), device=DEV, generator=gen).repeat_interleave(32, 1)[:, :T]
+def inputs(T: int, K: int, device: str = DEV):
+    gen = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, device=device, generator=gen)
+    regime = torch.randint(0, 8, (B, T // 32 + 1), device=device, generator=gen).repeat_interleave(32, 1)[:, :T]
     kv = rnd(8, H, 2 * D)[regime] + 0.2 * rnd(B, T, H, 2 * D)
     q = rnd(B, T, H, D).bfloat16().requires_grad_()
     k = F.normalize(kv[..., :D], dim=-1).bfloat16().requires_grad_()
     v = kv[..., D:].bfloat16().requires_grad_()
     g = F.logsigmoid(rnd(B, T, H) + 4).requires_grad_()
-    lam = (0.5 + torch.rand(B, T, H, K, device=DEV, generator=gen)).requires_grad_()
+    lam = (0.5 + torch.rand(B, T, H, K, device=device, generator=gen)).requires_grad_()
     return q, k, v, g, lam
 
 

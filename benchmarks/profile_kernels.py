@@ -23,10 +23,9 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
-    gpu_vs_peers.DEV = a.device
     cuda = a.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    q, k, v, g, _ = gpu_vs_peers.inputs(a.T, 1)
+    q, k, v, g, _ = gpu_vs_peers.inputs(a.T, 1, a.device)
     B, T, H = g.shape
     gen = torch.Generator(device=a.device).manual_seed(1)
     beta = torch.rand(B, T, H, device=a.device, generator=gen).requires_grad_() if a.base == "delta" else None
