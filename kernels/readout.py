@@ -64,6 +64,10 @@ INTRA_WARPS = 8
 # no loop, took 15.9 / 8.3 / 19.9 ms at 2 / 4 / 8 warps (H200, 2026-11-28)
 OPERATOR_WARPS = 2
 PRODUCT_WARPS = 4
+# the state-gradient walk, H200, T=32768, K=16 (B * H = 32, DK=DV=64): 8 entries per product at 4 warps
+# 10.3 ms (16 at 4: 10.9; 16 at 8: 12.1; 8 at 8: 12.2), where one entry per product took 12.1
+WALK_ENTRIES = 8
+WALK_WARPS = 4
 # the operator backward on the H200 (triton 3.6), 15.8 ms at T=32768 (B * H = 32, DK=DV=64) at 4 warps,
 # where the earlier form (which computed every transposed tile as its own product) took 22.5. That
 # form, at 4 warps, was correct for DK, DV from 16 to 128; at 8 warps it hit an illegal memory access
@@ -334,21 +338,25 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
 @triton.jit
 def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T, H, TP, scale,
                            DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-                           BV: tl.constexpr, PREC: tl.constexpr):
+                           BV: tl.constexpr, EB: tl.constexpr, PREC: tl.constexpr):
     """For the delta base's backward: the gradient of the K states at every chunk start, walking the
     chunks backwards from the final states' gradient, which the caller puts in gbuf's last entry
     (gbuf [B * H, NC + 1, K, DK, DV] fp32; entry c: the gradient at chunk c's start, so entry 0 is
-    the initial states'). Chunk-start entry e, whose chunk-end image is x, gets
-        Z^T G_end[x] + scale * sum_t lam_t[slot_t(e)] q~_t do_t^T
-    (entries merged into one image share its gradient). One program per (sequence, head, value block)."""
+    the initial states'). Chunk-start entry e, whose chunk-end image is x(e), gets
+        Z^T G_end[x(e)] + scale * sum_t lam_t[slot_t(e)] q~_t do_t^T
+    (entries merged into one image share its gradient). One program per (sequence, head, value
+    block). The entries of a chunk do not depend on each other, so they go EB at a time side by side
+    as the columns of single products ([DK, EB * BV]: column n is entry n // BV's value n % BV), with
+    the images' tiles gathered by address: fewer, larger products per chunk of a walk that is
+    sequential over the chunks (15% faster than one entry per product; WALK_ENTRIES)."""
     bh = tl.program_id(0)
     vb = tl.program_id(1)
     b = bh // H
     h = bh % H
     rc = tl.arange(0, C)
     rk = tl.arange(0, DK)
-    rv = vb * BV + tl.arange(0, BV)
-    tile = rk[:, None] * DV + rv[None, :]
+    rn = tl.arange(0, EB * BV)
+    col = rk[:, None] * DV + (vb * BV + rn % BV)[None, :]   # the columns' [DK, BV] tiles, less the entry
     SZ = DK * DV
     NC = tl.cdiv(T, C)
     base = gbuf_ptr + bh.to(tl.int64) * (NC + 1) * K * SZ
@@ -359,7 +367,7 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
         t = c * C + rc
         valid = t < T
         tok = (b * T + t) * H + h
-        do = scale * _rows(do_ptr, tok, valid, rv, DV)
+        do = scale * _rows(do_ptr, tok, valid, vb * BV + tl.arange(0, BV), DV)
         q_start = _rows(qt_ptr, tok, valid, rk, DK)
         at = bh.to(tl.int64) * NC + c   # as in _delta_operators_kernel
         Z = tl.load(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :])
@@ -367,13 +375,19 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
         lam_row = lam_ptr + tok * K
         tab_row = tab_ptr + (bh * TP + t) * (K + C)
         last_row = tab_ptr + (bh * TP + c * C + last) * (K + C)
-        for e in range(K):
-            x = tl.load(last_row + e).to(tl.int32)
+        for e0 in range(0, K, EB):
+            ents = e0 + tl.arange(0, EB)
+            ent = e0 + rn // BV
+            held = ent < K
+            x = tl.load(last_row + ent, mask=held, other=0).to(tl.int32)
             # (tf32x3: the fp32 gradient is carried through every chunk's product, not rounded once)
-            G = tl.dot(tl.trans(Z), tl.load(end + x * SZ + tile), input_precision="tf32x3")
-            _, w_e = _entry_weight(tab_row, lam_row, valid, e)
-            G += tl.dot(tl.trans(q_start), do * w_e[:, None], input_precision=PREC)
-            tl.store(start + e * SZ + tile, G)
+            G = tl.dot(tl.trans(Z), tl.load(end + x[None, :] * SZ + col, mask=held[None, :], other=0.0),
+                       input_precision="tf32x3")
+            slot = tl.load(tab_row[:, None] + ents[None, :], mask=valid[:, None] & (ents < K)[None, :], other=0)
+            w = tl.load(lam_row[:, None] + slot.to(tl.int32), mask=valid[:, None] & (ents < K)[None, :], other=0.0)
+            dow = tl.reshape(do[:, None, :] * w.to(tl.float32)[:, :, None], (C, EB * BV))
+            G += tl.dot(tl.trans(q_start), dow, input_precision=PREC)
+            tl.store(start + ent[None, :] * SZ + col, G, mask=held[None, :])
         tl.debug_barrier()
 
 
@@ -880,8 +894,8 @@ def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: T
     qt, kt, A, Z = ops
     blocks = dict(DK=PK, DV=PV, K=K, C=chunk, BV=BV)
     launch(_state_gradient_kernel, (B * H, PV // BV), ("gbuf_ptr",))(
-        lam, do, tables, qt, Z, grads, T, H, tables.shape[2], float(scale), **blocks, PREC=_precision(q.dtype),
-        num_warps=SWEEP_WARPS)
+        lam, do, tables, qt, Z, grads, T, H, tables.shape[2], float(scale), **blocks,
+        EB=min(triton.next_power_of_2(K), WALK_ENTRIES), PREC=_precision(q.dtype), num_warps=WALK_WARPS)
     NC = triton.cdiv(T, chunk)
     rows = lambda width: torch.empty(B * H, NC * chunk, width, dtype=torch.float32, device=q.device)
     dZ = torch.empty(B * H, NC, PK, PK, dtype=torch.float32, device=q.device)
