@@ -171,7 +171,8 @@ def _chunk(q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP,
 def _entry_weight(tab_row, lam_row, valid, e):
     """Chunk-start entry e's slot at each time t of the chunk and its weight lam_t[slot] there: loads
     of one table column (cached), rather than reductions over a [C, K] register tile, which cost each
-    entry of the sweeps a cross-warp exchange."""
+    entry of the sweeps a cross-warp exchange. With e a [1, EB] row of entries (tab_row, lam_row and
+    valid as [C, 1] columns or a [C, EB] mask) it gives [C, EB] tiles."""
     slot = tl.load(tab_row + e, mask=valid, other=0).to(tl.int32)
     return slot, tl.load(lam_row + slot, mask=valid, other=0.0).to(tl.float32)
 
@@ -383,9 +384,9 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
             # (tf32x3: the fp32 gradient is carried through every chunk's product, not rounded once)
             G = tl.dot(tl.trans(Z), tl.load(end + x[None, :] * SZ + col, mask=held[None, :], other=0.0),
                        input_precision="tf32x3")
-            slot = tl.load(tab_row[:, None] + ents[None, :], mask=valid[:, None] & (ents < K)[None, :], other=0)
-            w = tl.load(lam_row[:, None] + slot.to(tl.int32), mask=valid[:, None] & (ents < K)[None, :], other=0.0)
-            dow = tl.reshape(do[:, None, :] * w.to(tl.float32)[:, :, None], (C, EB * BV))
+            _, w = _entry_weight(tab_row[:, None], lam_row[:, None], valid[:, None] & (ents < K)[None, :],
+                                 ents[None, :])   # [C, EB]
+            dow = tl.reshape(do[:, None, :] * w[:, :, None], (C, EB * BV))
             G += tl.dot(tl.trans(q_start), dow, input_precision=PREC)
             tl.store(start + ent[None, :] * SZ + col, G, mask=held[None, :])
         tl.debug_barrier()
