@@ -247,11 +247,12 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
     Z_ptr): q~ and k~ replace the decayed q and k, A the decayed q k^T, and the state transition is
     the product with Z instead of the scalar decay. With KEEP, buf keeps the states at every chunk
     start and at the end ([B * H, NC + 1, K, DK, DV]), which ``_delta_state_products_kernel`` pairs
-    with their gradients.
+    with their gradients, and the sweep does no readout (o is not written).
     Without INTRA (gla), oi holds o's within-chunk terms in fp32 (``_intra_forward_kernel``, or
     ``_intra_backward_kernel`` for dq) and the sweep adds the chunk-start states' readouts to them;
     WITH_DLAM (only so) gives the chunk-start states' part of dlam."""
     tl.static_assert(not (WITH_DLAM and INTRA), "dlam's within-chunk part comes from _intra_backward_kernel")
+    tl.static_assert(not (WITH_DLAM and KEEP), "dlam needs the readout, which KEEP skips")
     bh, vb, b, h, rc, rk, rv, slots, tile, buf, NC = _sweep_start(buf_ptr, s0_ptr, T, H, DK, DV, K, KP, C, BV,
                                                                   KEEP)
     SZ = DK * DV
@@ -267,21 +268,22 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
         if WITH_DLAM:
             x = _rows(x_ptr, tok, valid, rv, DV)
             dlam = tl.zeros([C, KP], dtype=tl.float32)
-        if INTRA:
-            # intra-chunk: slot-weighted, decayed causal attention
-            if DELTA:
-                R = tl.load(A_ptr + (at * C + rc[:, None]) * C + rc[None, :])
+        if not KEEP:   # (with KEEP only the states: the backward reads no o)
+            if INTRA:
+                # intra-chunk: slot-weighted, decayed causal attention
+                if DELTA:
+                    R = tl.load(A_ptr + (at * C + rc[:, None]) * C + rc[None, :])
+                else:
+                    R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
+                o = tl.dot(R * lam_in, v, input_precision=PREC)
             else:
-                R = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
-            o = tl.dot(R * lam_in, v, input_precision=PREC)
-        else:
-            o = tl.zeros([C, BV], dtype=tl.float32)
+                o = tl.zeros([C, BV], dtype=tl.float32)
+            if DELTA:
+                q_start = _rows(qt_ptr, tok, valid, rk, DK)
+            else:
+                q_start = q * tl.exp(Gc)[:, None]
         # the chunk-start entries: their readout, and where each goes at the chunk end (entries only
         # move up or merge with a neighbour, so their images are non-decreasing)
-        if DELTA:
-            q_start = _rows(qt_ptr, tok, valid, rk, DK)
-        else:
-            q_start = q * tl.exp(Gc)[:, None]
         chunk_decay = tl.exp(G_last)
         # each entry's tile is loaded two iterations ahead, before the previous entries' stores: a
         # load may not pass a store in program order, so without this every load's latency is exposed
@@ -292,9 +294,10 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
             S = S_next
             S_next = S_after
             S_after = tl.load(cur + (e + 2) * SZ + tile, mask=(e + 2 < K) & (tile >= 0), other=0.0)
-            P = tl.dot(q_start, S, input_precision=PREC)
-            slot_e, w_e = _entry_weight(tab_row, lam_row, valid, e)
-            o += w_e[:, None] * P
+            if not KEEP:
+                P = tl.dot(q_start, S, input_precision=PREC)
+                slot_e, w_e = _entry_weight(tab_row, lam_row, valid, e)
+                o += w_e[:, None] * P
             if WITH_DLAM:
                 dlam += tl.where(slots[None, :] == slot_e[:, None], tl.sum(P * x, 1)[:, None], 0.0)
             j = tl.load(last_row + e).to(tl.int32)
@@ -325,10 +328,11 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
             if j >= first_old:
                 acc += tl.load(dst)
             tl.store(dst, acc)
-        o = scale * o
-        if not INTRA:
-            o += tl.load(oi_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0)
-        tl.store(o_ptr + tok[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None])
+        if not KEEP:
+            o = scale * o
+            if not INTRA:
+                o += tl.load(oi_ptr + tok[:, None] * DV + rv[None, :], mask=valid[:, None], other=0.0)
+            tl.store(o_ptr + tok[:, None] * DV + rv[None, :], o.to(o_ptr.dtype.element_ty), mask=valid[:, None])
         if WITH_DLAM:
             tl.store(dlam_ptr + (vb * (tl.num_programs(0) * T) + tok)[:, None] * K
                      + slots[None, :], scale * dlam, mask=held)
@@ -820,7 +824,8 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, kee
     if within is not None:
         o = within
     else:
-        o = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
+        # (with keep the sweep writes no o)
+        o = q.new_empty(0) if keep else torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device)
         if ops is None and not keep:
             within = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
             launch(_intra_forward_kernel, (B * H, triton.cdiv(T, chunk)), ("o_ptr",))(
