@@ -373,14 +373,15 @@ def ignore_empty_slots(x: Tensor, counts: Tensor) -> Tensor:
                                                                                     device=x.device))
 
 
-def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
-    """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H])."""
+def _run_readout(q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale, operators=None):
+    """o [B, T, H, DV] in q's dtype and the final states, for a given schedule ([B, T, H]); operators:
+    the delta kernels' chunk operators, if the caller has them."""
     cdt = states0.dtype
     states0 = ignore_empty_slots(states0, counts0)
     if _triton_readout(q, lam, cdt):
         from dla_ops.kernels import readout as kernels
         return kernels.forward(q, k, v, g, lam, states0, _kernel_tables(boundary, merge, counts0), scale,
-                               beta=beta)
+                               beta=beta, operators=operators)
     close, mu = events(boundary.transpose(1, 2), merge.transpose(1, 2), counts0)
     tables = slot_tables(close, mu, counts0.shape[-1], CHUNK)
     o, states = readout(*(_time_major(x, cdt) for x in (q, k, v, g, lam, beta)), states0, tables, scale)
@@ -451,15 +452,17 @@ def empty_cache_like(q: Tensor, v: Tensor, lam: Tensor, n: int, cdt: torch.dtype
             q.new_zeros(n, H, K, dtype=cdt))
 
 
-def schedule_stage(k, v, g, beta, states0, counts0, info0, tau: float, kvn: Optional[Tensor] = None):
+def schedule_stage(k, v, g, beta, states0, counts0, info0, tau: float, kvn: Optional[Tensor] = None,
+                   operators=None):
     """Stage 1 on [B, T, H, ...] inputs and a cache, by the Triton kernel or the PyTorch pass as
-    ``backend`` decides (kvn: the kernel's ||k_t|| ||v_t||, if the caller has them). Returns I,
+    ``backend`` decides (kvn: the kernel's ||k_t|| ||v_t||, and operators: the delta kernel's chunk
+    operators, if the caller has them). Returns I,
     boundary, merge [B, T, H] and the final counts and info."""
     cdt = states0.dtype
     open0, info0 = ignore_empty_slots(states0, counts0)[:, :, 0], ignore_empty_slots(info0, counts0)
     if backend.use_triton_schedule(k.device, cdt):
         from dla_ops.kernels.schedule import schedule as triton_schedule
-        return triton_schedule(k, v, g, beta, open0, counts0, info0, tau, kvn)[:5]
+        return triton_schedule(k, v, g, beta, open0, counts0, info0, tau, kvn, operators=operators)[:5]
     I, boundary, merge, counts, info = schedule(
         *(_time_major(x, cdt) for x in (k, v, g, beta)), open0, counts0, info0, tau)
     return I.transpose(1, 2), boundary.transpose(1, 2), merge.transpose(1, 2), counts, info
@@ -472,12 +475,25 @@ def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: flo
     outs = []
     for (q_, k_, v_, g_, lam_, beta_, kvn_), (s0, c0, i0) in _split_sequences(
             cu_seqlens, [q, k, v, g, lam, beta, kvn], [states0, counts0, info0]):
-        I, boundary, merge, counts, info = schedule_stage(k_, v_, g_, beta_, s0, c0, i0, tau, kvn_)
-        o, states = _run_readout(q_, k_, v_, g_, lam_, beta_, s0, c0, boundary, merge, scale)
+        read_ops, schedule_ops = _shared_delta_operators(q_, k_, v_, g_, lam_, beta_, s0.dtype)
+        I, boundary, merge, counts, info = schedule_stage(k_, v_, g_, beta_, s0, c0, i0, tau, kvn_, schedule_ops)
+        o, states = _run_readout(q_, k_, v_, g_, lam_, beta_, s0, c0, boundary, merge, scale, read_ops)
         outs.append((o, I, boundary, merge, states, counts, info))
     along_t = [torch.cat(parts, 1) for parts in list(zip(*outs))[:4]]
     per_seq = [torch.cat(parts, 0) for parts in list(zip(*outs))[4:]]
     return tuple(along_t + per_seq)
+
+
+def _shared_delta_operators(q, k, v, g, lam, beta, cdt):
+    """For delta with the schedule and the readout both on the kernels: their chunk operators from one
+    launch (``readout.forward_operators``; the two differ in their queries only), else (None, None)
+    and each stage computes its own."""
+    if beta is None or not _triton_readout(q, lam, cdt):
+        return None, None
+    from dla_ops.kernels import readout as kernels, schedule as schedule_kernels
+    if max(k.shape[-1], v.shape[-1]) > schedule_kernels.CHUNKED_DELTA_MAX_D:   # the token-sequential schedule
+        return None, None
+    return kernels.forward_operators(q, k, g, beta)
 
 
 def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge,

@@ -178,8 +178,10 @@ def _entry_weight(tab_row, lam_row, valid, e):
 
 
 @triton.jit
-def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, W_ptr, T, H, NC,
-                            DK: tl.constexpr, C: tl.constexpr, WITH_W: tl.constexpr = False):
+def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, W_ptr,
+                            q2_ptr, qt2_ptr, A2_ptr, T, H, NC,
+                            DK: tl.constexpr, C: tl.constexpr, WITH_W: tl.constexpr = False,
+                            TWO: tl.constexpr = False):
     """Gated DeltaNet's chunk operators (``torch_backend._chunk_operators_delta``), one program per
     (sequence, head, chunk), all chunks in parallel. Column s of P = Phi(t, s) k_s advances one token
     at a time,
@@ -194,7 +196,8 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     products run as tf32x3, fp32-accurate: Z multiplies the states of every later chunk. Z's closed
     form loses about one digit to cancellation (relative error ~1e-6 at weak decay and beta near 1,
     against ~3e-7 for the product form; the PyTorch path's closed form does the same). Tokens past
-    T are zero with g = 0: they change nothing."""
+    T are zero with g = 0: they change nothing. With TWO, a second set of queries (q2) gets its own
+    q~ and A (qt2, A2) from the same loop: P depends on the keys only."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -220,6 +223,9 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
         P = alpha_i * (P - (beta_i * k_i)[:, None] * kP[None, :]) + tl.where(rc[None, :] == i, k_i[:, None], 0.0)
         # row i of A, stored as it comes (the [C, C] tile would cost registers), read back below
         tl.store(A_ptr + (at * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0) * betas)
+        if TWO:
+            q2_i = tl.load(q2_ptr + tok * DK + rk, mask=live, other=0.0).to(tl.float32)
+            tl.store(A2_ptr + (at * C + i) * C + rc, tl.sum(q2_i[:, None] * P, 0) * betas)
     tl.debug_barrier()
     P = P * betas[None, :]
     rows = ((b.to(tl.int64) * T + t) * H + h)[:, None] * DK + rk[None, :]
@@ -231,6 +237,11 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     q_t = gamma[:, None] * tl.load(q_ptr + rows, mask=valid[:, None], other=0.0).to(tl.float32) \
         - tl.dot(A, gK, input_precision="tf32x3")
     tl.store(qt_ptr + rows, q_t, mask=valid[:, None])
+    if TWO:
+        A2 = tl.load(A2_ptr + (at * C + rc[:, None]) * C + rc[None, :])
+        q_t2 = gamma[:, None] * tl.load(q2_ptr + rows, mask=valid[:, None], other=0.0).to(tl.float32) \
+            - tl.dot(A2, gK, input_precision="tf32x3")
+        tl.store(qt2_ptr + rows, q_t2, mask=valid[:, None])
     tl.store(kt_ptr + rows, tl.trans(P), mask=valid[:, None])
     Z = tl.where(rk[:, None] == rk[None, :], gamma_end, 0.0) - tl.dot(P, gK, input_precision="tf32x3")
     tl.store(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :], Z)
@@ -775,23 +786,25 @@ def slot_tables(close: Tensor, mu: Tensor, K: int, chunk: int = CHUNK) -> Tensor
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states0: Tensor, tables: Tensor,
-            scale: float, *, beta: Optional[Tensor] = None, chunk: int = CHUNK):
+            scale: float, *, beta: Optional[Tensor] = None, chunk: int = CHUNK, operators=None):
     """o [B, T, H, DV] (q's dtype) and the final states [B, H, K, DK, DV] (fp32) on the schedule
     behind ``tables``; states0 (fp32) must have its empty slots zeroed. With ``beta`` ([B, T, H]) the
-    ``delta`` base, else ``gla``."""
+    ``delta`` base, else ``gla``; ``operators``: delta's, if the caller has them (``forward_operators``)."""
     DK, DV = q.shape[-1], v.shape[-1]
     PK, PV = _width(DK), _width(DV)
     q, k, v, states0 = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(states0, PK, PV)
     _check_covered(q, v, lam.shape[-1])
-    ops = None if beta is None else delta_operators(q, k, g, beta, chunk)
+    ops = None if beta is None else operators if operators is not None else delta_operators(q, k, g, beta, chunk)
     o, sT = _forward(q, k, v, g, lam, states0, tables, scale, x=None, chunk=chunk, ops=ops)
     return o[..., :DV], sT[..., :DK, :DV]
 
 
-def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK, with_w: bool = False):
+def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK, with_w: bool = False,
+                    second_queries: Optional[Tensor] = None):
     """Gated DeltaNet's chunk operators for [B, T, H, DK] q, k (DK a power of two >= 16) and [B, T, H]
     g, beta: q~ and k~ ([B, T, H, DK] fp32), A ([B * H, NC, C, C]) and Z ([B * H, NC, DK, DK]); with
-    ``with_w`` also W ([B * H, NC, C, C]), for the backward."""
+    ``with_w`` also W ([B * H, NC, C, C]), for the backward; with ``second_queries`` (like q) also
+    their q~ and A, from the same launch."""
     B, T, H, DK = q.shape
     n = triton.cdiv(T, chunk)
     q, k, g, beta = (t.contiguous() for t in (q, k, g, beta))
@@ -800,9 +813,29 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
     A = torch.empty(B * H, n, chunk, chunk, dtype=torch.float32, device=q.device)
     Z = torch.empty(B * H, n, DK, DK, dtype=torch.float32, device=q.device)
     W = torch.empty_like(A) if with_w else A.new_empty(0)
-    launch(_delta_operators_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr", "W_ptr"))(
-        q, k, g, beta, qt, kt, A, Z, W, T, H, n, DK=DK, C=chunk, WITH_W=with_w, num_warps=OPERATOR_WARPS)
-    return (qt, kt, A, Z, W) if with_w else (qt, kt, A, Z)
+    two = second_queries is not None
+    q2 = second_queries.contiguous() if two else q.new_empty(0)
+    qt2, A2 = (torch.empty_like(qt), torch.empty_like(A)) if two else (qt.new_empty(0), A.new_empty(0))
+    launch(_delta_operators_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr", "W_ptr", "qt2_ptr", "A2_ptr"))(
+        q, k, g, beta, qt, kt, A, Z, W, q2, qt2, A2, T, H, n, DK=DK, C=chunk, WITH_W=with_w, TWO=two,
+        num_warps=OPERATOR_WARPS)
+    return (qt, kt, A, Z) + ((W,) if with_w else ()) + ((qt2, A2) if two else ())
+
+
+def successor_keys(k: Tensor) -> Tensor:
+    """Each token's next key (zero after the last): the delta schedule's queries for the operators
+    (k_{i+1}^T Phi(i, .) is what its information score reads)."""
+    return torch.cat([k[:, 1:], k[:, :1] * 0], 1)
+
+
+def forward_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK):
+    """The delta forward's two sets of chunk operators from one launch: the readout's (queries q) and
+    the schedule's (queries: the successor keys), which share the token loop, k~ and Z. Returns
+    (q~, k~, A, Z) for ``forward`` and (khat, k~, M, Z) for the schedule, at the padded width."""
+    PK = _width(q.shape[-1])
+    q, k = _pad(q, PK), _pad(k, PK)
+    qt, kt, A, Z, khat, M = delta_operators(q, k, g, beta, chunk, second_queries=successor_keys(k))
+    return (qt, kt, A, Z), (khat, kt, M, Z)
 
 
 def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, keep=False, within=None):

@@ -591,12 +591,13 @@ def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = 
     return I, boundary.bool(), merge, counts, info, S
 
 
-def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk: int = CHUNK):
+def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk: int = CHUNK, operators=None):
     """The chunked delta schedule, in the gla path's four launches (``_gla_schedule``) after one of
     the readout's operator kernel: run with each token's successor key as its query, it gives
     khat_{i+1} = k_{i+1}^T Phi(i, c0-1) (its q~) and M[i+1, u] = k_{i+1}^T Phi(i, u) beta_u k_u (its
-    score matrix), the weights of every segment's k^T S_o, besides k~ and Z for the open state."""
-    from dla_ops.kernels.readout import delta_operators
+    score matrix), the weights of every segment's k^T S_o, besides k~ and Z for the open state
+    (``operators``: those four, if the caller has them from ``readout.forward_operators``)."""
+    from dla_ops.kernels.readout import delta_operators, successor_keys
     B, T, H, DK = k.shape
     DV, K = v.shape[-1], counts0.shape[-1]
     C = chunk
@@ -604,8 +605,11 @@ def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk
     BDK = max(16, triton.next_power_of_2(DK))
     dev = k.device
     kp = torch.nn.functional.pad(k, (0, BDK - DK))
-    successor = torch.cat([kp[:, 1:], kp[:, :1] * 0], 1)
-    khat, kt, M, Z = delta_operators(successor, kp, g, beta, C)
+    if operators is not None:
+        assert operators[2].shape[-1] == C, "the operators' chunk must be the schedule's"
+        khat, kt, M, Z = operators
+    else:
+        khat, kt, M, Z = delta_operators(successor_keys(kp), kp, g, beta, C)
     per_chunk = lambda dtype: torch.empty(B * H * NC * C, dtype=dtype, device=dev)
     orbit, last = per_chunk(torch.int64), per_chunk(torch.int32)
     entry = torch.empty(B * H * NC, dtype=torch.int32, device=dev)
@@ -629,10 +633,11 @@ def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk
 
 
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
-             info0: Tensor, tau: float, kvn: Optional[Tensor] = None, chunk: int = CHUNK):
+             info0: Tensor, tau: float, kvn: Optional[Tensor] = None, chunk: int = CHUNK, operators=None):
     """k, v [B, T, H, D] (any float dtype), g, beta [B, T, H]; open0 [B, H, DK, DV], counts0, info0
     [B, H, K] (float32 compute dtype; empty slots already zeroed); kvn: ||k_t|| ||v_t|| ([B, T, H]
-    float32) where the caller has it; chunk: the chunk length (16, 32 or 64).
+    float32) where the caller has it; chunk: the chunk length (16, 32 or 64); operators: the delta
+    schedule's chunk operators (``readout.forward_operators``, at chunk 64), where the caller has them.
     Returns I, boundary, merge ([B, T, H]) and the final counts, info and open state."""
     T = k.shape[1]
     if open0.dtype != torch.float32:
@@ -648,7 +653,7 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     if beta is None:
         return _gla_schedule(k, v, g, kvn, *cache, tau, chunk)
     if max(k.shape[-1], v.shape[-1]) <= CHUNKED_DELTA_MAX_D:
-        return _delta_schedule(k, v, g, beta.contiguous(), kvn, *cache, tau, chunk)
+        return _delta_schedule(k, v, g, beta.contiguous(), kvn, *cache, tau, chunk, operators)
     B, T, H, DK = k.shape
     DV, K = v.shape[-1], counts0.shape[-1]
     dev = k.device
