@@ -456,8 +456,8 @@ def schedule_stage(k, v, g, beta, states0, counts0, info0, tau: float, kvn: Opti
                    operators=None):
     """Stage 1 on [B, T, H, ...] inputs and a cache, by the Triton kernel or the PyTorch pass as
     ``backend`` decides (kvn: the kernel's ||k_t|| ||v_t||, and operators: the delta kernel's chunk
-    operators, if the caller has them). Returns I,
-    boundary, merge [B, T, H] and the final counts and info."""
+    operators, if the caller has them). Returns I, boundary, merge [B, T, H] and the final counts and
+    info."""
     cdt = states0.dtype
     open0, info0 = ignore_empty_slots(states0, counts0)[:, :, 0], ignore_empty_slots(info0, counts0)
     if backend.use_triton_schedule(k.device, cdt):
