@@ -491,7 +491,7 @@ def _shared_delta_operators(q, k, v, g, lam, beta, cdt):
     if beta is None or not _triton_readout(q, lam, cdt):
         return None, None
     from dla_ops.kernels import readout as kernels, schedule as schedule_kernels
-    if max(k.shape[-1], v.shape[-1]) > schedule_kernels.CHUNKED_DELTA_MAX_D:   # the token-sequential schedule
+    if not schedule_kernels.chunked_delta(k.shape[-1], v.shape[-1]):   # the token-sequential schedule
         return None, None
     return kernels.forward_operators(q, k, g, beta)
 

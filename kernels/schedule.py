@@ -632,6 +632,12 @@ def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk
     return I, boundary.bool(), merge, counts, info, S
 
 
+def chunked_delta(DK: int, DV: int) -> bool:
+    """Whether the delta schedule runs chunked (reading the readout's operator kernel) rather than
+    token-sequential, for these feature sizes."""
+    return max(DK, DV) <= CHUNKED_DELTA_MAX_D
+
+
 def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Tensor, counts0: Tensor,
              info0: Tensor, tau: float, kvn: Optional[Tensor] = None, chunk: int = CHUNK, operators=None):
     """k, v [B, T, H, D] (any float dtype), g, beta [B, T, H]; open0 [B, H, DK, DV], counts0, info0
@@ -652,7 +658,7 @@ def schedule(k: Tensor, v: Tensor, g: Tensor, beta: Optional[Tensor], open0: Ten
     cache = (open0.contiguous(), counts0.contiguous(), info0.contiguous())
     if beta is None:
         return _gla_schedule(k, v, g, kvn, *cache, tau, chunk)
-    if max(k.shape[-1], v.shape[-1]) <= CHUNKED_DELTA_MAX_D:
+    if chunked_delta(k.shape[-1], v.shape[-1]):
         return _delta_schedule(k, v, g, beta.contiguous(), kvn, *cache, tau, chunk, operators)
     B, T, H, DK = k.shape
     DV, K = v.shape[-1], counts0.shape[-1]
