@@ -179,9 +179,9 @@ def _entry_weight(tab_row, lam_row, valid, e):
 
 @triton.jit
 def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, W_ptr,
-                            q2_ptr, qt2_ptr, A2_ptr, T, H, NC,
+                            qt2_ptr, A2_ptr, T, H, NC,
                             DK: tl.constexpr, C: tl.constexpr, WITH_W: tl.constexpr = False,
-                            TWO: tl.constexpr = False):
+                            SUCCESSOR: tl.constexpr = False):
     """Gated DeltaNet's chunk operators (``torch_backend._chunk_operators_delta``), one program per
     (sequence, head, chunk), all chunks in parallel. Column s of P = Phi(t, s) k_s advances one token
     at a time,
@@ -196,8 +196,11 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     products run as tf32x3, fp32-accurate: Z multiplies the states of every later chunk. Z's closed
     form loses about one digit to cancellation (relative error ~1e-6 at weak decay and beta near 1,
     against ~3e-7 for the product form; the PyTorch path's closed form does the same). Tokens past
-    T are zero with g = 0: they change nothing. With TWO, a second set of queries (q2) gets its own
-    q~ and A (qt2, A2) from the same loop: P depends on the keys only."""
+    T are zero with g = 0: they change nothing. With SUCCESSOR, a second set of queries, each token's
+    successor key k_{t+1} (the schedule's), gets its own q~ and A (qt2, A2) from the same loop: P
+    depends on the keys only, and row t of A2, (k_{t+1}^T P) diag(beta) after token t's update, is
+    the k^T P that token t + 1's update reduces anyway (the last row takes one reduction more, with
+    the next chunk's first key)."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -218,14 +221,17 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
         beta_i = tl.load(beta_ptr + tok, mask=ti < T, other=0.0).to(tl.float32)
         alpha_i = tl.exp(tl.load(g_ptr + tok, mask=ti < T, other=0.0).to(tl.float32))
         kP = tl.sum(k_i[:, None] * P, 0)
+        if SUCCESSOR:
+            tl.store(A2_ptr + (at * C + i - 1) * C + rc, kP * betas, mask=(i > 0) & (rc >= 0))
         if WITH_W:
             tl.store(W_ptr + (at * C + i) * C + rc, tl.where(rc < i, -alpha_i * beta_i * kP, (rc == i).to(tl.float32)))
         P = alpha_i * (P - (beta_i * k_i)[:, None] * kP[None, :]) + tl.where(rc[None, :] == i, k_i[:, None], 0.0)
         # row i of A, stored as it comes (the [C, C] tile would cost registers), read back below
         tl.store(A_ptr + (at * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0) * betas)
-        if TWO:
-            q2_i = tl.load(q2_ptr + tok * DK + rk, mask=live, other=0.0).to(tl.float32)
-            tl.store(A2_ptr + (at * C + i) * C + rc, tl.sum(q2_i[:, None] * P, 0) * betas)
+    if SUCCESSOR:   # the last row's successor: the next chunk's first key (zero past T)
+        k_next = tl.load(k_ptr + ((b.to(tl.int64) * T + c * C + C) * H + h) * DK + rk,
+                         mask=(c * C + C + 0 * rk) < T, other=0.0).to(tl.float32)
+        tl.store(A2_ptr + (at * C + C - 1) * C + rc, tl.sum(k_next[:, None] * P, 0) * betas)
     tl.debug_barrier()
     P = P * betas[None, :]
     rows = ((b.to(tl.int64) * T + t) * H + h)[:, None] * DK + rk[None, :]
@@ -237,9 +243,10 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     q_t = gamma[:, None] * tl.load(q_ptr + rows, mask=valid[:, None], other=0.0).to(tl.float32) \
         - tl.dot(A, gK, input_precision="tf32x3")
     tl.store(qt_ptr + rows, q_t, mask=valid[:, None])
-    if TWO:
+    if SUCCESSOR:
         A2 = tl.load(A2_ptr + (at * C + rc[:, None]) * C + rc[None, :])
-        q_t2 = gamma[:, None] * tl.load(q2_ptr + rows, mask=valid[:, None], other=0.0).to(tl.float32) \
+        # the successor keys' rows: k one token on (zero past T)
+        q_t2 = gamma[:, None] * tl.load(k_ptr + rows + H * DK, mask=(t + 1 < T)[:, None], other=0.0).to(tl.float32) \
             - tl.dot(A2, gK, input_precision="tf32x3")
         tl.store(qt2_ptr + rows, q_t2, mask=valid[:, None])
     tl.store(kt_ptr + rows, tl.trans(P), mask=valid[:, None])
@@ -800,11 +807,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states0: Te
 
 
 def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK, with_w: bool = False,
-                    second_queries: Optional[Tensor] = None):
+                    successor: bool = False):
     """Gated DeltaNet's chunk operators for [B, T, H, DK] q, k (DK a power of two >= 16) and [B, T, H]
     g, beta: q~ and k~ ([B, T, H, DK] fp32), A ([B * H, NC, C, C]) and Z ([B * H, NC, DK, DK]); with
-    ``with_w`` also W ([B * H, NC, C, C]), for the backward; with ``second_queries`` (like q) also
-    their q~ and A, from the same launch."""
+    ``with_w`` also W ([B * H, NC, C, C]), for the backward; with ``successor`` also q~ and A for the
+    queries k_{t+1} (``successor_keys``), from the same launch."""
     B, T, H, DK = q.shape
     n = triton.cdiv(T, chunk)
     q, k, g, beta = (t.contiguous() for t in (q, k, g, beta))
@@ -813,13 +820,11 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
     A = torch.empty(B * H, n, chunk, chunk, dtype=torch.float32, device=q.device)
     Z = torch.empty(B * H, n, DK, DK, dtype=torch.float32, device=q.device)
     W = torch.empty_like(A) if with_w else A.new_empty(0)
-    two = second_queries is not None
-    q2 = second_queries.contiguous() if two else q.new_empty(0)
-    qt2, A2 = (torch.empty_like(qt), torch.empty_like(A)) if two else (qt.new_empty(0), A.new_empty(0))
+    qt2, A2 = (torch.empty_like(qt), torch.empty_like(A)) if successor else (qt.new_empty(0), A.new_empty(0))
     launch(_delta_operators_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr", "W_ptr", "qt2_ptr", "A2_ptr"))(
-        q, k, g, beta, qt, kt, A, Z, W, q2, qt2, A2, T, H, n, DK=DK, C=chunk, WITH_W=with_w, TWO=two,
+        q, k, g, beta, qt, kt, A, Z, W, qt2, A2, T, H, n, DK=DK, C=chunk, WITH_W=with_w, SUCCESSOR=successor,
         num_warps=OPERATOR_WARPS)
-    return (qt, kt, A, Z) + ((W,) if with_w else ()) + ((qt2, A2) if two else ())
+    return (qt, kt, A, Z) + ((W,) if with_w else ()) + ((qt2, A2) if successor else ())
 
 
 def successor_keys(k: Tensor) -> Tensor:
@@ -834,7 +839,7 @@ def forward_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int 
     (q~, k~, A, Z) for ``forward`` and (khat, k~, M, Z) for the schedule, at the padded width."""
     PK = _width(q.shape[-1])
     q, k = _pad(q, PK), _pad(k, PK)
-    qt, kt, A, Z, khat, M = delta_operators(q, k, g, beta, chunk, second_queries=successor_keys(k))
+    qt, kt, A, Z, khat, M = delta_operators(q, k, g, beta, chunk, successor=True)
     return (qt, kt, A, Z), (khat, kt, M, Z)
 
 
