@@ -482,7 +482,7 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
                                      W_ptr, A_ptr, kt_ptr, dqt_ptr, dkt_ptr, dZ_ptr, dvx_ptr, dlamx_ptr, tr_ptr,
                                      dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, dlam_ptr, T, H, TP, scale,
                                      DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                                     C: tl.constexpr, BV: tl.constexpr):
+                                     C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
     """The delta backward's chunk-local part, one program per (sequence, head, chunk), all in
     parallel: from the gradients of the chunk operators that ``_delta_state_products_kernel`` leaves
     (q~, k~, Z; and its cross-chunk parts of dv and dlam), the gradients of q, k, v, g, beta and lam,
@@ -495,8 +495,8 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     k~ come from ``_delta_operators_kernel``. A transposed product result never feeds another product
     (what Triton 3.4-3.7 miscompiles on Hopper, fla #640): transposes of inputs are transposed loads,
     and the two computed tiles whose transposes are needed (dQK, and dKK's part M) go through this
-    program's [C, C] region of ``tr`` and come back as transposed loads. Every product runs as
-    tf32x3: dg is a difference of sums. Writes the op layout ([B, T, H, ...], fp32)."""
+    program's [C, C] region of ``tr`` and come back as transposed loads. Products run at PREC
+    (``_operator_backward_precision``). Writes the op layout ([B, T, H, ...], fp32)."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -533,8 +533,8 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     for vb in range(DV // BV):
         rv = vb * BV + tl.arange(0, BV)
         do_b = _rows(do_ptr, tok, valid, rv, DV)
-        P += tl.dot(do_b, tl.trans(_rows(v_ptr, tok, valid, rv, DV)), input_precision="tf32x3")
-        dv = scale * tl.dot(LAT, do_b, input_precision="tf32x3") + tl.load(dvx_ptr + rows[:, None] * DV + rv[None, :])
+        P += tl.dot(do_b, tl.trans(_rows(v_ptr, tok, valid, rv, DV)), input_precision=PREC)
+        dv = scale * tl.dot(LAT, do_b, input_precision=PREC) + tl.load(dvx_ptr + rows[:, None] * DV + rv[None, :])
         tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv, mask=valid[:, None])
     P = scale * P
     X = tl.where(live, P * A, 0.0)
@@ -546,9 +546,9 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     # q~ and Z, through A, gk = diag(gamma) K, k~ and gamma_end
     dqt = tl.load(dqt_ptr + rows[:, None] * DK + rk[None, :])
     dZ = tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[:, None]) * DK + rk[None, :])
-    dA = tl.where(live, P * Lw, 0.0) - tl.dot(dqt, tl.trans(gk), input_precision="tf32x3")
+    dA = tl.where(live, P * Lw, 0.0) - tl.dot(dqt, tl.trans(gk), input_precision=PREC)
     kt = tl.load(kt_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0)
-    dgk = -tl.dot(kt, dZ, input_precision="tf32x3") - tl.dot(tl.load(A_ptr + ccT), dqt, input_precision="tf32x3")
+    dgk = -tl.dot(kt, dZ, input_precision=PREC) - tl.dot(tl.load(A_ptr + ccT), dqt, input_precision=PREC)
     d_gamma_end = tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], dZ, 0.0), 1), 0)
     dq = gamma[:, None] * dqt
     d_gamma = tl.sum(dqt * q, 1) + tl.sum(dgk * k, 1)
@@ -557,36 +557,36 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     W = tl.load(W_ptr + cc)
     dkt = tl.load(dkt_ptr + rows[:, None] * DK + rk[None, :]) - tl.dot(
         gk, tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[None, :]) * DK + rk[:, None]),
-        input_precision="tf32x3")
+        input_precision=PREC)
     dktT = tl.load(dkt_ptr + rows[None, :] * DK + rk[:, None]) - tl.dot(dZ, gamma[None, :] * kT,
-                                                                         input_precision="tf32x3")
-    dR = tl.dot(W * beta[None, :], dkt, input_precision="tf32x3")
+                                                                         input_precision=PREC)
+    dR = tl.dot(W * beta[None, :], dkt, input_precision=PREC)
     dk += Gamma_end[:, None] * dR
     d_Gamma_end = tl.sum(dR * k, 1)
-    dTm = tl.dot(Gamma_end[:, None] * k, dktT, input_precision="tf32x3")
+    dTm = tl.dot(Gamma_end[:, None] * k, dktT, input_precision=PREC)
     # A = (Q K^T * Gamma) Tm
-    dQKg = tl.dot(dA, tl.load(W_ptr + ccT) * beta[:, None], input_precision="tf32x3")
+    dQKg = tl.dot(dA, tl.load(W_ptr + ccT) * beta[:, None], input_precision=PREC)
     qT = tl.load(q_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
-    dTm += tl.dot(tl.dot(k, qT, input_precision="tf32x3") * GammaT, dA, input_precision="tf32x3")
-    dGamma = dQKg * tl.dot(q, kT, input_precision="tf32x3")
+    dTm += tl.dot(tl.dot(k, qT, input_precision=PREC) * GammaT, dA, input_precision=PREC)
+    dGamma = dQKg * tl.dot(q, kT, input_precision=PREC)
     dQK = dQKg * Gamma
-    dq += tl.dot(dQK, k, input_precision="tf32x3")
+    dq += tl.dot(dQK, k, input_precision=PREC)
     tl.store(tr_ptr + cc, dQK)
     tl.debug_barrier()
-    dk += tl.dot(tl.load(tr_ptr + ccT), q, input_precision="tf32x3")
+    dk += tl.dot(tl.load(tr_ptr + ccT), q, input_precision=PREC)
     tl.debug_barrier()   # (every thread has read dQK^T before M overwrites it)
     # W = (I + L)^-1: dL = strict(-W^T dW W^T) with dW = dTm diag(beta); L = strict(diag(beta) (K K^T * Gamma))
     dbeta = tl.sum(dTm * W, 0)
     WT = tl.load(W_ptr + ccT)
-    dL = tl.where(strict, -tl.dot(tl.dot(WT, dTm * beta[None, :], input_precision="tf32x3"), WT,
-                                 input_precision="tf32x3"), 0.0)
-    KK = tl.dot(k, kT, input_precision="tf32x3")
+    dL = tl.where(strict, -tl.dot(tl.dot(WT, dTm * beta[None, :], input_precision=PREC), WT,
+                                 input_precision=PREC), 0.0)
+    KK = tl.dot(k, kT, input_precision=PREC)
     dbeta += tl.sum(dL * KK * Gamma, 1)
     dGamma += beta[:, None] * dL * KK
     M = beta[:, None] * dL * Gamma        # dKK; dk = (M + M^T) K
     tl.store(tr_ptr + cc, M)
     tl.debug_barrier()
-    dk += tl.dot(M + tl.load(tr_ptr + ccT), k, input_precision="tf32x3")
+    dk += tl.dot(M + tl.load(tr_ptr + ccT), k, input_precision=PREC)
     # the decays: G_t = sum of g up to t in the chunk; G_end the whole chunk's sum
     Y = tl.where(live, dGamma * Gamma, 0.0)
     dG = tl.sum(Y, 1) - tl.sum(Y, 0) + d_gamma * gamma - d_Gamma_end * Gamma_end
@@ -733,6 +733,14 @@ def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs need fp32-exact products (the 1e-4 contract); half inputs are already rounded far
     # more coarsely than tf32's 10-bit mantissa
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _operator_backward_precision(dtype: torch.dtype, width: int) -> str:
+    # fp32: tf32x3, fp32-accurate (dg is a difference of sums) and faster than ieee here. Half inputs
+    # at padded widths up to 64: tf32, as the other kernels; the gradients are chunk-local, so its
+    # rounding is not carried (H200, T=32768, K=16, bf16: 16.0 -> 11.5 ms; against float64, worst
+    # 2.3e-3 -> 2.5e-3). At 128 the tf32 form asks for 320 KiB of shared memory (the H200 has 227)
+    return "tf32" if dtype != torch.float32 and width <= 64 else "tf32x3"
 
 
 def _slots(K: int) -> int:
@@ -909,7 +917,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
            ("tr_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
         q, k, v, do, g, beta, lam, tables, Wm, A, kt, dqt, dkt, dZ, dvx, dlamx, torch.empty_like(A), dq, dk, dv, dg,
         dbeta, dlam, T, H, tables.shape[2], float(scale), DK=PK, DV=PV, K=K, KP=_slots(K), C=chunk, BV=_block_v(PV),
-        num_warps=OPERATOR_BACKWARD_WARPS)
+        PREC=_operator_backward_precision(q.dtype, max(PK, PV)), num_warps=OPERATOR_BACKWARD_WARPS)
     return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0[..., :DK, :DV]
 
 
