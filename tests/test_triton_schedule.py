@@ -96,7 +96,7 @@ def test_the_chunked_gla_schedule_equals_the_token_recurrence(seed, T, chunk, K,
     assert rel_err(S.cpu(), open_states(k, v, g, None, rb, open0, init.counts[..., 0], K)[-1]) <= 1e-5
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @example(seed=1, T=250, chunk=64, K=3, tau=0.6, run=120, decay_bias=6.0, cached=False, D=16)   # ~100-token segments
 @example(seed=2, T=200, chunk=64, K=3, tau=0.6, run=40, decay_bias=6.0, cached=True, D=72)     # token-sequential
 @given(seed=st.integers(0, 2**16), T=st.integers(1, 260), chunk=st.sampled_from([16, 32, 64]), K=st.integers(1, 5),
