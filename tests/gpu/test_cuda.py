@@ -27,9 +27,9 @@ def test_cuda_outputs_and_gradients_match_the_reference(base, dtype, T, K, D):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_delta_with_repeated_keys_matches_the_reference(dtype):
-    """Keys repeated exactly (three prototypes, no noise) under weak decay, so a chunk's keys are
-    linearly dependent and its sums of products cancel: the regime where an earlier product form of
-    the operators lost precision, here for the operator backward, which runs at tf32 for bf16."""
+    """Keys repeated exactly (three prototypes, no noise) under weak decay, so a chunk's 64 keys span
+    three directions and the states keep what no key touches: a regime beside the noisy keys above,
+    at D=64, where the operator backward runs at tf32 for bf16."""
     x = make_inputs(5425, B=2, T=130, H=2, DK=64, DV=64, K=8, base="delta", dtype=dtype, noise=0.0, decay=0.01)
     _check_against_the_reference(x, dtype)
 
