@@ -490,11 +490,11 @@ def _delta_carry_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, khat_ptr,
         num = tl.sum(kS * vc, 1)
         alpha = tl.exp(gc)
         f = _delta_increment(num, tl.sum(kS * kS, 1), alpha, bc, tl.sum(kc * kc, 1), tl.sum(vc * vc, 1))
-        gc64 = gc.to(tl.float64)                    # float64 cumulative decays: see _gla_chunk_scores
-        G = tl.cumsum(gc64, 0)
-        Gx = G - gc64
-        W = tl.where(u2 < i2, tl.exp(tl.where(u2 < i2, 2.0 * (Gx[:, None] - G[None, :]), 0.0).to(tl.float32)), 0.0)
-        sq_i = tl.exp(2.0 * Gx.to(tl.float32)) * sq + tl.sum(W * f[None, :], 1)
+        # ||S_o||^2 before each token, from s_0 = sq by s_{i+1} = alpha_i^2 s_i + f_i: a scan along the
+        # chunk (in float64, for the products of alpha^2), shifted by one token
+        a, b = tl.associative_scan((tl.exp(2.0 * gc.to(tl.float64)), f.to(tl.float64)), 0, _decay_then_add)
+        after = (a * sq + b).to(tl.float32)
+        sq_i = tl.where(i == 0, sq, tl.sum(tl.where(u2 == i2 - 1, after[None, :], 0.0), 1))
         I, _, close = _score(num, kvn, sq_i, n_o + i, tau, K)
         closed, start = _carry_entry(I, close & valid, valid, last, i, tok, I_ptr, entry_ptr, nh, c, NC, C)
         w = valid & ((i >= start) | (not closed))
