@@ -16,13 +16,14 @@ cannot express for the Fenwick policy.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import torch_backend
+from . import backend, torch_backend
 
 POLICIES = ("fenwick", "blocks")
 
@@ -83,15 +84,55 @@ def tables(starts: Tensor, chunk: int) -> Tensor:
     return torch.cat([pre, intra], 1).clamp(max=K - 1)
 
 
+@functools.lru_cache(maxsize=32)
+def _policy_tables(policy: str, T: int, K: int, block: Optional[int], chunk: int) -> Tensor:
+    """``tables`` of a policy, on the CPU, built once per shape: the starts loop over T in Python
+    (tens of milliseconds at T = 2048), which every training step would otherwise repeat."""
+    return tables(starts_for(policy, T, K, block), chunk)
+
+
+class _KernelReadout(torch.autograd.Function):
+    """The gla readout on the Triton kernels (``dla_ops.kernels.readout``) for given slot tables and
+    no initial cache, differentiable: the kernels' forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, lam, tab, scale):
+        from dla_ops.kernels import readout as kernels
+        o, _ = kernels.forward(q, k, v, g, lam, _empty_states(q, v, lam), tab, scale)
+        ctx.save_for_backward(q, k, v, g, lam, tab)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from dla_ops.kernels import readout as kernels
+        q, k, v, g, lam, tab = ctx.saved_tensors
+        states0 = _empty_states(q, v, lam)
+        dq, dk, dv, dg, dlam, _ = kernels.backward(do, torch.zeros_like(states0), q, k, v, g, lam, states0, tab,
+                                                   ctx.scale)
+        return dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), None, None
+
+
+def _empty_states(q: Tensor, v: Tensor, lam: Tensor) -> Tensor:
+    B, _, H, DK = q.shape
+    return q.new_zeros(B, H, lam.shape[-1], DK, v.shape[-1], dtype=torch.float32)
+
+
 def fixed_policy_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, policy: str, *,
                            block: Optional[int] = None, scale: Optional[float] = None) -> Tensor:
-    """DLA's ``gla`` readout on a fixed policy's schedule: o [B, T, H, DV] in q's dtype. Differentiable
-    (PyTorch path, any device); no initial cache and no decoding step."""
+    """DLA's ``gla`` readout on a fixed policy's schedule: o [B, T, H, DV] in q's dtype. Differentiable,
+    on the backend that DLA's readout would take (``backend.use_triton_readout``: the Triton kernels
+    for CUDA tensors, else the PyTorch path); no initial cache and no decoding step."""
     B, T, H, DK = q.shape
     K = lam.shape[-1]
     scale = DK ** -0.5 if scale is None else scale
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    tab = tables(starts_for(policy, T, K, block), torch_backend.CHUNK).to(q.device)
+    if backend.use_triton_readout(q.device, cdt, K):
+        from dla_ops.kernels import readout as kernels
+        tab = _policy_tables(policy, T, K, block, kernels.CHUNK).to(q.device, torch.int8)
+        tab = tab.expand(B, H, *tab.shape).contiguous()
+        return _KernelReadout.apply(q, k, v, g, lam, tab, float(scale))
+    tab = _policy_tables(policy, T, K, block, torch_backend.CHUNK).to(q.device)
     tab = tab.expand(B, H, *tab.shape)
     states0 = q.new_zeros(B, H, K, DK, v.shape[-1], dtype=cdt)
     tm = lambda x: x.transpose(1, 2).to(cdt)
