@@ -8,8 +8,8 @@ inputs of any float dtype, up to rounding (see the gla path's limit below).
   materialising a state; the decisions then reduce to following pointers, which pointer doubling does
   in parallel for every possible entry. Four launches: the chunk tables (parallel over chunks), the
   carry walk (sequential over chunks: the carried-in open state's share of the scores, the chunk's
-  first close, the open state at its end), the remaining scores (parallel), and the merges
-  (sequential over the closes only). H200, B * H = 32, T = 32768: 8.4 ms against 17.2 ms for the
+  first close, the open state at its end), the remaining scores (parallel, gathered from the score
+  tables that the first launch stores), and the merges (sequential over the closes only). H200, B * H = 32, T = 32768: 8.4 ms against 17.2 ms for the
   token-sequential kernel it replaced (docs/benchmarks.md). Its ||S_o||^2 is a sum of expanded
   terms, not the norm of a built state: where a state nearly cancels, that sum keeps only rounding
   noise, so I there is no better than the clamp in ``_score``. Such scores are ill-conditioned in
@@ -211,18 +211,20 @@ def _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau,
 
 
 @triton.jit
-def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, num0_ptr, sq0_ptr, T, H, NC, tau,
-                            DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, itab_ptr, num0_ptr, sq0_ptr,
+                            T, H, NC, tau, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
                             LOG2C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
     """Per chunk, independent of what comes before it: for every token s at which a segment could
     start, the set of tokens that then close a state in this chunk (the orbit of nxt from s, as a bit
-    mask, found by pointer doubling) and the last of them; and the columns num0, sq0."""
+    mask, found by pointer doubling) and the last of them; the score table I[i, s], from which
+    ``_chunk_fill_kernel`` takes the scores after the chunk's entry; and the columns num0, sq0."""
     nh = tl.program_id(0)
     c = tl.program_id(1)
     n = (nh // H).to(tl.int64)   # token offsets pass 2^31 elements at large B * T * H * D
     h = nh % H
-    _, nxt, num0, sq0 = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
+    I, nxt, num0, sq0 = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
     row = _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C, LOG2C)
+    tl.store(itab_ptr + row[:, None] * C + tl.arange(0, C)[None, :], I)
     tl.store(num0_ptr + row, num0)
     tl.store(sq0_ptr + row, sq0)
 
@@ -350,33 +352,24 @@ def _gla_carry_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, last_ptr, num0_ptr, sq0_ptr,
 
 
 @triton.jit
-def _gla_chunk_fill_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, entry_ptr, I_ptr, T, H, NC, tau,
-                           DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
-                           BDK: tl.constexpr, BDV: tl.constexpr):
-    """I of the tokens after a chunk's entry: each against the segment started at the last close
-    before it."""
+def _chunk_fill_kernel(itab_ptr, orbit_ptr, entry_ptr, I_ptr, T, H, NC, C: tl.constexpr):
+    """I of the tokens after a chunk's entry (both bases): token i scores against the segment started
+    at the last close before it, on the entry's orbit, so its score is the chunk table's I[i, s] for
+    that s."""
     nh = tl.program_id(0)
     c = tl.program_id(1)
     n = (nh // H).to(tl.int64)
     h = nh % H
     entry = tl.load(entry_ptr + nh * NC + c)
     if entry < C:
-        I_tab, nxt, _, _ = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
-        _store_after_entry(I_tab, nxt, orbit_ptr, entry, I_ptr, nh, n, h, c, T, H, NC, C)
-
-
-@triton.jit
-def _store_after_entry(I_tab, nxt, orbit_ptr, entry, I_ptr, nh, n, h, c, T, H, NC, C: tl.constexpr):
-    """Each token after the chunk's entry takes its score from the table, against the segment
-    started at the last close before it."""
-    i = tl.arange(0, C)
-    orbit = tl.load(orbit_ptr + (nh.to(tl.int64) * NC + c) * C + entry)
-    closes = ((orbit >> i.to(tl.int64)) & 1) != 0
-    i2 = i[:, None]
-    u2 = i[None, :]
-    own = closes[None, :] & (u2 < i2) & (i2 <= nxt[None, :])   # token i scores against [s, i)
-    t = c * C + i
-    tl.store(I_ptr + (n * T + t) * H + h, tl.sum(tl.where(own, I_tab, 0.0), 1), mask=(t < T) & (i > entry))
+        i = tl.arange(0, C)
+        row = (nh.to(tl.int64) * NC + c) * C + i
+        orbit = tl.load(orbit_ptr + (nh.to(tl.int64) * NC + c) * C + entry)
+        closes = ((orbit >> i.to(tl.int64)) & 1) != 0
+        s = tl.max(tl.where(closes[None, :] & (i[None, :] < i[:, None]), i[None, :], 0), 1)
+        t = c * C + i
+        after = (t < T) & (i > entry)
+        tl.store(I_ptr + (n * T + t) * H + h, tl.load(itab_ptr + row * C + s, mask=after), mask=after)
 
 
 @triton.jit
@@ -434,33 +427,18 @@ def _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, 
 
 
 @triton.jit
-def _delta_chunk_table_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, orbit_ptr, last_ptr, T, H, NC, tau,
-                              DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
+def _delta_chunk_table_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, orbit_ptr, last_ptr, itab_ptr,
+                              T, H, NC, tau, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, C: tl.constexpr,
                               LOG2C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
     """``_gla_chunk_table_kernel`` for the delta base (the carry walk needs no columns from it)."""
     nh = tl.program_id(0)
     c = tl.program_id(1)
     n = (nh // H).to(tl.int64)
     h = nh % H
-    _, nxt = _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, T, H, NC, tau,
+    I, nxt = _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, T, H, NC, tau,
                                  DK, DV, K, C, BDK, BDV)
-    _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C, LOG2C)
-
-
-@triton.jit
-def _delta_chunk_fill_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, orbit_ptr, entry_ptr, I_ptr,
-                             T, H, NC, tau, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
-                             C: tl.constexpr, BDK: tl.constexpr, BDV: tl.constexpr):
-    """``_gla_chunk_fill_kernel`` for the delta base."""
-    nh = tl.program_id(0)
-    c = tl.program_id(1)
-    n = (nh // H).to(tl.int64)
-    h = nh % H
-    entry = tl.load(entry_ptr + nh * NC + c)
-    if entry < C:
-        I_tab, nxt = _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, T, H, NC, tau,
-                                         DK, DV, K, C, BDK, BDV)
-        _store_after_entry(I_tab, nxt, orbit_ptr, entry, I_ptr, nh, n, h, c, T, H, NC, C)
+    row = _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C, LOG2C)
+    tl.store(itab_ptr + row[:, None] * C + tl.arange(0, C)[None, :], I)
 
 
 @triton.jit
@@ -559,6 +537,13 @@ def _merge_pass_kernel(I_ptr, entry_ptr, orbit_ptr, c0_ptr, i0_ptr, bnd_ptr, mer
     tl.store(info_ptr + nh * K + slot, info, mask=mk)
 
 
+def _score_tables(chunks: int, C: int, dev) -> Tensor:
+    """Every chunk's [C, C] score table (fp32), which the chunk table kernel writes and the fill
+    kernel gathers from: 256 bytes per token and head at C = 64, freed with the schedule. Storing it
+    replaced recomputing the scores in the fill kernel."""
+    return torch.empty(chunks * C * C, dtype=torch.float32, device=dev)
+
+
 def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = CHUNK):
     """The gla schedule in four launches: the chunk tables (parallel over chunks), the carry walk
     (sequential over chunks), the scores after each chunk's entry (parallel) and the merges
@@ -572,6 +557,7 @@ def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = 
     per_chunk = lambda dtype: torch.empty(B * H * NC * C, dtype=dtype, device=dev)
     orbit, last, num0, sq0 = per_chunk(torch.int64), per_chunk(torch.int32), per_chunk(torch.float32), \
         per_chunk(torch.float32)
+    itab = _score_tables(B * H * NC, C, dev)
     entry = torch.empty(B * H * NC, dtype=torch.int32, device=dev)
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
@@ -579,12 +565,11 @@ def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = 
     counts, info, S = torch.empty_like(counts0), torch.empty_like(info0), torch.empty_like(open0)
     blocks = dict(DK=DK, DV=DV, K=K, C=C, BDK=max(16, triton.next_power_of_2(DK)),
                   BDV=max(16, triton.next_power_of_2(DV)), num_warps=CHUNK_WARPS)
-    launch(_gla_chunk_table_kernel, (B * H, NC), ("orbit_ptr", "last_ptr", "num0_ptr", "sq0_ptr"))(
-        k, v, g, kvn, orbit, last, num0, sq0, T, H, NC, float(tau), LOG2C=C.bit_length() - 1, **blocks)
+    launch(_gla_chunk_table_kernel, (B * H, NC), ("orbit_ptr", "last_ptr", "itab_ptr", "num0_ptr", "sq0_ptr"))(
+        k, v, g, kvn, orbit, last, itab, num0, sq0, T, H, NC, float(tau), LOG2C=C.bit_length() - 1, **blocks)
     launch(_gla_carry_kernel, (B, H), ("I_ptr", "entry_ptr", "s_ptr"))(
         k, v, g, kvn, last, num0, sq0, open0, counts0, I, entry, S, T, H, NC, float(tau), STAGES=STAGES, **blocks)
-    launch(_gla_chunk_fill_kernel, (B * H, NC), ("I_ptr",))(
-        k, v, g, kvn, orbit, entry, I, T, H, NC, float(tau), **blocks)
+    launch(_chunk_fill_kernel, (B * H, NC), ("I_ptr",))(itab, orbit, entry, I, T, H, NC, C=C)
     launch(_merge_pass_kernel, (B, H), ("bnd_ptr", "merge_ptr", "c_ptr", "info_ptr"))(
         I, entry, orbit, counts0, info0, boundary, merge, counts, info, T, H, NC, float(tau),
         K=K, C=C, KP=triton.next_power_of_2(K), STAGES=STAGES, num_warps=MERGE_WARPS)
@@ -612,6 +597,7 @@ def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk
         khat, kt, M, Z = delta_operators(successor_keys(kp), kp, g, beta, C)
     per_chunk = lambda dtype: torch.empty(B * H * NC * C, dtype=dtype, device=dev)
     orbit, last = per_chunk(torch.int64), per_chunk(torch.int32)
+    itab = _score_tables(B * H * NC, C, dev)
     entry = torch.empty(B * H * NC, dtype=torch.int32, device=dev)
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
@@ -619,13 +605,12 @@ def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk
     counts, info, S = torch.empty_like(counts0), torch.empty_like(info0), torch.empty_like(open0)
     blocks = dict(DK=DK, DV=DV, K=K, C=C, BDK=BDK, BDV=max(16, triton.next_power_of_2(DV)), num_warps=CHUNK_WARPS)
     ins = (k, v, g, beta, kvn, M)
-    launch(_delta_chunk_table_kernel, (B * H, NC), ("orbit_ptr", "last_ptr"))(
-        *ins, orbit, last, T, H, NC, float(tau), LOG2C=C.bit_length() - 1, **blocks)
+    launch(_delta_chunk_table_kernel, (B * H, NC), ("orbit_ptr", "last_ptr", "itab_ptr"))(
+        *ins, orbit, last, itab, T, H, NC, float(tau), LOG2C=C.bit_length() - 1, **blocks)
     launch(_delta_carry_kernel, (B, H), ("I_ptr", "entry_ptr", "s_ptr"))(
         *ins, khat, kt, Z, last, open0, counts0, I, entry, S, T, H, NC, float(tau),
         STAGES=1, **blocks)  # Triton 3.6's Hopper pipeliner aborts on this loop's wgmma ("cannot predicate")
-    launch(_delta_chunk_fill_kernel, (B * H, NC), ("I_ptr",))(
-        *ins, orbit, entry, I, T, H, NC, float(tau), **blocks)
+    launch(_chunk_fill_kernel, (B * H, NC), ("I_ptr",))(itab, orbit, entry, I, T, H, NC, C=C)
     launch(_merge_pass_kernel, (B, H), ("bnd_ptr", "merge_ptr", "c_ptr", "info_ptr"))(
         I, entry, orbit, counts0, info0, boundary, merge, counts, info, T, H, NC, float(tau),
         K=K, C=C, KP=triton.next_power_of_2(K), STAGES=STAGES, num_warps=MERGE_WARPS)
