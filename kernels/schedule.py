@@ -9,12 +9,12 @@ inputs of any float dtype, up to rounding (see the gla path's limit below).
   in parallel for every possible entry. Four launches: the chunk tables (parallel over chunks), the
   carry walk (sequential over chunks: the carried-in open state's share of the scores, the chunk's
   first close, the open state at its end), the remaining scores (parallel, gathered from the score
-  tables that the first launch stores), and the merges (sequential over the closes only). H200, B * H = 32, T = 32768: 8.4 ms against 17.2 ms for the
-  token-sequential kernel it replaced (docs/benchmarks.md). Its ||S_o||^2 is a sum of expanded
-  terms, not the norm of a built state: where a state nearly cancels, that sum keeps only rounding
-  noise, so I there is no better than the clamp in ``_score``. Such scores are ill-conditioned in
-  the reference too, but the band where the kernel and the reference can disagree is wider than
-  for a token-sequential pass.
+  tables that the first launch stores), and the merges (sequential over the closes only). H200,
+  B * H = 32, T = 32768: 8.4 ms against 17.2 ms for the token-sequential kernel it replaced
+  (docs/benchmarks.md). Its ||S_o||^2 is a sum of expanded terms, not the norm of a built state:
+  where a state nearly cancels, that sum keeps only rounding noise, so I there is no better than
+  the clamp in ``_score``. Such scores are ill-conditioned in the reference too, but the band where
+  the kernel and the reference can disagree is wider than for a token-sequential pass.
 - ``delta``: the same four launches after one of the readout's operator kernel (``_delta_schedule``):
   its transition mixes the state's rows, but a segment's k^T S_o is still a combination of the
   segment's values, with weights M that the operator kernel gives when the next token's key stands
@@ -304,7 +304,7 @@ def _score_rows(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, DK: tl.constexpr, D
 @triton.jit
 def _carry_entry(I, close, valid, last, i, tok, I_ptr, entry_ptr, nh, c, NC, C: tl.constexpr):
     """A carry step's decision: the chunk's entry (the first token that closes the carried-in state;
-    C: none), stored with the scores up to it (the fill kernel scores the rest). Returns whether the
+    C: none), stored with the scores up to it (the fill kernel gathers the rest). Returns whether the
     chunk closes the carried state and the first token of the open segment at the chunk's end."""
     entry = tl.min(tl.where(close, i, C), 0)
     tl.store(I_ptr + tok, I, mask=valid & (i <= entry))
