@@ -99,7 +99,7 @@ class _KernelReadout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, lam, tab, scale):
         from dla_ops.kernels import readout as kernels
-        o, _ = kernels.forward(q, k, v, g, lam, _empty_states(q, v, lam), tab, scale)
+        o, _ = kernels.forward(q, k, v, g, lam, _empty_states(q, v, lam, torch.float32), tab, scale)
         ctx.save_for_backward(q, k, v, g, lam, tab)
         ctx.scale = scale
         return o
@@ -108,15 +108,14 @@ class _KernelReadout(torch.autograd.Function):
     def backward(ctx, do):
         from dla_ops.kernels import readout as kernels
         q, k, v, g, lam, tab = ctx.saved_tensors
-        states0 = _empty_states(q, v, lam)
+        states0 = _empty_states(q, v, lam, torch.float32)
         dq, dk, dv, dg, dlam, _ = kernels.backward(do, torch.zeros_like(states0), q, k, v, g, lam, states0, tab,
                                                    ctx.scale)
         return dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), None, None
 
 
-def _empty_states(q: Tensor, v: Tensor, lam: Tensor) -> Tensor:
-    B, _, H, DK = q.shape
-    return q.new_zeros(B, H, lam.shape[-1], DK, v.shape[-1], dtype=torch.float32)
+def _empty_states(q: Tensor, v: Tensor, lam: Tensor, cdt: torch.dtype) -> Tensor:
+    return torch_backend.empty_cache_like(q, v, lam, q.shape[0], cdt)[0]
 
 
 def fixed_policy_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, policy: str, *,
@@ -135,7 +134,7 @@ def fixed_policy_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tens
         return _KernelReadout.apply(q, k, v, g, lam, tab, float(scale))
     tab = _policy_tables(policy, T, K, block, torch_backend.CHUNK).to(q.device)
     tab = tab.expand(B, H, *tab.shape)
-    states0 = q.new_zeros(B, H, K, DK, v.shape[-1], dtype=cdt)
+    states0 = _empty_states(q, v, lam, cdt)
     tm = lambda x: x.transpose(1, 2).to(cdt)
     o, _ = torch_backend.readout(tm(q), tm(k), tm(v), tm(g), tm(lam), None, states0, tab, scale)
     return o.transpose(1, 2).to(q.dtype)
