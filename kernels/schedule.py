@@ -223,17 +223,17 @@ def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, i
     n = (nh // H).to(tl.int64)   # token offsets pass 2^31 elements at large B * T * H * D
     h = nh % H
     I, nxt, num0, sq0 = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
-    row = _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C, LOG2C)
-    tl.store(itab_ptr + row[:, None] * C + tl.arange(0, C)[None, :], I)
+    row = _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, C, LOG2C)
     tl.store(num0_ptr + row, num0)
     tl.store(sq0_ptr + row, sq0)
 
 
 @triton.jit
-def _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C: tl.constexpr, LOG2C: tl.constexpr):
-    """From nxt[s] (the first close of a segment started at s; C: none), for every s the set of
+def _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, C: tl.constexpr, LOG2C: tl.constexpr):
+    """What both bases' chunk table kernels store: the score table I[i, s] (for ``_chunk_fill_kernel``)
+    and, from nxt[s] (the first close of a segment started at s; C: none), for every s the set of
     tokens that then close a state in the chunk (the orbit of nxt from s, an int64 bit mask, by
-    pointer doubling) and the last of them; stores both and returns the chunk's row offsets."""
+    pointer doubling) and the last of them. Returns the chunk's row offsets."""
     i = tl.arange(0, C)
     orbit = tl.full([C], 1, tl.int64) << i.to(tl.int64)
     f = nxt
@@ -246,6 +246,7 @@ def _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C: tl.constexpr, LOG2C: t
     row = (nh.to(tl.int64) * NC + c) * C + i
     tl.store(orbit_ptr + row, orbit)
     tl.store(last_ptr + row, last)
+    tl.store(itab_ptr + row[:, None] * C + i[None, :], I)
     return row
 
 
@@ -363,13 +364,13 @@ def _chunk_fill_kernel(itab_ptr, orbit_ptr, entry_ptr, I_ptr, T, H, NC, C: tl.co
     entry = tl.load(entry_ptr + nh * NC + c)
     if entry < C:
         i = tl.arange(0, C)
-        row = (nh.to(tl.int64) * NC + c) * C + i
-        orbit = tl.load(orbit_ptr + (nh.to(tl.int64) * NC + c) * C + entry)
+        row0 = (nh.to(tl.int64) * NC + c) * C
+        orbit = tl.load(orbit_ptr + row0 + entry)
         closes = ((orbit >> i.to(tl.int64)) & 1) != 0
         s = tl.max(tl.where(closes[None, :] & (i[None, :] < i[:, None]), i[None, :], 0), 1)
         t = c * C + i
         after = (t < T) & (i > entry)
-        tl.store(I_ptr + (n * T + t) * H + h, tl.load(itab_ptr + row * C + s, mask=after), mask=after)
+        tl.store(I_ptr + (n * T + t) * H + h, tl.load(itab_ptr + (row0 + i) * C + s, mask=after), mask=after)
 
 
 @triton.jit
@@ -437,8 +438,7 @@ def _delta_chunk_table_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, orb
     h = nh % H
     I, nxt = _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, T, H, NC, tau,
                                  DK, DV, K, C, BDK, BDV)
-    row = _store_orbits(nxt, orbit_ptr, last_ptr, nh, c, NC, C, LOG2C)
-    tl.store(itab_ptr + row[:, None] * C + tl.arange(0, C)[None, :], I)
+    _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, C, LOG2C)
 
 
 @triton.jit
