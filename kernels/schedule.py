@@ -223,17 +223,21 @@ def _gla_chunk_table_kernel(k_ptr, v_ptr, g_ptr, kvn_ptr, orbit_ptr, last_ptr, i
     n = (nh // H).to(tl.int64)   # token offsets pass 2^31 elements at large B * T * H * D
     h = nh % H
     I, nxt, num0, sq0 = _gla_chunk_scores(k_ptr, v_ptr, g_ptr, kvn_ptr, n, h, c, T, H, tau, DK, DV, K, C, BDK, BDV)
-    row = _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, C, LOG2C)
+    row = _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, K, C, LOG2C)
     tl.store(num0_ptr + row, num0)
     tl.store(sq0_ptr + row, sq0)
 
 
 @triton.jit
-def _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, C: tl.constexpr, LOG2C: tl.constexpr):
+def _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, K: tl.constexpr, C: tl.constexpr,
+                  LOG2C: tl.constexpr):
     """What both bases' chunk table kernels store: the score table I[i, s] (for ``_chunk_fill_kernel``)
     and, from nxt[s] (the first close of a segment started at s; C: none), for every s the set of
     tokens that then close a state in the chunk (the orbit of nxt from s, an int64 bit mask, by
-    pointer doubling) and the last of them. Returns the chunk's row offsets."""
+    pointer doubling) and the last of them. The score table only at K > 1: at K = 1 no state closes,
+    no chunk has an entry and nothing is filled, and without the store the compiler drops the scores'
+    computation (delta's chunk table at K = 1: 3.99 ms without it, 8.47 with it; B=2, T=32768, H=16,
+    H200). Returns the chunk's row offsets."""
     i = tl.arange(0, C)
     orbit = tl.full([C], 1, tl.int64) << i.to(tl.int64)
     f = nxt
@@ -246,7 +250,8 @@ def _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, C: tl.conste
     row = (nh.to(tl.int64) * NC + c) * C + i
     tl.store(orbit_ptr + row, orbit)
     tl.store(last_ptr + row, last)
-    tl.store(itab_ptr + row[:, None] * C + i[None, :], I)
+    if K > 1:
+        tl.store(itab_ptr + row[:, None] * C + i[None, :], I)
     return row
 
 
@@ -438,7 +443,7 @@ def _delta_chunk_table_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, orb
     h = nh % H
     I, nxt = _delta_chunk_scores(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, n, h, c, T, H, NC, tau,
                                  DK, DV, K, C, BDK, BDV)
-    _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, C, LOG2C)
+    _store_tables(I, nxt, orbit_ptr, last_ptr, itab_ptr, nh, c, NC, K, C, LOG2C)
 
 
 @triton.jit
@@ -537,11 +542,11 @@ def _merge_pass_kernel(I_ptr, entry_ptr, orbit_ptr, c0_ptr, i0_ptr, bnd_ptr, mer
     tl.store(info_ptr + nh * K + slot, info, mask=mk)
 
 
-def _score_tables(chunks: int, C: int, dev) -> Tensor:
+def _score_tables(chunks: int, C: int, K: int, dev) -> Tensor:
     """Every chunk's [C, C] score table (fp32), which the chunk table kernel writes and the fill
     kernel gathers from: 256 bytes per token and head at C = 64, freed with the schedule. Storing it
-    replaced recomputing the scores in the fill kernel."""
-    return torch.empty(chunks * C * C, dtype=torch.float32, device=dev)
+    replaced recomputing the scores in the fill kernel. At K = 1 nothing is stored (``_store_tables``)."""
+    return torch.empty(chunks * C * C if K > 1 else 1, dtype=torch.float32, device=dev)
 
 
 def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = CHUNK):
@@ -557,7 +562,7 @@ def _gla_schedule(k, v, g, kvn, open0, counts0, info0, tau: float, chunk: int = 
     per_chunk = lambda dtype: torch.empty(B * H * NC * C, dtype=dtype, device=dev)
     orbit, last, num0, sq0 = per_chunk(torch.int64), per_chunk(torch.int32), per_chunk(torch.float32), \
         per_chunk(torch.float32)
-    itab = _score_tables(B * H * NC, C, dev)
+    itab = _score_tables(B * H * NC, C, K, dev)
     entry = torch.empty(B * H * NC, dtype=torch.int32, device=dev)
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
@@ -597,7 +602,7 @@ def _delta_schedule(k, v, g, beta, kvn, open0, counts0, info0, tau: float, chunk
         khat, kt, M, Z = delta_operators(successor_keys(kp), kp, g, beta, C)
     per_chunk = lambda dtype: torch.empty(B * H * NC * C, dtype=dtype, device=dev)
     orbit, last = per_chunk(torch.int64), per_chunk(torch.int32)
-    itab = _score_tables(B * H * NC, C, dev)
+    itab = _score_tables(B * H * NC, C, K, dev)
     entry = torch.empty(B * H * NC, dtype=torch.int32, device=dev)
     I = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     boundary = torch.empty(B, T, H, dtype=torch.int8, device=dev)
