@@ -133,6 +133,40 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     assert forward.called and backward.called and chunked.called and shared.called
 
 
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000), T=st.integers(1, 150), chunk=st.sampled_from([16, 32, 64]),
+       DK=st.sampled_from([16, 32]), decay=st.sampled_from([0.0, 1.0, 8.0]))
+@example(seed=1, T=100, chunk=32, DK=16, decay=1.0)   # a last chunk cut short: its last successor row
+def test_delta_operators_match_the_closed_form(seed, T, chunk, DK, decay):
+    """``readout.delta_operators``, every output (the successor keys' q~ and A, and W = (I + L)^-1,
+    included), against ``torch_backend._chunk_operators_delta`` in float64, each on its own so that a
+    failure names it. The op's tests read only what the schedule and the sweeps use; this one also
+    covers rows they skip, such as the successor row of the last token."""
+    import torch.nn.functional as F
+    from dla_ops import torch_backend as tb
+    from dla_ops.kernels import readout
+    x = make_inputs(seed, B=2, T=T, H=2, DK=DK, DV=8, K=2, base="delta", dtype=torch.float32, decay=decay)
+    q, k, g, beta = (x[n].detach() for n in ("q", "k", "g", "beta"))
+    got = readout.delta_operators(*(t.to(DEVICE) for t in (q, k, g, beta)), chunk, with_w=True, successor=True)
+    n = -(-T // chunk)
+    chunked = lambda t: F.pad(tb._time_major(t, torch.float64), (0, 0) * (t.dim() - 3) + (0, n * chunk - T)) \
+        .unflatten(2, (n, chunk))
+    qc, kc, gc, bc, sc = (chunked(t) for t in (q, k, g, beta, readout.successor_keys(k)))
+    qt, A, kt, Z = tb._chunk_operators_delta(qc, kc, gc, bc)
+    qt2, A2, _, _ = tb._chunk_operators_delta(sc, kc, gc, bc)
+    eye = torch.eye(chunk, dtype=torch.float64)
+    W = torch.linalg.inv(eye + torch.tril(bc[..., :, None] * (kc @ kc.transpose(-1, -2))
+                                          * torch.exp(tb._segment_sums(gc)), -1))
+    token_rows = lambda t: t.flatten(2, 3)[:, :, :T].transpose(1, 2)    # [B, H, n, C, D] -> [B, T, H, D]
+    square = lambda t: t.flatten(0, 1)                                  # [B, H, n, X, X] -> [B * H, n, X, X]
+    want = dict(qt=token_rows(qt), kt=token_rows(kt), A=square(A), Z=square(Z), W=square(W),
+                qt2=token_rows(qt2), A2=square(A2))
+    for (name, expected), actual in zip(want.items(), got):
+        # 1e-5 as for the op in fp32: on a GPU the products run as tf32x3 (the interpreter's are exact
+        # fp32, within 7e-7 here)
+        assert rel_err(actual.cpu(), expected) <= 1e-5, name
+
+
 def test_delta_state_products_match_the_pytorch_products():
     """``readout.delta_state_products`` (the walks and the products in Triton) against
     ``torch_backend._state_products`` (loops and einsums, float64) on one schedule, each result on its
