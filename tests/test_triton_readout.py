@@ -162,8 +162,7 @@ def test_delta_operators_match_the_closed_form(seed, T, chunk, DK, decay):
     want = dict(qt=token_rows(qt), kt=token_rows(kt), A=square(A), Z=square(Z), W=square(W),
                 qt2=token_rows(qt2), A2=square(A2))
     for (name, expected), actual in zip(want.items(), got):
-        # 1e-5 as for the op in fp32: on a GPU the products run as tf32x3 (the interpreter's are exact
-        # fp32, within 7e-7 here)
+        # 1e-5 as for the op in fp32: on a GPU the products run as tf32x3 (the interpreter's are fp32)
         assert rel_err(actual.cpu(), expected) <= 1e-5, name
 
 
