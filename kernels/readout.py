@@ -192,10 +192,13 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     plus 1 on the diagonal, since P = K^T diag(Gamma[t]) W at every t. The rest is two
     products, by the WY form (``_chunk_operators_delta``'s docstring):
         q~ = diag(gamma) Q - A diag(gamma) K,   Z = gamma_end I - k~^T diag(gamma) K,
-    rather than also carrying Phi(t, c0 - 1) through the token loop (twice the loop's work). The
-    products run as tf32x3, fp32-accurate: Z multiplies the states of every later chunk. Z's closed
-    form loses about one digit to cancellation (relative error ~1e-6 at weak decay and beta near 1,
-    against ~3e-7 for the product form; the PyTorch path's closed form does the same). Tokens past
+    rather than also carrying Phi(t, c0 - 1) through the token loop (twice the loop's work). Z is
+    stored as its increment Z - I: the sweeps and walks apply S + (Z - I) S, so that a product's
+    rounding scales with what the chunk changes, and state directions no key touches carry none
+    (``benchmarks/carried_precision.py``). The products run as tf32x3, fp32-accurate: Z multiplies
+    the states of every later chunk. Z's closed form loses about one digit to cancellation (relative
+    error ~1e-6 at weak decay and beta near 1, against ~3e-7 for the product form; the PyTorch
+    path's closed form does the same). Tokens past
     T are zero with g = 0: they change nothing. With SUCCESSOR, a second set of queries, each token's
     successor key k_{t+1} (the schedule's), gets its own q~ and A (qt2, A2) from the same loop: P
     depends on the keys only, and row t of A2, (k_{t+1}^T P) diag(beta) after token t's update, is
@@ -250,7 +253,7 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
             - tl.dot(A2, gK, input_precision="tf32x3")
         tl.store(qt2_ptr + rows, q_t2, mask=valid[:, None])
     tl.store(kt_ptr + rows, tl.trans(P), mask=valid[:, None])
-    Z = tl.where(rk[:, None] == rk[None, :], gamma_end, 0.0) - tl.dot(P, gK, input_precision="tf32x3")
+    Z = tl.where(rk[:, None] == rk[None, :], gamma_end - 1.0, 0.0) - tl.dot(P, gK, input_precision="tf32x3")
     tl.store(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :], Z)
 
 
@@ -263,7 +266,7 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
                           INTRA: tl.constexpr = True):
     """With DELTA, the chunk operators come from ``_delta_operators_kernel`` (qt_ptr, kt_ptr, A_ptr,
     Z_ptr): q~ and k~ replace the decayed q and k, A the decayed q k^T, and the state transition is
-    the product with Z instead of the scalar decay. With KEEP, buf keeps the states at every chunk
+    S + (Z - I) S (the kernel stores Z - I) instead of the scalar decay. With KEEP, buf keeps the states at every chunk
     start and at the end ([B * H, NC + 1, K, DK, DV]), which ``_delta_state_products_kernel`` pairs
     with their gradients, and the sweep does no readout (o is not written).
     Without INTRA (gla), oi holds o's within-chunk terms in fp32 (``_intra_forward_kernel``, or
@@ -321,8 +324,8 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
             j = tl.load(last_row + e).to(tl.int32)
             dst = nxt + j * SZ + tile
             before = tl.load(last_row + tl.maximum(e - 1, 0)).to(tl.int32)
-            if DELTA:
-                S = tl.dot(Z, S, input_precision=PREC)
+            if DELTA:   # (Z holds Z - I)
+                S += tl.dot(Z, S, input_precision=PREC)
             else:
                 S = chunk_decay * S
             if (e > 0) & (j == before):
@@ -371,7 +374,10 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
     block). The entries of a chunk do not depend on each other, so they go EB at a time side by side
     as the columns of single products ([DK, EB * BV]: column n is entry n // BV's value n % BV), with
     the images' tiles gathered by address: fewer, larger products per chunk of a walk that is
-    sequential over the chunks (15% faster than one entry per product; WALK_ENTRIES)."""
+    sequential over the chunks (15% faster than one entry per product; WALK_ENTRIES). Z^T G is
+    applied as G + (Z - I)^T G (the operator kernel stores Z - I), the forward sweep's form: rounding
+    in the product scales with what the chunk changes, so the walk's products run at PREC, as the
+    sweep's."""
     bh = tl.program_id(0)
     vb = tl.program_id(1)
     b = bh // H
@@ -403,9 +409,8 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
             ent = e0 + rn // BV
             held = ent < K
             x = tl.load(last_row + ent, mask=held, other=0).to(tl.int32)
-            # (tf32x3: the fp32 gradient is carried through every chunk's product, not rounded once)
-            G = tl.dot(tl.trans(Z), tl.load(end + x[None, :] * SZ + col, mask=held[None, :], other=0.0),
-                       input_precision="tf32x3")
+            G = tl.load(end + x[None, :] * SZ + col, mask=held[None, :], other=0.0)
+            G += tl.dot(tl.trans(Z), G, input_precision=PREC)
             _, w = _entry_weight(tab_row[:, None], lam_row[:, None], valid[:, None] & (ents < K)[None, :],
                                  ents[None, :])   # [C, EB]
             dow = tl.reshape(do[:, None, :] * w[:, :, None], (C, EB * BV))
@@ -735,6 +740,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _walk_precision(dtype: torch.dtype) -> str:
+    # fp32: tf32x3, fp32-accurate and cheaper than ieee; half inputs: tf32, as the forward sweep (both
+    # carry Z - I, not Z, so the rounding carried from chunk to chunk scales with what chunks change)
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
 def _operator_backward_precision(dtype: torch.dtype, width: int) -> str:
     # fp32: tf32x3, fp32-accurate (dg is a difference of sums) and faster than ieee here. Half inputs
     # at padded widths up to 64: tf32, as the other kernels; the gradients are chunk-local, so its
@@ -947,7 +958,7 @@ def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: T
     blocks = dict(DK=PK, DV=PV, K=K, C=chunk, BV=BV)
     launch(_state_gradient_kernel, (B * H, PV // BV), ("gbuf_ptr",))(
         lam, do, tables, qt, Z, grads, T, H, tables.shape[2], float(scale), **blocks,
-        EB=min(triton.next_power_of_2(K), WALK_ENTRIES), PREC=_precision(q.dtype), num_warps=WALK_WARPS)
+        EB=min(triton.next_power_of_2(K), WALK_ENTRIES), PREC=_walk_precision(q.dtype), num_warps=WALK_WARPS)
     NC = triton.cdiv(T, chunk)
     rows = lambda width: torch.empty(B * H, NC * chunk, width, dtype=torch.float32, device=q.device)
     dZ = torch.empty(B * H, NC, PK, PK, dtype=torch.float32, device=q.device)

@@ -489,7 +489,7 @@ def _delta_carry_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, kvn_ptr, M_ptr, khat_ptr,
         kt = tl.load(kt_ptr + tok[:, None] * BDK + dk[None, :], mask=w[:, None], other=0.0)
         Z = tl.load(Z_ptr + (at * BDK + dk[:, None]) * BDK + dk[None, :])
         S = tl.dot(tl.trans(kt), vc, input_precision="tf32x3") + \
-            tl.where(closed, 0.0, 1.0) * tl.dot(Z, S, input_precision="tf32x3")
+            tl.where(closed, 0.0, 1.0) * (S + tl.dot(Z, S, input_precision="tf32x3"))   # Z holds Z - I
         n_o = tl.where(closed, n_valid - start, n_o + n_valid)
         sq = tl.sum(tl.sum(S * S, 1), 0)
     tl.store(s_ptr + sofs, S, mask=smask)
