@@ -27,7 +27,7 @@ def dla_attention(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
     check_attention_shapes(q, k, v, g, lam, beta, tau, scale, initial_cache, cu_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     init = (None, None, None) if initial_cache is None else tuple(initial_cache)
-    o, I, boundary, merge, states, counts, info = torch.ops.dla.fwd(
+    o, I, boundary, merge, states, counts, info, _ = torch.ops.dla.fwd(
         q, k, v, g, lam, beta, *init, cu_seqlens, scale, float(tau))
     cache = DLACache(states, counts, info.detach()) if output_final_cache else None
     if return_schedule:

@@ -62,8 +62,9 @@ def _kernel_fwd(q, k, v, g, lam, beta, initial_states, initial_counts, initial_i
 def fwd(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, beta: Optional[Tensor],
         initial_states: Optional[Tensor], initial_counts: Optional[Tensor],
         initial_info: Optional[Tensor], cu_seqlens: Optional[Tensor], scale: float, tau: float
-        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (o, I, boundary, merge, final states, final counts, final info)."""
+        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (o, I, boundary, merge, final states, final counts, final info, kept): kept is what
+    the backward reuses (``torch_backend.kept_for_backward``: delta's W on the kernels, else empty)."""
     if _on_kernels(q, lam, beta, cu_seqlens):
         return _kernel_fwd(q, k, v, g, lam, beta, initial_states, initial_counts, initial_info, cu_seqlens,
                            scale, tau)
@@ -82,25 +83,27 @@ def _fwd_fake(q, k, v, g, lam, beta, initial_states, initial_counts, initial_inf
     return (q.new_empty(B, T, H, DV), q.new_empty(B, T, H, dtype=cdt),
             q.new_empty(B, T, H, dtype=torch.bool), q.new_empty(B, T, H, dtype=torch.int64),
             q.new_empty(N, H, K, DK, DV, dtype=cdt), q.new_empty(N, H, K, dtype=torch.int64),
-            q.new_empty(N, H, K, dtype=cdt))
+            q.new_empty(N, H, K, dtype=cdt),
+            q.new_empty(torch_backend.kept_for_backward(q, v, lam, beta, cdt), dtype=torch.float32))
 
 
 @torch.library.custom_op("dla::bwd", mutates_args=())
 def bwd(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
         beta: Optional[Tensor], initial_states: Optional[Tensor], initial_counts: Optional[Tensor],
-        boundary: Tensor, merge: Tensor, cu_seqlens: Optional[Tensor], scale: float
-        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        boundary: Tensor, merge: Tensor, cu_seqlens: Optional[Tensor], scale: float,
+        kept: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv, dg, dlam, dbeta, dinitial_states); dbeta and dinitial_states are empty
-    (shape [0]) when beta or the initial cache is absent."""
+    (shape [0]) when beta or the initial cache is absent. kept: the forward's last output, if the
+    caller has it (else the backward recomputes what it holds)."""
     return _bwd_impl(do, dstates, q, k, v, g, lam, beta, initial_states, initial_counts, boundary, merge,
-                     cu_seqlens, scale)
+                     cu_seqlens, scale, kept)
 
 
 def _bwd_impl(do, dstates, q, k, v, g, lam, beta, initial_states, initial_counts, boundary, merge,
-              cu_seqlens, scale):
+              cu_seqlens, scale, kept=None):
     states0, counts0, _ = _initial_cache(q, v, lam, cu_seqlens, initial_states, initial_counts, None)
     grads = torch_backend.attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0,
-                                             boundary, merge, scale, cu_seqlens)
+                                             boundary, merge, scale, cu_seqlens, kept)
     inputs = (q, k, v, g, lam, beta, initial_states)
     # contiguous, as the fake rule promises: autograd hands back the strides of the time-major graph
     return tuple(q.new_empty(0) if x is None else x.new_zeros(x.shape) if dx is None else dx.contiguous()
@@ -109,27 +112,27 @@ def _bwd_impl(do, dstates, q, k, v, g, lam, beta, initial_states, initial_counts
 
 @bwd.register_fake
 def _bwd_fake(do, dstates, q, k, v, g, lam, beta, initial_states, initial_counts, boundary, merge,
-              cu_seqlens, scale):
+              cu_seqlens, scale, kept=None):
     inputs = (q, k, v, g, lam, beta, initial_states)
     return tuple(q.new_empty(0) if x is None else x.new_empty(x.shape) for x in inputs)
 
 
 def _fwd_setup_context(ctx, inputs, output):
     q, k, v, g, lam, beta, states0, counts0, _, cu_seqlens, scale, _ = inputs
-    _, _, boundary, merge, _, _, _ = output
+    _, _, boundary, merge, _, _, _, kept = output
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens)
+    ctx.save_for_backward(q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens, kept)
 
 
-def _fwd_backward(ctx, do, dI, dboundary, dmerge, dstates, dcounts, dinfo):
-    q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens = ctx.saved_tensors
+def _fwd_backward(ctx, do, dI, dboundary, dmerge, dstates, dcounts, dinfo, dkept):
+    q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens, kept = ctx.saved_tensors
     # I and info are detached by the spec (the schedule is a constant of the backward pass)
     if do is None:
         do = q.new_zeros(*q.shape[:3], v.shape[-1])
     if dstates is None:
         dstates = _initial_cache(q, v, lam, cu_seqlens, None, None, None)[0]
     dq, dk, dv, dg, dlam, dbeta, dstates0 = torch.ops.dla.bwd(
-        do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens, ctx.scale)
+        do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens, ctx.scale, kept)
     return (dq, dk, dv, dg, dlam, None if beta is None else dbeta,
             None if states0 is None else dstates0, None, None, None, None, None)
 

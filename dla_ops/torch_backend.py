@@ -399,9 +399,9 @@ def _kernel_tables(boundary: Tensor, merge: Tensor, counts0: Tensor) -> Tensor:
     return kernels.slot_tables(close.transpose(1, 2), mu.transpose(1, 2), counts0.shape[-1])
 
 
-def _kernel_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale):
+def _kernel_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge, scale, W=None):
     """The Triton backward of one run: gradients of q, k, v, g, lam, beta (None for gla) and the
-    initial states."""
+    initial states. W: delta's, kept by the forward (``kept_for_backward``), if any."""
     from dla_ops.kernels import readout as kernels
     states0 = ignore_empty_slots(states0, counts0)
     tables = _kernel_tables(boundary, merge, counts0)
@@ -410,7 +410,7 @@ def _kernel_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bound
         dbeta = None
     else:
         dq, dk, dv, dg, dlam, dbeta, ds0 = kernels.delta_backward(do, dstates.float(), q, k, v, g, lam, beta,
-                                                                  states0, tables, scale)
+                                                                  states0, tables, scale, W=W)
         dq, dk, dv, dbeta = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype)
     return [dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), dbeta,
             ignore_empty_slots(ds0, counts0).to(states0.dtype)]
@@ -470,42 +470,61 @@ def schedule_stage(k, v, g, beta, states0, counts0, info0, tau: float, kvn: Opti
 
 def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: float, tau: float,
                       cu_seqlens: Optional[Tensor], kvn: Optional[Tensor] = None):
-    """The forward op on [B, T, H, ...] inputs. Returns o, I, boundary, merge, states, counts, info.
-    kvn: ||k_t|| ||v_t|| ([B, T, H]) for the Triton schedule, if the caller has them."""
+    """The forward op on [B, T, H, ...] inputs. Returns o, I, boundary, merge, states, counts, info,
+    and what the backward may reuse (``kept_for_backward``). kvn: ||k_t|| ||v_t|| ([B, T, H]) for the
+    Triton schedule, if the caller has them."""
     outs = []
     for (q_, k_, v_, g_, lam_, beta_, kvn_), (s0, c0, i0) in _split_sequences(
             cu_seqlens, [q, k, v, g, lam, beta, kvn], [states0, counts0, info0]):
-        read_ops, schedule_ops = _shared_delta_operators(q_, k_, v_, g_, lam_, beta_, s0.dtype)
+        read_ops, schedule_ops, W = _shared_delta_operators(q_, k_, v_, g_, lam_, beta_, s0.dtype)
         I, boundary, merge, counts, info = schedule_stage(k_, v_, g_, beta_, s0, c0, i0, tau, kvn_, schedule_ops)
         o, states = _run_readout(q_, k_, v_, g_, lam_, beta_, s0, c0, boundary, merge, scale, read_ops)
-        outs.append((o, I, boundary, merge, states, counts, info))
+        outs.append((o, I, boundary, merge, W, states, counts, info))
     along_t = [torch.cat(parts, 1) for parts in list(zip(*outs))[:4]]
-    per_seq = [torch.cat(parts, 0) for parts in list(zip(*outs))[4:]]
-    return tuple(along_t + per_seq)
+    Ws = list(zip(*outs))[4]
+    kept = torch.cat(Ws, 1) if Ws[0] is not None else q.new_empty(0, dtype=torch.float32)
+    per_seq = [torch.cat(parts, 0) for parts in list(zip(*outs))[5:]]
+    return tuple(along_t + per_seq + [kept])
+
+
+def kept_for_backward(q: Tensor, v: Tensor, lam: Tensor, beta: Optional[Tensor], cdt: torch.dtype) -> tuple:
+    """The shape of what the forward keeps for its backward, from static properties only (the fake
+    rule's): for delta on the kernels' chunked path, W = (I + L)^-1 of every chunk by token rows
+    ([B, T, H, CHUNK] fp32, ``readout.forward_operators``), which spares the backward the operator
+    kernel's token loop; else nothing ([0])."""
+    if beta is None or not _triton_readout(q, lam, cdt):
+        return (0,)
+    from dla_ops.kernels import schedule as schedule_kernels
+    if not schedule_kernels.chunked_delta(q.shape[-1], v.shape[-1]):   # the token-sequential schedule
+        return (0,)
+    return (*q.shape[:3], CHUNK)
 
 
 def _shared_delta_operators(q, k, v, g, lam, beta, cdt):
     """For delta with the schedule and the readout both on the kernels: their chunk operators from one
-    launch (``readout.forward_operators``; the two differ in their queries only), else (None, None)
-    and each stage computes its own."""
-    if beta is None or not _triton_readout(q, lam, cdt):
-        return None, None
-    from dla_ops.kernels import readout as kernels, schedule as schedule_kernels
-    if not schedule_kernels.chunked_delta(k.shape[-1], v.shape[-1]):   # the token-sequential schedule
-        return None, None
+    launch (``readout.forward_operators``; the two differ in their queries only) and the W the
+    backward reuses, else (None, None, None) and each stage computes its own."""
+    if kept_for_backward(q, v, lam, beta, cdt) == (0,):
+        return None, None, None
+    from dla_ops.kernels import readout as kernels
     return kernels.forward_operators(q, k, g, beta)
 
 
 def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, boundary, merge,
-                       scale: float, cu_seqlens: Optional[Tensor]):
+                       scale: float, cu_seqlens: Optional[Tensor], kept: Optional[Tensor] = None):
     """Gradients of (o, final states) with respect to q, k, v, g, lam, beta and the initial states on
     the forward's schedule: by the Triton backward kernels where they cover the case, else by
-    ``readout_backward``."""
+    ``readout_backward``. kept: the forward's ``kept_for_backward`` tensor, if any (empty: none)."""
     inputs = [q, k, v, g, lam, beta, states0]
     on_kernels = _triton_readout(q, lam, states0.dtype)
-    backward = _kernel_backward if on_kernels else _torch_backward
-    runs = [backward(do_, ds_, *xs, s0, c0, b_, m_, scale) for (do_, *xs, b_, m_), (ds_, s0, c0)
-            in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, beta, boundary, merge], [dstates, states0, counts0])]
+    W = kept if kept is not None and kept.numel() > 0 and beta is not None else None
+    if W is not None and (not on_kernels or W.shape != (*q.shape[:3], CHUNK)):
+        raise ValueError(f"the kept forward tensor has shape {tuple(W.shape)}; this backward takes "
+                         f"{(*q.shape[:3], CHUNK) if on_kernels else 'none'}")
+    runs = [_kernel_backward(do_, ds_, *xs, s0, c0, b_, m_, scale, W_) if on_kernels else
+            _torch_backward(do_, ds_, *xs, s0, c0, b_, m_, scale)
+            for (do_, *xs, b_, m_, W_), (ds_, s0, c0)
+            in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, beta, boundary, merge, W], [dstates, states0, counts0])]
     parts = list(zip(*runs))
     grads = [None if x is None else torch.cat(p, 1) for x, p in zip(inputs[:6], parts[:6])]
     return grads + [torch.cat(parts[6], 0)]

@@ -73,6 +73,7 @@ WALK_WARPS = 4
 # form, at 4 warps, was correct for DK, DV from 16 to 128; at 8 warps it hit an illegal memory access
 # (as fla #988 saw in a similar backward); at 2 ptxas ran for minutes at DK = 64
 OPERATOR_BACKWARD_WARPS = 4
+FROM_W_WARPS = 4
 GATE_BLOCK = 1024
 
 
@@ -226,8 +227,9 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
         kP = tl.sum(k_i[:, None] * P, 0)
         if SUCCESSOR:
             tl.store(A2_ptr + (at * C + i - 1) * C + rc, kP * betas, mask=(i > 0) & (rc >= 0))
-        if WITH_W:
-            tl.store(W_ptr + (at * C + i) * C + rc, tl.where(rc < i, -alpha_i * beta_i * kP, (rc == i).to(tl.float32)))
+        if WITH_W:   # (token rows, [B, T, H, C]: the forward keeps W for the backward, on any split of T)
+            tl.store(W_ptr + tok * C + rc, tl.where(rc < i, -alpha_i * beta_i * kP, (rc == i).to(tl.float32)),
+                     mask=(ti + 0 * rc) < T)
         P = alpha_i * (P - (beta_i * k_i)[:, None] * kP[None, :]) + tl.where(rc[None, :] == i, k_i[:, None], 0.0)
         # row i of A, stored as it comes (the [C, C] tile would cost registers), read back below
         tl.store(A_ptr + (at * C + i) * C + rc, tl.sum(q_i[:, None] * P, 0) * betas)
@@ -254,6 +256,59 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
         tl.store(qt2_ptr + rows, q_t2, mask=valid[:, None])
     tl.store(kt_ptr + rows, tl.trans(P), mask=valid[:, None])
     Z = tl.where(rk[:, None] == rk[None, :], gamma_end - 1.0, 0.0) - tl.dot(P, gK, input_precision="tf32x3")
+    tl.store(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :], Z)
+
+
+@triton.jit
+def _w_tile(W_ptr, tok, valid, rc, C: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """This chunk's [C, C] tile of W = (I + L)^-1 from its token rows ([B, T, H, C]), or its
+    transpose; rows past T are the identity's (their tokens change nothing)."""
+    if TRANSPOSED:
+        w = tl.load(W_ptr + tok[None, :] * C + rc[:, None], mask=valid[None, :], other=0.0)
+        return tl.where(valid[None, :] | (rc[:, None] != rc[None, :]), w, 1.0)
+    w = tl.load(W_ptr + tok[:, None] * C + rc[None, :], mask=valid[:, None], other=0.0)
+    return tl.where(valid[:, None] | (rc[:, None] != rc[None, :]), w, 1.0)
+
+
+@triton.jit
+def _delta_operators_from_w_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, qt_ptr, kt_ptr, A_ptr, Z_ptr, T, H, NC,
+                                   DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """``_delta_operators_kernel``'s q~, k~, A and Z - I from W = (I + L)^-1, which its forward launch
+    kept, by five products of the WY form and no token loop (one program per (sequence, head, chunk)):
+        A = (Q K^T * Gamma) W diag(beta),   k~^T = K^T diag(Gamma[end]) W diag(beta),
+        q~ = diag(gamma) Q - A diag(gamma) K,   Z - I = (gamma_end - 1) I - k~^T diag(gamma) K.
+    k~ is formed transposed from a transposed load of K, so no product result is transposed into
+    another product (fla #640). Products at PREC (``_operator_precision``)."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    rk = tl.arange(0, DK)
+    rc = tl.arange(0, C)
+    at = bh.to(tl.int64) * NC + c
+    t = c * C + rc
+    valid = t < T
+    tok = (b.to(tl.int64) * T + t) * H + h
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    # decays from a float64 cumsum, as the operator backward's (past T g is 0: G_end is the last sum)
+    G = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float64), 0)
+    G_end = tl.sum(tl.where(rc == C - 1, G, 0.0), 0)
+    Gamma = tl.exp(tl.where(rc[:, None] >= rc[None, :], G[:, None] - G[None, :], float("-inf")).to(tl.float32))
+    Gamma_end = tl.exp((G_end - G).to(tl.float32))
+    gamma = tl.exp(G.to(tl.float32))
+    q = tl.load(q_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+    kT = tl.load(k_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
+    W = _w_tile(W_ptr, tok, valid, rc, C, False)
+    gk = gamma[:, None] * k
+    A = tl.dot(tl.dot(q, kT, input_precision=PREC) * Gamma, W, input_precision=PREC) * beta[None, :]
+    tl.store(A_ptr + (at * C + rc[:, None]) * C + rc[None, :], A)
+    tl.store(qt_ptr + tok[:, None] * DK + rk[None, :], gamma[:, None] * q - tl.dot(A, gk, input_precision=PREC),
+             mask=valid[:, None])
+    ktT = tl.dot(kT * Gamma_end[None, :], W, input_precision=PREC) * beta[None, :]
+    tl.store(kt_ptr + tok[None, :] * DK + rk[:, None], ktT, mask=valid[None, :])
+    Z = tl.where(rk[:, None] == rk[None, :], tl.exp(G_end.to(tl.float32)) - 1.0, 0.0) \
+        - tl.dot(ktT, gk, input_precision=PREC)
     tl.store(Z_ptr + (at * DK + rk[:, None]) * DK + rk[None, :], Z)
 
 
@@ -559,7 +614,7 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     d_gamma = tl.sum(dqt * q, 1) + tl.sum(dgk * k, 1)
     dk = gamma[:, None] * dgk
     # k~ = Tm^T R, R = diag(Gamma_end) K, Tm = W diag(beta); dk~ and its transpose from loads
-    W = tl.load(W_ptr + cc)
+    W = _w_tile(W_ptr, tok, valid, rc, C, False)
     dkt = tl.load(dkt_ptr + rows[:, None] * DK + rk[None, :]) - tl.dot(
         gk, tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[None, :]) * DK + rk[:, None]),
         input_precision=PREC)
@@ -570,7 +625,7 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     d_Gamma_end = tl.sum(dR * k, 1)
     dTm = tl.dot(Gamma_end[:, None] * k, dktT, input_precision=PREC)
     # A = (Q K^T * Gamma) Tm
-    dQKg = tl.dot(dA, tl.load(W_ptr + ccT) * beta[:, None], input_precision=PREC)
+    dQKg = tl.dot(dA, _w_tile(W_ptr, tok, valid, rc, C, True) * beta[:, None], input_precision=PREC)
     qT = tl.load(q_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
     dTm += tl.dot(tl.dot(k, qT, input_precision=PREC) * GammaT, dA, input_precision=PREC)
     dGamma = dQKg * tl.dot(q, kT, input_precision=PREC)
@@ -582,7 +637,7 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     tl.debug_barrier()   # (every thread has read dQK^T before M overwrites it)
     # W = (I + L)^-1: dL = strict(-W^T dW W^T) with dW = dTm diag(beta); L = strict(diag(beta) (K K^T * Gamma))
     dbeta = tl.sum(dTm * W, 0)
-    WT = tl.load(W_ptr + ccT)
+    WT = _w_tile(W_ptr, tok, valid, rc, C, True)
     dL = tl.where(strict, -tl.dot(tl.dot(WT, dTm * beta[None, :], input_precision=PREC), WT,
                                  input_precision=PREC), 0.0)
     KK = tl.dot(k, kT, input_precision=PREC)
@@ -828,9 +883,9 @@ def forward(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor, states0: Te
 def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK, with_w: bool = False,
                     successor: bool = False):
     """Gated DeltaNet's chunk operators for [B, T, H, DK] q, k (DK a power of two >= 16) and [B, T, H]
-    g, beta: q~ and k~ ([B, T, H, DK] fp32), A ([B * H, NC, C, C]) and Z ([B * H, NC, DK, DK]); with
-    ``with_w`` also W ([B * H, NC, C, C]), for the backward; with ``successor`` also q~ and A for the
-    queries k_{t+1} (``successor_keys``), from the same launch."""
+    g, beta: q~ and k~ ([B, T, H, DK] fp32), A ([B * H, NC, C, C]) and Z - I ([B * H, NC, DK, DK]);
+    with ``with_w`` also W = (I + L)^-1 by token rows ([B, T, H, C]), for the backward; with
+    ``successor`` also q~ and A for the queries k_{t+1} (``successor_keys``), from the same launch."""
     B, T, H, DK = q.shape
     n = triton.cdiv(T, chunk)
     q, k, g, beta = (t.contiguous() for t in (q, k, g, beta))
@@ -838,12 +893,35 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
     kt = torch.empty_like(qt)
     A = torch.empty(B * H, n, chunk, chunk, dtype=torch.float32, device=q.device)
     Z = torch.empty(B * H, n, DK, DK, dtype=torch.float32, device=q.device)
-    W = torch.empty_like(A) if with_w else A.new_empty(0)
+    W = torch.empty(B, T, H, chunk, dtype=torch.float32, device=q.device) if with_w else A.new_empty(0)
     qt2, A2 = (torch.empty_like(qt), torch.empty_like(A)) if successor else (qt.new_empty(0), A.new_empty(0))
     launch(_delta_operators_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr", "W_ptr", "qt2_ptr", "A2_ptr"))(
         q, k, g, beta, qt, kt, A, Z, W, qt2, A2, T, H, n, DK=DK, C=chunk, WITH_W=with_w, SUCCESSOR=successor,
         num_warps=OPERATOR_WARPS)
     return (qt, kt, A, Z) + ((W,) if with_w else ()) + ((qt2, A2) if successor else ())
+
+
+def _operator_precision(dtype: torch.dtype) -> str:
+    # the operators from W: fp32-accurate (tf32x3) for fp32 inputs; tf32 for half inputs, whose
+    # Q K^T it computes exactly (bf16 and fp16 fit tf32's mantissa)
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def operators_from_w(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, W: Tensor, chunk: int = CHUNK):
+    """``delta_operators``' (q~, k~, A, Z - I) from the W its forward launch kept (``with_w``), by
+    products only (``_delta_operators_from_w_kernel``): the backward's operators without the token
+    loop."""
+    B, T, H, DK = q.shape
+    n = triton.cdiv(T, chunk)
+    q, k, g, beta, W = (t.contiguous() for t in (q, k, g, beta, W))
+    qt = torch.empty(B, T, H, DK, dtype=torch.float32, device=q.device)
+    kt = torch.empty_like(qt)
+    A = torch.empty(B * H, n, chunk, chunk, dtype=torch.float32, device=q.device)
+    Z = torch.empty(B * H, n, DK, DK, dtype=torch.float32, device=q.device)
+    launch(_delta_operators_from_w_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr"))(
+        q, k, g, beta, W, qt, kt, A, Z, T, H, n, DK=DK, C=chunk, PREC=_operator_precision(q.dtype),
+        num_warps=FROM_W_WARPS)
+    return qt, kt, A, Z
 
 
 def successor_keys(k: Tensor) -> Tensor:
@@ -855,11 +933,12 @@ def successor_keys(k: Tensor) -> Tensor:
 def forward_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = CHUNK):
     """The delta forward's two sets of chunk operators from one launch: the readout's (queries q) and
     the schedule's (queries: the successor keys), which share the token loop, k~ and Z. Returns
-    (q~, k~, A, Z) for ``forward`` and (khat, k~, M, Z) for the schedule, at the padded width."""
+    (q~, k~, A, Z) for ``forward`` and (khat, k~, M, Z) for the schedule, at the padded width, and W
+    ([B, T, H, C] fp32), which the backward takes to skip the token loop (``delta_backward``)."""
     PK = _width(q.shape[-1])
     q, k = _pad(q, PK), _pad(k, PK)
-    qt, kt, A, Z, khat, M = delta_operators(q, k, g, beta, chunk, successor=True)
-    return (qt, kt, A, Z), (khat, kt, M, Z)
+    qt, kt, A, Z, W, khat, M = delta_operators(q, k, g, beta, chunk, with_w=True, successor=True)
+    return (qt, kt, A, Z), (khat, kt, M, Z), W
 
 
 def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, keep=False, within=None):
@@ -905,12 +984,14 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, kee
 
 
 def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
-                   beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
+                   beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK,
+                   W: Optional[Tensor] = None):
     """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base),
     fp32, for the output gradient do and the final states' gradient dstates. states0 must have its
-    empty slots zeroed. Two stages: ``delta_state_products`` (everything that involves the K states),
-    then the chunk operators' backward (``_delta_operators_backward_kernel``), after the walks'
-    buffers are freed."""
+    empty slots zeroed. W: the forward's (``forward_operators``), if the caller kept it; else the
+    operators are rebuilt by the token loop. Two stages: ``delta_state_products`` (everything that
+    involves the K states), then the chunk operators' backward (``_delta_operators_backward_kernel``),
+    after the walks' buffers are freed."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
@@ -918,7 +999,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     q, k, v, do = (_pad(t, w).contiguous() for t, w in ((q, PK), (k, PK), (v, PV), (do.to(q.dtype), PV)))
     g, lam, beta = g.contiguous(), lam.contiguous(), beta.contiguous()
     dZ, dkt, dvx, dqt, dlamx, ds0, (kt, A, Wm) = delta_state_products(do, dstates, q, k, v, g, lam, beta, states0,
-                                                                       tables, scale, chunk=chunk)
+                                                                       tables, scale, chunk=chunk, W=W)
     NC = triton.cdiv(T, chunk)
     dq, dk = (torch.empty(B, T, H, PK, dtype=torch.float32, device=q.device) for _ in range(2))
     dv = torch.empty(B, T, H, PV, dtype=torch.float32, device=q.device)
@@ -933,22 +1014,27 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
 
 
 def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
-                         beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK):
+                         beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK,
+                         W: Optional[Tensor] = None):
     """The part of the delta backward that involves the K states: the two walks over the chunks (the
     forward sweep keeping the K states at every chunk start; their gradients, walking back from
     dstates), then their products with each chunk's tokens (``_delta_state_products_kernel``).
     Returns, per padded token row ([B * H, NC * C, ...], fp32, widths padded): dZ [B * H, NC, DK, DK]
     (the chunks' transitions), dk~, dv across chunks, dq~, the entry weights' part of dlam (by slot),
     and the initial states' gradient [B, H, K, DK, DV]; and what the operator backward reads of the
-    operators: k~, A and W = (I + L)^-1 per chunk. The walks' buffers (two of [B * H, NC + 1, K, DK,
-    DV] fp32) die here."""
+    operators: k~, A and W = (I + L)^-1 (by token rows). The operators come from W by products where
+    the caller has W (``operators_from_w``), else from the token loop. The walks' buffers (two of
+    [B * H, NC + 1, K, DK, DV] fp32) die here."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
     q, k, v, do = _pad(q, PK), _pad(k, PK), _pad(v, PV), _pad(do.to(q.dtype), PV)
     _check_covered(q, v, K)
     q, k, v, do, g, lam, beta = (t.contiguous() for t in (q, k, v, do, g, lam, beta))
-    *ops, Wm = delta_operators(q, k, g, beta, chunk, with_w=True)
+    if W is None:
+        *ops, W = delta_operators(q, k, g, beta, chunk, with_w=True)
+    else:
+        ops = operators_from_w(q, k, g, beta, W, chunk)
     states = _forward(q, k, v, g, lam, _pad(states0, PK, PV), tables, scale, x=None, chunk=chunk, ops=ops,
                       keep=True)
     grads = torch.empty_like(states)
@@ -967,7 +1053,7 @@ def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: T
         do, v, g, lam, tables, qt, kt, states, grads, dZ, dqt, dkt, dvx, dlamx, T, H, tables.shape[2],
         float(scale), KP=_slots(K), **blocks, PREC=_precision(q.dtype), num_warps=PRODUCT_WARPS)
     ds0 = grads[:, 0, :, :DK, :DV].unflatten(0, (B, H)).clone()
-    return dZ, dkt, dvx, dqt, dlamx, ds0, (kt, A, Wm)
+    return dZ, dkt, dvx, dqt, dlamx, ds0, (kt, A, W)
 
 
 def backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,

@@ -33,7 +33,8 @@ def dla_fwd_decomposition(q, k, v, g, lam, beta, initial_states, initial_counts,
             states, counts, info, scale, tau)
         per_token.append((o, I, boundary, merge))
     o, I, boundary, merge = (torch.stack(x, 1) for x in zip(*per_token))
-    return o, I, boundary, merge, states, counts, info
+    # (nothing kept for a backward: the decomposition is for inference compilers)
+    return o, I, boundary, merge, states, counts, info, q.new_empty(0, dtype=torch.float32)
 
 
 def dla_decode_step_decomposition(q, k, v, g, lam, beta, states, counts, info, scale, tau):

@@ -34,10 +34,10 @@ def test_opcheck_fwd(base, with_cache, varlen):
 @pytest.mark.parametrize("base, with_cache, varlen", CASES)
 def test_opcheck_bwd(base, with_cache, varlen):
     args = _fwd_args(base, with_cache, varlen, requires_grad=False)
-    o, I, boundary, merge, states, counts, info = torch.ops.dla.fwd(*args)
+    o, I, boundary, merge, states, counts, info, kept = torch.ops.dla.fwd(*args)
     q, k, v, g, lam, beta, states0, counts0, _, cu, scale, _ = args
     bwd_args = (torch.randn_like(o), torch.randn_like(states), q, k, v, g, lam, beta, states0, counts0,
-                boundary, merge, cu, scale)
+                boundary, merge, cu, scale, kept)
     torch.library.opcheck(torch.ops.dla.bwd.default, bwd_args)
 
 

@@ -139,7 +139,7 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
 @example(seed=1, T=100, chunk=32, DK=16, decay=1.0)   # a last chunk cut short: its last successor row
 def test_delta_operators_match_the_closed_form(seed, T, chunk, DK, decay):
     """``readout.delta_operators``, every output (the successor keys' q~ and A, W = (I + L)^-1, and Z,
-    which the kernel stores as Z - I), against ``torch_backend._chunk_operators_delta`` in float64, each on its own so that a
+    which the kernel stores as Z - I), and ``readout.operators_from_w``'s q~, k~, A and Z - I, against ``torch_backend._chunk_operators_delta`` in float64, each on its own so that a
     failure names it. The op's tests read only what the schedule and the sweeps use; this one also
     covers rows they skip, such as the successor row of the last token."""
     import torch.nn.functional as F
@@ -159,9 +159,11 @@ def test_delta_operators_match_the_closed_form(seed, T, chunk, DK, decay):
                                           * torch.exp(tb._segment_sums(gc)), -1))
     token_rows = lambda t: t.flatten(2, 3)[:, :, :T].transpose(1, 2)    # [B, H, n, C, D] -> [B, T, H, D]
     square = lambda t: t.flatten(0, 1)                                  # [B, H, n, X, X] -> [B * H, n, X, X]
-    want = dict(qt=token_rows(qt), kt=token_rows(kt), A=square(A), Z=square(Z) - torch.eye(DK), W=square(W),
+    want = dict(qt=token_rows(qt), kt=token_rows(kt), A=square(A), Z=square(Z) - torch.eye(DK), W=token_rows(W),
                 qt2=token_rows(qt2), A2=square(A2))
-    for (name, expected), actual in zip(want.items(), got):
+    # the backward's operators, by products from the W the forward keeps
+    from_w = readout.operators_from_w(*(t.to(DEVICE) for t in (q, k, g, beta)), got[4], chunk)
+    for (name, expected), actual in [*zip(want.items(), got), *zip(((f"{n} from W", e) for n, e in want.items()), from_w)]:
         # 1e-5 as for the op in fp32: on a GPU the products run as tf32x3 (the interpreter's are fp32)
         assert rel_err(actual.cpu(), expected) <= 1e-5, name
 
