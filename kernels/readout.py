@@ -61,7 +61,9 @@ INTRA_WARPS = 8
 # H200, T=32768, B * H = 32, DK=DV=64: the delta operator kernel 3.95 ms at 2 warps (1: 5.43, 4: 5.32,
 # 8: 9.72); the state products (with the walks) 32.9 ms at 4 warps (8: 35.9, 16: 38.0). The token loop
 # beats the WY form's products: (I + L)^-1 by block doubling, 17 tf32x3 products of [64, 64] tiles and
-# no loop, took 15.9 / 8.3 / 19.9 ms at 2 / 4 / 8 warps (H200, 2026-11-28)
+# no loop, took 15.9 / 8.3 / 19.9 ms at 2 / 4 / 8 warps (H200, 2026-11-28); a blocked form (16-row forward
+# substitution, about ten tf32x3 products) 12.9 / 19.1 ms at 4 / 8 warps for two launches, against the
+# token loop's 8.9 (seventeenth session)
 OPERATOR_WARPS = 2
 PRODUCT_WARPS = 4
 # the state-gradient walk, H200, T=32768, K=16 (B * H = 32, DK=DV=64): 8 entries per product at 4 warps
