@@ -120,10 +120,13 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     init = None if cache_kind is None else random_cache(seed, 2, 2, K, DK, DV, torch.float32, kind=cache_kind)
     # (the reference would match the PyTorch path as well: check that the kernels are what ran; the
     # chunked delta schedule runs the operator kernel too)
-    # (and that the schedule and the readout shared one launch of the operator kernel)
+    # (and that the schedule and the readout shared one launch of the operator kernel, whose W the
+    # backward reused: the operators from W, and no second launch)
     with mock.patch.object(readout, "forward", wraps=readout.forward) as forward, \
             mock.patch.object(readout, "delta_backward", wraps=readout.delta_backward) as backward, \
             mock.patch.object(readout, "forward_operators", wraps=readout.forward_operators) as shared, \
+            mock.patch.object(readout, "operators_from_w", wraps=readout.operators_from_w) as from_w, \
+            mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as launches, \
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked:
         # dg is the least accurate gradient under strong decay: at seed=619, T=47, K=4, D=16, decay 8
         # it was 1.2e-5 while the operator backward formed its decays from fp32 chunk cumsums (G_t - G_s
@@ -131,6 +134,7 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
         # of per-token terms, which cancel. The PyTorch backward gives 2.3e-7
         _check_against_reference(x, init, tau, 1e-5)
     assert forward.called and backward.called and chunked.called and shared.called
+    assert from_w.call_count == 1 and launches.call_count == 1
 
 
 @settings(max_examples=4, deadline=None)

@@ -63,12 +63,14 @@ def test_cuda_delta_kernels_match_the_reference(dtype, T, K):
     with mock.patch.dict(os.environ, {"DLA_BACKEND": ""}), \
             mock.patch.object(schedule, "_delta_schedule", wraps=schedule._delta_schedule) as chunked, \
             mock.patch.object(readout, "delta_operators", wraps=readout.delta_operators) as operators, \
-            mock.patch.object(readout, "delta_backward", wraps=readout.delta_backward) as backward:
+            mock.patch.object(readout, "delta_backward", wraps=readout.delta_backward) as backward, \
+            mock.patch.object(readout, "operators_from_w", wraps=readout.operators_from_w) as from_w:
         o, cache, sched = run("op", xc, tau=0.6, initial_cache=DLACache(s0, init.counts.cuda(), init.info.cuda()),
                               output_final_cache=True, return_schedule=True)
         wo, ws = (torch.randn(a.shape, generator=gen).to(a) for a in (o, cache.states))
         ((o.float() * wo.float()).sum() + (cache.states * ws).sum()).backward()
-    assert chunked.called and operators.called and backward.called
+    # (one operator launch, in the forward: the backward forms its operators from the W it kept)
+    assert chunked.called and operators.call_count == 1 and backward.called and from_w.called
     x64 = {n: a.detach().double().requires_grad_() for n, a in x.items()}
     init64 = cache64(init)._replace(states=init.states.detach().double().requires_grad_())
     s64 = init64.states
