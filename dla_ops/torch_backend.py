@@ -518,9 +518,11 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
     inputs = [q, k, v, g, lam, beta, states0]
     on_kernels = _triton_readout(q, lam, states0.dtype)
     W = kept if kept is not None and kept.numel() > 0 and beta is not None else None
-    if W is not None and (not on_kernels or W.shape != (*q.shape[:3], CHUNK)):
-        raise ValueError(f"the kept forward tensor has shape {tuple(W.shape)}; this backward takes "
-                         f"{(*q.shape[:3], CHUNK) if on_kernels else 'none'}")
+    if W is not None and (not on_kernels or W.shape != (*q.shape[:3], CHUNK) or W.dtype != torch.float32
+                          or W.device != q.device):
+        raise ValueError(f"kept: {tuple(W.shape)} {W.dtype} on {W.device}; this backward takes "
+                         + (f"dla.fwd's for the same inputs, {(*q.shape[:3], CHUNK)} float32 on {q.device}"
+                            if on_kernels else "none (or an empty tensor)"))
     runs = [_kernel_backward(do_, ds_, *xs, s0, c0, b_, m_, scale, W_) if on_kernels else
             _torch_backward(do_, ds_, *xs, s0, c0, b_, m_, scale)
             for (do_, *xs, b_, m_, W_), (ds_, s0, c0)

@@ -41,6 +41,18 @@ def test_opcheck_bwd(base, with_cache, varlen):
     torch.library.opcheck(torch.ops.dla.bwd.default, bwd_args)
 
 
+def test_bwd_refuses_a_kept_tensor_it_cannot_use():
+    """``kept`` (dla.fwd's last output) is only what this backward's path reuses: here the PyTorch
+    path, which reuses nothing, so a non-empty one is an error, not silently ignored."""
+    args = _fwd_args("delta", False, False, requires_grad=False)
+    o, I, boundary, merge, states, counts, info, kept = torch.ops.dla.fwd(*args)
+    assert kept.numel() == 0
+    q, k, v, g, lam, beta, states0, counts0, _, cu, scale, _ = args
+    with pytest.raises(ValueError, match="kept"):
+        torch.ops.dla.bwd(torch.randn_like(o), torch.randn_like(states), q, k, v, g, lam, beta, states0, counts0,
+                          boundary, merge, cu, scale, torch.zeros(*q.shape[:3], 64))
+
+
 @pytest.mark.parametrize("base", ["gla", "delta"])
 def test_opcheck_decode_step(base):
     x = make_inputs(2, B=2, T=1, H=2, DK=4, DV=3, K=3, base=base)
