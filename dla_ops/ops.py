@@ -121,6 +121,8 @@ def _fwd_setup_context(ctx, inputs, output):
     q, k, v, g, lam, beta, states0, counts0, _, cu_seqlens, scale, _ = inputs
     _, _, boundary, merge, _, _, _, kept = output
     ctx.scale = scale
+    # no zero-filled gradients for the outputs a loss does not use (kept's alone would be W's size)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(q, k, v, g, lam, beta, states0, counts0, boundary, merge, cu_seqlens, kept)
 
 

@@ -482,7 +482,7 @@ def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: flo
         outs.append((o, I, boundary, merge, W, states, counts, info))
     along_t = [torch.cat(parts, 1) for parts in list(zip(*outs))[:4]]
     Ws = list(zip(*outs))[4]
-    kept = torch.cat(Ws, 1) if Ws[0] is not None else q.new_empty(0, dtype=torch.float32)
+    kept = q.new_empty(0, dtype=torch.float32) if Ws[0] is None else Ws[0] if len(Ws) == 1 else torch.cat(Ws, 1)
     per_seq = [torch.cat(parts, 0) for parts in list(zip(*outs))[5:]]
     return tuple(along_t + per_seq + [kept])
 
@@ -517,12 +517,13 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
     ``readout_backward``. kept: the forward's ``kept_for_backward`` tensor, if any (empty: none)."""
     inputs = [q, k, v, g, lam, beta, states0]
     on_kernels = _triton_readout(q, lam, states0.dtype)
-    W = kept if kept is not None and kept.numel() > 0 and beta is not None else None
-    if W is not None and (not on_kernels or W.shape != (*q.shape[:3], CHUNK) or W.dtype != torch.float32
-                          or W.device != q.device):
+    W = kept if kept is not None and kept.numel() > 0 else None
+    takes = kept_for_backward(q, v, lam, beta, states0.dtype)
+    if W is not None and (tuple(W.shape) != takes or W.dtype != torch.float32 or W.device != q.device):
+        # (a forward and a backward on different paths, e.g. DLA_BACKEND changed between them, land here too)
         raise ValueError(f"kept: {tuple(W.shape)} {W.dtype} on {W.device}; this backward takes "
-                         + (f"dla.fwd's for the same inputs, {(*q.shape[:3], CHUNK)} float32 on {q.device}"
-                            if on_kernels else "none (or an empty tensor)"))
+                         + (f"dla.fwd's for the same inputs, {takes} float32 on {q.device}" if takes != (0,)
+                            else "none (or an empty tensor): its path reuses nothing"))
     runs = [_kernel_backward(do_, ds_, *xs, s0, c0, b_, m_, scale, W_) if on_kernels else
             _torch_backward(do_, ds_, *xs, s0, c0, b_, m_, scale)
             for (do_, *xs, b_, m_, W_), (ds_, s0, c0)

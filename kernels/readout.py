@@ -433,8 +433,8 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
     the images' tiles gathered by address: fewer, larger products per chunk of a walk that is
     sequential over the chunks (15% faster than one entry per product; WALK_ENTRIES). Z^T G is
     applied as G + (Z - I)^T G (the operator kernel stores Z - I), the forward sweep's form: rounding
-    in the product scales with what the chunk changes, so the walk's products run at PREC, as the
-    sweep's."""
+    in the product scales with what the chunk changes, so the walk's products follow the input dtype
+    as the sweep's do (PREC: ``_walk_precision``)."""
     bh = tl.program_id(0)
     vb = tl.program_id(1)
     b = bh // H

@@ -137,6 +137,18 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     assert from_w.call_count == 1 and launches.call_count == 1
 
 
+def test_delta_kernels_with_varlen_reuse_each_sequences_w():
+    """Packed sequences on the delta kernels: the forward keeps W for each sequence (concatenated along
+    T) and the backward hands each its own slice, against the reference; a last chunk cut short in
+    every sequence, and a sequence of one token."""
+    from dla_ops.kernels import readout
+    x = make_inputs(8, B=1, T=140, H=2, DK=16, DV=8, K=4, base="delta", dtype=torch.float32, decay=1.0)
+    init = random_cache(8, 3, 2, 4, 16, 8, torch.float32)
+    with mock.patch.object(readout, "operators_from_w", wraps=readout.operators_from_w) as from_w:
+        _check_against_reference(x, init, 0.6, 1e-5, cu_seqlens=torch.tensor([0, 70, 71, 140]))
+    assert from_w.call_count == 3
+
+
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 10_000), T=st.integers(1, 150), chunk=st.sampled_from([16, 32, 64]),
        DK=st.sampled_from([16, 32]), decay=st.sampled_from([0.0, 1.0, 8.0]))
