@@ -280,7 +280,7 @@ def _delta_operators_from_w_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, qt_ptr,
         A = (Q K^T * Gamma) W diag(beta),   k~^T = K^T diag(Gamma[end]) W diag(beta),
         q~ = diag(gamma) Q - A diag(gamma) K,   Z - I = (gamma_end - 1) I - k~^T diag(gamma) K.
     k~ is formed transposed from a transposed load of K, so no product result is transposed into
-    another product (fla #640). Products at PREC (``_operator_precision``)."""
+    another product (fla #640). Products at PREC (``_tf32x3_for_fp32``)."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -434,7 +434,7 @@ def _state_gradient_kernel(lam_ptr, do_ptr, tab_ptr, qt_ptr, Z_ptr, gbuf_ptr, T,
     sequential over the chunks (15% faster than one entry per product; WALK_ENTRIES). Z^T G is
     applied as G + (Z - I)^T G (the operator kernel stores Z - I), the forward sweep's form: rounding
     in the product scales with what the chunk changes, so the walk's products follow the input dtype
-    as the sweep's do (PREC: ``_walk_precision``)."""
+    as the sweep's do (PREC: ``_tf32x3_for_fp32``)."""
     bh = tl.program_id(0)
     vb = tl.program_id(1)
     b = bh // H
@@ -797,9 +797,11 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _walk_precision(dtype: torch.dtype) -> str:
-    # fp32: tf32x3, fp32-accurate and cheaper than ieee; half inputs: tf32, as the forward sweep (both
-    # carry Z - I, not Z, so the rounding carried from chunk to chunk scales with what chunks change)
+def _tf32x3_for_fp32(dtype: torch.dtype) -> str:
+    # fp32: tf32x3, fp32-accurate and cheaper than ieee; half inputs: tf32. The state-gradient walk
+    # (it carries Z - I, not Z, as the forward sweep does, so the rounding carried from chunk to chunk
+    # scales with what chunks change) and the operators from W (whose Q K^T is exact at tf32 for half
+    # inputs: bf16 and fp16 fit tf32's mantissa)
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
@@ -903,12 +905,6 @@ def delta_operators(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, chunk: int = 
     return (qt, kt, A, Z) + ((W,) if with_w else ()) + ((qt2, A2) if successor else ())
 
 
-def _operator_precision(dtype: torch.dtype) -> str:
-    # the operators from W: fp32-accurate (tf32x3) for fp32 inputs; tf32 for half inputs, whose
-    # Q K^T it computes exactly (bf16 and fp16 fit tf32's mantissa)
-    return "tf32x3" if dtype == torch.float32 else "tf32"
-
-
 def operators_from_w(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, W: Tensor, chunk: int = CHUNK):
     """``delta_operators``' (q~, k~, A, Z - I) from the W its forward launch kept (``with_w``), by
     products only (``_delta_operators_from_w_kernel``): the backward's operators without the token
@@ -921,7 +917,7 @@ def operators_from_w(q: Tensor, k: Tensor, g: Tensor, beta: Tensor, W: Tensor, c
     A = torch.empty(B * H, n, chunk, chunk, dtype=torch.float32, device=q.device)
     Z = torch.empty(B * H, n, DK, DK, dtype=torch.float32, device=q.device)
     launch(_delta_operators_from_w_kernel, (B * H, n), ("qt_ptr", "kt_ptr", "A_ptr", "Z_ptr"))(
-        q, k, g, beta, W, qt, kt, A, Z, T, H, n, DK=DK, C=chunk, PREC=_operator_precision(q.dtype),
+        q, k, g, beta, W, qt, kt, A, Z, T, H, n, DK=DK, C=chunk, PREC=_tf32x3_for_fp32(q.dtype),
         num_warps=FROM_W_WARPS)
     return qt, kt, A, Z
 
@@ -1046,7 +1042,7 @@ def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: T
     blocks = dict(DK=PK, DV=PV, K=K, C=chunk, BV=BV)
     launch(_state_gradient_kernel, (B * H, PV // BV), ("gbuf_ptr",))(
         lam, do, tables, qt, Z, grads, T, H, tables.shape[2], float(scale), **blocks,
-        EB=min(triton.next_power_of_2(K), WALK_ENTRIES), PREC=_walk_precision(q.dtype), num_warps=WALK_WARPS)
+        EB=min(triton.next_power_of_2(K), WALK_ENTRIES), PREC=_tf32x3_for_fp32(q.dtype), num_warps=WALK_WARPS)
     NC = triton.cdiv(T, chunk)
     rows = lambda width: torch.empty(B * H, NC * chunk, width, dtype=torch.float32, device=q.device)
     dZ = torch.empty(B * H, NC, PK, PK, dtype=torch.float32, device=q.device)
