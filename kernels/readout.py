@@ -1,7 +1,7 @@
 """Stages 2 and 3 as Triton kernels, on a given schedule: slot tables, the fused multi-state readout
 (forward) of both bases, and the backward of both: for ``delta`` in two stages, the part that
 involves the K states (``delta_state_products``) and the chunk operators' gradients, derived by
-hand from their WY form (``_delta_operators_backward_kernel``).
+hand from their WY form (``_delta_backward_readout_kernel`` and the three stages after it).
 
 For ``gla`` the output is a masked linear attention,
     o_t = scale * sum_{s <= t} lam_t[slot(t, s)] * exp(G_t - G_s) * (q_t . k_s) v_s,
@@ -70,10 +70,9 @@ PRODUCT_WARPS = 4
 # 10.3 ms (16 at 4: 10.9; 16 at 8: 12.1; 8 at 8: 12.2), where one entry per product took 12.1
 WALK_ENTRIES = 8
 WALK_WARPS = 4
-# the operator backward on the H200 (triton 3.6), 15.8 ms at T=32768 (B * H = 32, DK=DV=64) at 4 warps,
-# where the earlier form (which computed every transposed tile as its own product) took 22.5. That
-# form, at 4 warps, was correct for DK, DV from 16 to 128; at 8 warps it hit an illegal memory access
-# (as fla #988 saw in a similar backward); at 2 ptxas ran for minutes at DK = 64
+# the operator backward's four stages on the H200 (triton 3.6), T=32768 (B * H = 32, DK=DV=64), bf16:
+# 4.8 ms at 4 warps, 7.5 at 8 (eighteenth session). As one kernel it took 11.7 at 4 warps; at 2 an
+# earlier single-kernel form ran for minutes in ptxas, and offline the stages spill 2 to 4 times more
 OPERATOR_BACKWARD_WARPS = 4
 FROM_W_WARPS = 4
 GATE_BLOCK = 1024
@@ -199,7 +198,9 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
     stored as its increment Z - I: the sweeps and walks apply S + (Z - I) S, so that a product's
     rounding scales with what the chunk changes, and state directions no key touches carry none
     (``benchmarks/carried_precision.py``). The products run as tf32x3, fp32-accurate: Z multiplies
-    the states of every later chunk. Z's closed form loses about one digit to cancellation (relative
+    the states of every later chunk; and q~ = diag(gamma) Q - A diag(gamma) K can cancel (at tf32
+    for bf16 inputs the H200's T=32768, K=16 output moved 1.6e-3 -> 1.9e-2 from the PyTorch
+    readout's, eighteenth session). Z's closed form loses about one digit to cancellation (relative
     error ~1e-6 at weak decay and beta near 1, against ~3e-7 for the product form; the PyTorch
     path's closed form does the same). Tokens past
     T are zero with g = 0: they change nothing. With SUCCESSOR, a second set of queries, each token's
@@ -540,25 +541,36 @@ def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr,
 
 
 @triton.jit
-def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_ptr, lam_ptr, tab_ptr,
-                                     W_ptr, A_ptr, kt_ptr, dqt_ptr, dkt_ptr, dZ_ptr, dvx_ptr, dlamx_ptr, tr_ptr,
-                                     dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, dlam_ptr, T, H, TP, scale,
-                                     DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                                     C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
-    """The delta backward's chunk-local part, one program per (sequence, head, chunk), all in
-    parallel: from the gradients of the chunk operators that ``_delta_state_products_kernel`` leaves
-    (q~, k~, Z; and its cross-chunk parts of dv and dlam), the gradients of q, k, v, g, beta and lam,
-    by differentiating the WY form (``torch_backend._chunk_operators_delta``) by hand:
-        Gamma[t, s] = exp(G_t - G_s) (s <= t), gamma = exp(G), L = strict(diag(beta) (K K^T * Gamma)),
-        W = (I + L)^-1, Tm = W diag(beta), A = (Q K^T * Gamma) Tm, k~ = Tm^T diag(Gamma[end]) K,
-        q~ = diag(gamma) Q - A diag(gamma) K, Z = gamma_end I - k~^T diag(gamma) K,
-    plus the within-chunk readout o += scale (A * lam_t[slot_t(s)]) v, whose gradients are
-    dA = scale (do v^T) * Lw, dv += scale (Lw * A)^T do and dlam from scale (do v^T) * A. W, A and
-    k~ come from ``_delta_operators_kernel``. A transposed product result never feeds another product
-    (what Triton 3.4-3.7 miscompiles on Hopper, fla #640): transposes of inputs are transposed loads,
-    and the two computed tiles whose transposes are needed (dQK, and dKK's part M) go through this
-    program's [C, C] region of ``tr`` and come back as transposed loads. Products run at PREC
-    (``_operator_backward_precision``). Writes the op layout ([B, T, H, ...], fp32)."""
+def _chunk_decays(g_ptr, tok, valid, rc, T, c, C: tl.constexpr):
+    """Chunk c's cumulative log-decays G (float64: fp32 ones lose eps |G| in each G_t - G_s, which
+    under strong decay was most of dg's error; decay 8, interpreter: 1.2e-5 -> 3.7e-6, dq and dk
+    ~5e-7 -> ~1e-7), G_end (the whole chunk's sum) and the causal decay Gamma[t, s] = exp(G_t - G_s),
+    s <= t, zero on rows past T."""
+    G = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float64), 0)
+    G_end = tl.sum(tl.where(rc == tl.minimum(T - c * C, C) - 1, G, 0.0), 0)
+    live = (rc[None, :] <= rc[:, None]) & valid[:, None]
+    Gamma = tl.exp(tl.where(live, G[:, None] - G[None, :], float("-inf")).to(tl.float32))
+    return G, G_end, live, Gamma
+
+
+@triton.jit
+def _decay_gradient(dG, dG_end):
+    """dg from the gradients of the chunk's cumulative decays: G_t is the sum of g up to t and G_end
+    the whole chunk's, so dg_t = sum of dG_u over u >= t, plus dG_end."""
+    return tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG + dG_end
+
+
+@triton.jit
+def _delta_backward_readout_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, lam_ptr, tab_ptr, A_ptr, kt_ptr, dqt_ptr,
+                                   dZ_ptr, dvx_ptr, dlamx_ptr, dA_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dlam_ptr,
+                                   T, H, TP, scale, DK: tl.constexpr, DV: tl.constexpr, K: tl.constexpr,
+                                   KP: tl.constexpr, C: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+    """The first of the delta backward's four chunk-local stages (one program per (sequence, head,
+    chunk), all in parallel; why four: ``delta_backward``): the within-chunk readout
+    o += scale (A * lam_t[slot_t(s)]) v, whose gradients are dv += scale (Lw * A)^T do, dlam from
+    scale (do v^T) * A and dA = scale (do v^T) * Lw; and q~ = diag(gamma) Q - A diag(gamma) K and
+    Z = gamma_end I - k~^T diag(gamma) K through A, gamma and gamma_end. Writes dv and dlam whole,
+    and dA [C, C] for the second stage; starts dq, dk and dg."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -569,25 +581,16 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
     slots = tl.arange(0, KP)
     tok, valid, q, k, _, _, tab_row, lam_row, last_row, live, slot_in, Lw, _, held = _chunk(
         q_ptr, k_ptr, g_ptr, lam_ptr, tab_ptr, b, h, bh, c, T, H, TP, DK, K, KP, C)
-    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
-    # the decays from float64 cumsums: fp32 ones lose eps |G| in each G_t - G_s, which under strong decay
-    # was most of dg's error (decay 8, interpreter: 1.2e-5 -> 3.7e-6; dq, dk ~5e-7 -> ~1e-7)
-    G = tl.cumsum(tl.load(g_ptr + tok, mask=valid, other=0.0).to(tl.float64), 0)
-    G_end = tl.sum(tl.where(rc == tl.minimum(T - c * C, C) - 1, G, 0.0), 0)
-    Gamma = tl.exp(tl.where(live, G[:, None] - G[None, :], float("-inf")).to(tl.float32))
-    rows = (bh.to(tl.int64) * NC + c) * C + rc   # the chunked layout of the products kernel's outputs
-    cc = ((bh.to(tl.int64) * NC + c) * C + rc[:, None]) * C + rc[None, :]    # this chunk's [C, C] tiles
-    ccT = ((bh.to(tl.int64) * NC + c) * C + rc[None, :]) * C + rc[:, None]   # ... read transposed
-    strict = rc[:, None] > rc[None, :]
-    liveT = (rc[:, None] <= rc[None, :]) & valid[None, :]            # liveT[s, t] = live[t, s]
-    GammaT = tl.exp(tl.where(liveT, G[None, :] - G[:, None], float("-inf")).to(tl.float32))
-    kT = tl.load(k_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
-    Gamma_end = tl.exp((G_end - G).to(tl.float32))
-    gamma_end = tl.exp(G_end.to(tl.float32))
+    G, G_end, _, _ = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
     gamma = tl.exp(G.to(tl.float32))
-    gk = gamma[:, None] * k
-    # the within-chunk readout: P = scale do v^T, dv's within-chunk term, dlam's
-    A = tl.load(A_ptr + cc)
+    # the products kernel's outputs (chunked rows) and the [C, C] tiles at this chunk, so that the
+    # offset tiles are int32 (registers)
+    chunk = bh.to(tl.int64) * NC + c
+    dvx_ptr, dlamx_ptr, dqt_ptr = dvx_ptr + chunk * C * DV, dlamx_ptr + chunk * C * K, dqt_ptr + chunk * C * DK
+    A_ptr, dA_ptr, dZ_ptr = A_ptr + chunk * C * C, dA_ptr + chunk * C * C, dZ_ptr + chunk * DK * DK
+    cc = rc[:, None] * C + rc[None, :]
+    ccT = rc[None, :] * C + rc[:, None]
+    liveT = (rc[:, None] <= rc[None, :]) & valid[None, :]            # liveT[s, t] = live[t, s]
     slot_inT = tl.load(tab_row[None, :] + K + rc[:, None], mask=liveT, other=0).to(tl.int32)
     LAT = tl.where(liveT, tl.load(lam_row[None, :] + slot_inT, mask=liveT, other=0.0).to(tl.float32)
                    * tl.load(A_ptr + ccT), 0.0)
@@ -596,67 +599,152 @@ def _delta_operators_backward_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, beta_pt
         rv = vb * BV + tl.arange(0, BV)
         do_b = _rows(do_ptr, tok, valid, rv, DV)
         P += tl.dot(do_b, tl.trans(_rows(v_ptr, tok, valid, rv, DV)), input_precision=PREC)
-        dv = scale * tl.dot(LAT, do_b, input_precision=PREC) + tl.load(dvx_ptr + rows[:, None] * DV + rv[None, :])
+        dv = scale * tl.dot(LAT, do_b, input_precision=PREC) + tl.load(dvx_ptr + rc[:, None] * DV + rv[None, :])
         tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv, mask=valid[:, None])
     P = scale * P
+    A = tl.load(A_ptr + cc)
     X = tl.where(live, P * A, 0.0)
-    dlam = tl.load(dlamx_ptr + rows[:, None] * K + slots[None, :], mask=(slots < K)[None, :] & (rc >= 0)[:, None],
+    dlam = tl.load(dlamx_ptr + rc[:, None] * K + slots[None, :], mask=(slots < K)[None, :] & (rc >= 0)[:, None],
                    other=0.0)
     for j in range(0, tl.max(tl.max(slot_in, 1), 0) + 1):
         dlam += tl.where(slots[None, :] == j, tl.sum(tl.where(slot_in == j, X, 0.0), 1)[:, None], 0.0)
     tl.store(dlam_ptr + tok[:, None] * K + slots[None, :], dlam, mask=held)
-    # q~ and Z, through A, gk = diag(gamma) K, k~ and gamma_end
-    dqt = tl.load(dqt_ptr + rows[:, None] * DK + rk[None, :])
-    dZ = tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[:, None]) * DK + rk[None, :])
-    dA = tl.where(live, P * Lw, 0.0) - tl.dot(dqt, tl.trans(gk), input_precision=PREC)
+    dqt = tl.load(dqt_ptr + rc[:, None] * DK + rk[None, :])
+    gk = gamma[:, None] * k
+    tl.store(dA_ptr + cc, tl.where(live, P * Lw, 0.0) - tl.dot(dqt, tl.trans(gk), input_precision=PREC))
+    dZ = tl.load(dZ_ptr + rk[:, None] * DK + rk[None, :])
     kt = tl.load(kt_ptr + tok[:, None] * DK + rk[None, :], mask=valid[:, None], other=0.0)
     dgk = -tl.dot(kt, dZ, input_precision=PREC) - tl.dot(tl.load(A_ptr + ccT), dqt, input_precision=PREC)
     d_gamma_end = tl.sum(tl.sum(tl.where(rk[:, None] == rk[None, :], dZ, 0.0), 1), 0)
-    dq = gamma[:, None] * dqt
-    d_gamma = tl.sum(dqt * q, 1) + tl.sum(dgk * k, 1)
-    dk = gamma[:, None] * dgk
-    # k~ = Tm^T R, R = diag(Gamma_end) K, Tm = W diag(beta); dk~ and its transpose from loads
-    W = _w_tile(W_ptr, tok, valid, rc, C, False)
-    dkt = tl.load(dkt_ptr + rows[:, None] * DK + rk[None, :]) - tl.dot(
-        gk, tl.load(dZ_ptr + ((bh.to(tl.int64) * NC + c) * DK + rk[None, :]) * DK + rk[:, None]),
-        input_precision=PREC)
-    dktT = tl.load(dkt_ptr + rows[None, :] * DK + rk[:, None]) - tl.dot(dZ, gamma[None, :] * kT,
-                                                                         input_precision=PREC)
-    dR = tl.dot(W * beta[None, :], dkt, input_precision=PREC)
-    dk += Gamma_end[:, None] * dR
+    dG = (tl.sum(dqt * q, 1) + tl.sum(dgk * k, 1)) * gamma
+    tl.store(dq_ptr + tok[:, None] * DK + rk[None, :], gamma[:, None] * dqt, mask=valid[:, None])
+    tl.store(dk_ptr + tok[:, None] * DK + rk[None, :], gamma[:, None] * dgk, mask=valid[:, None])
+    tl.store(dg_ptr + tok, _decay_gradient(dG, d_gamma_end * tl.exp(G_end.to(tl.float32))), mask=valid)
+
+
+@triton.jit
+def _delta_backward_kt_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dkt_ptr, dZ_ptr, dTm_ptr, dk_ptr, dg_ptr, T, H,
+                              DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """The delta backward's second chunk-local stage: k~ = Tm^T diag(Gamma[end]) K, Tm = W diag(beta),
+    with dk~'s part through Z (dk~ -= diag(gamma) K dZ^T), back to K, the decays and dTm, which it
+    writes [C, C] for the third stage. Adds to dk and dg."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    NC = tl.cdiv(T, C)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    valid = c * C + rc < T
+    # pointers moved to this chunk's first row, so that the [C, D] offset tiles are int32 (registers)
+    first = ((bh // H).to(tl.int64) * T + c * C) * H + bh % H
+    chunk = bh.to(tl.int64) * NC + c
+    k_ptr, g_ptr, beta_ptr, W_ptr, dk_ptr, dg_ptr = (k_ptr + first * DK, g_ptr + first, beta_ptr + first,
+                                                     W_ptr + first * C, dk_ptr + first * DK, dg_ptr + first)
+    dkt_ptr, dZ_ptr, dTm_ptr = dkt_ptr + chunk * C * DK, dZ_ptr + chunk * DK * DK, dTm_ptr + chunk * C * C
+    tok = rc * H
+    G, G_end, _, _ = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
+    gamma = tl.exp(G.to(tl.float32))
+    Gamma_end = tl.exp((G_end - G).to(tl.float32))
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    k = _rows(k_ptr, tok, valid, rk, DK)
+    # dk~ and its transpose from loads, each with Z's part
+    dkt = tl.load(dkt_ptr + rc[:, None] * DK + rk[None, :]) - tl.dot(
+        gamma[:, None] * k, tl.load(dZ_ptr + rk[None, :] * DK + rk[:, None]), input_precision=PREC)
+    dR = tl.dot(_w_tile(W_ptr, tok, valid, rc, C, False) * beta[None, :], dkt, input_precision=PREC)
     d_Gamma_end = tl.sum(dR * k, 1)
-    dTm = tl.dot(Gamma_end[:, None] * k, dktT, input_precision=PREC)
-    # A = (Q K^T * Gamma) Tm
-    dQKg = tl.dot(dA, _w_tile(W_ptr, tok, valid, rc, C, True) * beta[:, None], input_precision=PREC)
+    at = tok[:, None] * DK + rk[None, :]
+    tl.store(dk_ptr + at, tl.load(dk_ptr + at, mask=valid[:, None], other=0.0) + Gamma_end[:, None] * dR,
+             mask=valid[:, None])
+    kT = tl.load(k_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
+    dktT = tl.load(dkt_ptr + rc[None, :] * DK + rk[:, None]) - tl.dot(
+        tl.load(dZ_ptr + rk[:, None] * DK + rk[None, :]), gamma[None, :] * kT, input_precision=PREC)
+    tl.store(dTm_ptr + rc[:, None] * C + rc[None, :], tl.dot(Gamma_end[:, None] * k, dktT, input_precision=PREC))
+    dg = _decay_gradient(-d_Gamma_end * Gamma_end, tl.sum(d_Gamma_end * Gamma_end, 0))
+    tl.store(dg_ptr + tok, tl.load(dg_ptr + tok, mask=valid, other=0.0) + dg, mask=valid)
+
+
+@triton.jit
+def _delta_backward_a_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, dA_ptr, tr_ptr, dTm_ptr, dq_ptr, dk_ptr, dg_ptr,
+                             T, H, DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """The delta backward's third chunk-local stage: A = (Q K^T * Gamma) Tm back to Q, K, the decays
+    and Tm (dTm += (K Q^T * Gamma^T) dA). Adds to dq, dk, dg and dTm."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    NC = tl.cdiv(T, C)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    valid = c * C + rc < T
+    first = ((bh // H).to(tl.int64) * T + c * C) * H + bh % H   # (as in _delta_backward_kt_kernel)
+    chunk = bh.to(tl.int64) * NC + c
+    q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr = (q_ptr + first * DK, k_ptr + first * DK, g_ptr + first,
+                                            beta_ptr + first, W_ptr + first * C)
+    dq_ptr, dk_ptr, dg_ptr = dq_ptr + first * DK, dk_ptr + first * DK, dg_ptr + first
+    dA_ptr, tr_ptr, dTm_ptr = dA_ptr + chunk * C * C, tr_ptr + chunk * C * C, dTm_ptr + chunk * C * C
+    tok = rc * H
+    cc = rc[:, None] * C + rc[None, :]
+    G, G_end, live, Gamma = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    dA = tl.load(dA_ptr + cc)
+    k = _rows(k_ptr, tok, valid, rk, DK)
     qT = tl.load(q_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
-    dTm += tl.dot(tl.dot(k, qT, input_precision=PREC) * GammaT, dA, input_precision=PREC)
-    dGamma = dQKg * tl.dot(q, kT, input_precision=PREC)
+    liveT = (rc[:, None] <= rc[None, :]) & valid[None, :]
+    GammaT = tl.exp(tl.where(liveT, G[None, :] - G[:, None], float("-inf")).to(tl.float32))
+    tl.store(dTm_ptr + cc, tl.load(dTm_ptr + cc) + tl.dot(tl.dot(k, qT, input_precision=PREC) * GammaT, dA,
+                                                           input_precision=PREC))
+    dQKg = tl.dot(dA, _w_tile(W_ptr, tok, valid, rc, C, True) * beta[:, None], input_precision=PREC)
+    q = _rows(q_ptr, tok, valid, rk, DK)
+    kT = tl.load(k_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
+    Y = tl.where(live, dQKg * tl.dot(q, kT, input_precision=PREC) * Gamma, 0.0)   # dGamma * Gamma
     dQK = dQKg * Gamma
-    dq += tl.dot(dQK, k, input_precision=PREC)
+    at = tok[:, None] * DK + rk[None, :]
+    tl.store(dq_ptr + at, tl.load(dq_ptr + at, mask=valid[:, None], other=0.0) + tl.dot(dQK, k, input_precision=PREC),
+             mask=valid[:, None])
     tl.store(tr_ptr + cc, dQK)
     tl.debug_barrier()
-    dk += tl.dot(tl.load(tr_ptr + ccT), q, input_precision=PREC)
-    tl.debug_barrier()   # (every thread has read dQK^T before M overwrites it)
-    # W = (I + L)^-1: dL = strict(-W^T dW W^T) with dW = dTm diag(beta); L = strict(diag(beta) (K K^T * Gamma))
-    dbeta = tl.sum(dTm * W, 0)
+    tl.store(dk_ptr + at, tl.load(dk_ptr + at, mask=valid[:, None], other=0.0)
+             + tl.dot(tl.load(tr_ptr + rc[None, :] * C + rc[:, None]), q, input_precision=PREC), mask=valid[:, None])
+    dg = _decay_gradient(tl.sum(Y, 1) - tl.sum(Y, 0), 0.0)
+    tl.store(dg_ptr + tok, tl.load(dg_ptr + tok, mask=valid, other=0.0) + dg, mask=valid)
+
+
+@triton.jit
+def _delta_backward_inverse_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dTm_ptr, tr_ptr, dk_ptr, dg_ptr, dbeta_ptr,
+                                   T, H, DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+    """The delta backward's fourth chunk-local stage: Tm = W diag(beta) with W = (I + L)^-1 and
+    L = strict(diag(beta) (K K^T * Gamma)), from dTm: dW = dTm diag(beta), dL = strict(-W^T dW W^T),
+    and dK K^T = M = diag(beta) dL * Gamma, so dk += (M + M^T) K. Writes dbeta; adds to dk and dg."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    NC = tl.cdiv(T, C)
+    rc = tl.arange(0, C)
+    rk = tl.arange(0, DK)
+    valid = c * C + rc < T
+    first = ((bh // H).to(tl.int64) * T + c * C) * H + bh % H   # (as in _delta_backward_kt_kernel)
+    chunk = bh.to(tl.int64) * NC + c
+    k_ptr, g_ptr, beta_ptr, W_ptr = k_ptr + first * DK, g_ptr + first, beta_ptr + first, W_ptr + first * C
+    dk_ptr, dg_ptr, dbeta_ptr = dk_ptr + first * DK, dg_ptr + first, dbeta_ptr + first
+    dTm_ptr, tr_ptr = dTm_ptr + chunk * C * C, tr_ptr + chunk * C * C
+    tok = rc * H
+    cc = rc[:, None] * C + rc[None, :]
+    G, G_end, live, Gamma = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
+    beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
+    dTm = tl.load(dTm_ptr + cc)
+    dbeta = tl.sum(dTm * _w_tile(W_ptr, tok, valid, rc, C, False), 0)
     WT = _w_tile(W_ptr, tok, valid, rc, C, True)
-    dL = tl.where(strict, -tl.dot(tl.dot(WT, dTm * beta[None, :], input_precision=PREC), WT,
-                                 input_precision=PREC), 0.0)
+    dL = tl.where(rc[:, None] > rc[None, :], -tl.dot(tl.dot(WT, dTm * beta[None, :], input_precision=PREC), WT,
+                                                     input_precision=PREC), 0.0)
+    k = _rows(k_ptr, tok, valid, rk, DK)
+    kT = tl.load(k_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
     KK = tl.dot(k, kT, input_precision=PREC)
     dbeta += tl.sum(dL * KK * Gamma, 1)
-    dGamma += beta[:, None] * dL * KK
-    M = beta[:, None] * dL * Gamma        # dKK; dk = (M + M^T) K
+    M = beta[:, None] * dL * Gamma
+    Y = tl.where(live, M * KK, 0.0)   # dGamma * Gamma
     tl.store(tr_ptr + cc, M)
     tl.debug_barrier()
-    dk += tl.dot(M + tl.load(tr_ptr + ccT), k, input_precision=PREC)
-    # the decays: G_t = sum of g up to t in the chunk; G_end the whole chunk's sum
-    Y = tl.where(live, dGamma * Gamma, 0.0)
-    dG = tl.sum(Y, 1) - tl.sum(Y, 0) + d_gamma * gamma - d_Gamma_end * Gamma_end
-    dG_end = d_gamma_end * gamma_end + tl.sum(d_Gamma_end * Gamma_end, 0)
-    dg = tl.sum(dG, 0) - tl.cumsum(dG, 0) + dG + dG_end   # dg_t = sum of dG_u over u >= t, plus G_end's
-    tl.store(dq_ptr + tok[:, None] * DK + rk[None, :], dq, mask=valid[:, None])
-    tl.store(dk_ptr + tok[:, None] * DK + rk[None, :], dk, mask=valid[:, None])
-    tl.store(dg_ptr + tok, dg, mask=valid)
+    at = tok[:, None] * DK + rk[None, :]
+    tl.store(dk_ptr + at, tl.load(dk_ptr + at, mask=valid[:, None], other=0.0)
+             + tl.dot(M + tl.load(tr_ptr + rc[None, :] * C + rc[:, None]), k, input_precision=PREC), mask=valid[:, None])
+    tl.store(dg_ptr + tok, tl.load(dg_ptr + tok, mask=valid, other=0.0) + _decay_gradient(tl.sum(Y, 1) - tl.sum(Y, 0), 0.0),
+             mask=valid)
     tl.store(dbeta_ptr + tok, dbeta, mask=valid)
 
 
@@ -987,9 +1075,23 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base),
     fp32, for the output gradient do and the final states' gradient dstates. states0 must have its
     empty slots zeroed. W: the forward's (``forward_operators``), if the caller kept it; else the
-    operators are rebuilt by the token loop. Two stages: ``delta_state_products`` (everything that
-    involves the K states), then the chunk operators' backward (``_delta_operators_backward_kernel``),
-    after the walks' buffers are freed."""
+    operators are rebuilt by the token loop. Two parts: ``delta_state_products`` (everything that
+    involves the K states), then, after the walks' buffers are freed, the chunk operators' backward,
+    by hand from their WY form (``torch_backend._chunk_operators_delta``):
+        Gamma[t, s] = exp(G_t - G_s) (s <= t), gamma = exp(G), L = strict(diag(beta) (K K^T * Gamma)),
+        W = (I + L)^-1, Tm = W diag(beta), A = (Q K^T * Gamma) Tm, k~ = Tm^T diag(Gamma[end]) K,
+        q~ = diag(gamma) Q - A diag(gamma) K, Z = gamma_end I - k~^T diag(gamma) K,
+    plus the within-chunk readout with A. It runs as four chunk-local stages, each one program per
+    (sequence, head, chunk): the readout with q~ and Z (``_delta_backward_readout_kernel``, which
+    writes dA), k~ (``_delta_backward_kt_kernel``, which writes dTm), A (``_delta_backward_a_kernel``)
+    and W (``_delta_backward_inverse_kernel``); each later one adds to dq, dk and dg. One kernel
+    holding all of it needed 255 registers and spilled (8 KB per program): on the H200, T=32768,
+    K=16, bf16, it took 11.7 ms where the four take 4.8, with [C, C] fp32 tiles (dA, dTm) passed
+    through memory. A transposed product result never feeds another product (what Triton 3.4-3.7
+    miscompiles on Hopper, fla #640): transposes of inputs are transposed loads, and the two computed
+    tiles whose transposes are needed (dQK, and dKK's part M) go through the program's [C, C] region
+    of a scratch tensor and come back as transposed loads. Products at
+    ``_operator_backward_precision``."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
@@ -1003,11 +1105,19 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     dv = torch.empty(B, T, H, PV, dtype=torch.float32, device=q.device)
     dg, dbeta = (torch.empty(B, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
     dlam = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    launch(_delta_operators_backward_kernel, (B * H, NC),
-           ("tr_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dbeta_ptr", "dlam_ptr"))(
-        q, k, v, do, g, beta, lam, tables, Wm, A, kt, dqt, dkt, dZ, dvx, dlamx, torch.empty_like(A), dq, dk, dv, dg,
-        dbeta, dlam, T, H, tables.shape[2], float(scale), DK=PK, DV=PV, K=K, KP=_slots(K), C=chunk, BV=_block_v(PV),
-        PREC=_operator_backward_precision(q.dtype, max(PK, PV)), num_warps=OPERATOR_BACKWARD_WARPS)
+    tiles = lambda: torch.empty(B * H, NC, chunk, chunk, dtype=torch.float32, device=q.device)
+    dA, dTm, tr = tiles(), tiles(), tiles()
+    prec = _operator_backward_precision(q.dtype, max(PK, PV))
+    launch(_delta_backward_readout_kernel, (B * H, NC), ("dA_ptr", "dq_ptr", "dk_ptr", "dv_ptr", "dg_ptr", "dlam_ptr"))(
+        q, k, v, do, g, lam, tables, A, kt, dqt, dZ, dvx, dlamx, dA, dq, dk, dv, dg, dlam, T, H, tables.shape[2],
+        float(scale), DK=PK, DV=PV, K=K, KP=_slots(K), C=chunk, BV=_block_v(PV), PREC=prec,
+        num_warps=OPERATOR_BACKWARD_WARPS)
+    launch(_delta_backward_kt_kernel, (B * H, NC), ("dTm_ptr", "dk_ptr", "dg_ptr"))(
+        k, g, beta, Wm, dkt, dZ, dTm, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
+    launch(_delta_backward_a_kernel, (B * H, NC), ("tr_ptr", "dTm_ptr", "dq_ptr", "dk_ptr", "dg_ptr"))(
+        q, k, g, beta, Wm, dA, tr, dTm, dq, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
+    launch(_delta_backward_inverse_kernel, (B * H, NC), ("tr_ptr", "dk_ptr", "dg_ptr", "dbeta_ptr"))(
+        k, g, beta, Wm, dTm, tr, dk, dg, dbeta, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
     return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0[..., :DK, :DV]
 
 
