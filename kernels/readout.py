@@ -1,5 +1,5 @@
 """Stages 2 and 3 as Triton kernels, on a given schedule: slot tables, the fused multi-state readout
-(forward) of both bases, and the backward of both: for ``delta`` in two stages, the part that
+(forward) of both bases, and the backward of both: for ``delta`` in two parts, the part that
 involves the K states (``delta_state_products``) and the chunk operators' gradients, derived by
 hand from their WY form (``_delta_backward_readout_kernel`` and the three stages after it).
 
@@ -71,8 +71,9 @@ PRODUCT_WARPS = 4
 WALK_ENTRIES = 8
 WALK_WARPS = 4
 # the operator backward's four stages on the H200 (triton 3.6), T=32768 (B * H = 32, DK=DV=64), bf16:
-# 4.8 ms at 4 warps, 7.5 at 8 (eighteenth session). As one kernel it took 11.7 at 4 warps; at 2 an
-# earlier single-kernel form ran for minutes in ptxas, and offline the stages spill 2 to 4 times more
+# 4.8 ms at 4 warps, 7.5 at 8 (eighteenth session). As one kernel it took 11.7 at 4 warps; an earlier
+# single-kernel form ran for minutes in ptxas at 2 warps and hit an illegal memory access at 8; offline
+# (sm_90a) the stages at 2 warps spill 2 to 4 times what they spill at 4
 OPERATOR_BACKWARD_WARPS = 4
 FROM_W_WARPS = 4
 GATE_BLOCK = 1024
@@ -190,7 +191,7 @@ def _delta_operators_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, qt_ptr, kt_ptr, A_ptr
         P <- alpha_t (P - beta_t k_t (k_t^T P)), then column t becomes k_t,
     and row t of A is (q_t^T P) diag(beta) (so A[t, s] = 0 for s > t); at the chunk end
     k~ = (P diag(beta))^T. With WITH_W it also writes W = (I + L)^-1 (the WY form's, below, for
-    ``_delta_operators_backward_kernel``): row t is -alpha_t beta_t k_t^T P before token t's update,
+    the backward, ``delta_backward``): row t is -alpha_t beta_t k_t^T P before token t's update,
     plus 1 on the diagonal, since P = K^T diag(Gamma[t]) W at every t. The rest is two
     products, by the WY form (``_chunk_operators_delta``'s docstring):
         q~ = diag(gamma) Q - A diag(gamma) K,   Z = gamma_end I - k~^T diag(gamma) K,
@@ -490,8 +491,9 @@ def _delta_state_products_kernel(do_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, qt_ptr,
         dk~_s = G_x(s) v_s,                  dv_s = G_x(s)^T k~_s
     (the gradients of the chunk's transition Z, of q~, of k~, and dv's terms across chunks), and the
     entry weights' part of dlam (dw_e(t) goes to lam_t[slot_t(e)]). Written per padded token row
-    ([B * H, NC * C, ...]; rows past T get zeros), with dZ [B * H, NC, DK, DK], for
-    ``_delta_operators_backward_kernel``."""
+    ([B * H, NC * C, ...]; rows past T get zeros, which the operator backward's unmasked [C, C]
+    tiles rely on), with dZ [B * H, NC, DK, DK], for the operator backward's stages
+    (``delta_backward``)."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -570,7 +572,7 @@ def _delta_backward_readout_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, lam_ptr, 
     o += scale (A * lam_t[slot_t(s)]) v, whose gradients are dv += scale (Lw * A)^T do, dlam from
     scale (do v^T) * A and dA = scale (do v^T) * Lw; and q~ = diag(gamma) Q - A diag(gamma) K and
     Z = gamma_end I - k~^T diag(gamma) K through A, gamma and gamma_end. Writes dv and dlam whole,
-    and dA [C, C] for the second stage; starts dq, dk and dg."""
+    and dA [C, C] for the third stage (``_delta_backward_a_kernel``); starts dq, dk and dg."""
     bh = tl.program_id(0)
     c = tl.program_id(1)
     b = bh // H
@@ -889,15 +891,18 @@ def _tf32x3_for_fp32(dtype: torch.dtype) -> str:
     # fp32: tf32x3, fp32-accurate and cheaper than ieee; half inputs: tf32. The state-gradient walk
     # (it carries Z - I, not Z, as the forward sweep does, so the rounding carried from chunk to chunk
     # scales with what chunks change) and the operators from W (whose Q K^T is exact at tf32 for half
-    # inputs: bf16 and fp16 fit tf32's mantissa)
+    # inputs: bf16 and fp16 fit tf32's mantissa; their q~ = diag(gamma) Q - A diag(gamma) K can cancel,
+    # which moved the forward's T=32768 output 1.6e-3 -> 1.9e-2 at tf32: whether it moves the long-T
+    # gradients is not yet measured)
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def _operator_backward_precision(dtype: torch.dtype, width: int) -> str:
     # fp32: tf32x3, fp32-accurate (dg is a difference of sums) and faster than ieee here. Half inputs
     # at padded widths up to 64: tf32, as the other kernels; the gradients are chunk-local, so its
-    # rounding is not carried (H200, T=32768, K=16, bf16: 16.0 -> 11.5 ms; against float64, worst
-    # 2.3e-3 -> 2.5e-3). At 128 the tf32 form asks for 320 KiB of shared memory (the H200 has 227)
+    # rounding is not carried (H200, T=32768, K=16, bf16, measured on the single kernel the four stages
+    # replaced: 16.0 -> 11.5 ms; against float64, worst 2.3e-3 -> 2.5e-3). At 128 that kernel's tf32
+    # form asked for 320 KiB of shared memory (the H200 has 227); the stages are not yet tried there
     return "tf32" if dtype != torch.float32 and width <= 64 else "tf32x3"
 
 
@@ -1084,10 +1089,12 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     plus the within-chunk readout with A. It runs as four chunk-local stages, each one program per
     (sequence, head, chunk): the readout with q~ and Z (``_delta_backward_readout_kernel``, which
     writes dA), k~ (``_delta_backward_kt_kernel``, which writes dTm), A (``_delta_backward_a_kernel``)
-    and W (``_delta_backward_inverse_kernel``); each later one adds to dq, dk and dg. One kernel
-    holding all of it needed 255 registers and spilled (8 KB per program): on the H200, T=32768,
-    K=16, bf16, it took 11.7 ms where the four take 4.8, with [C, C] fp32 tiles (dA, dTm) passed
-    through memory. A transposed product result never feeds another product (what Triton 3.4-3.7
+    and W (``_delta_backward_inverse_kernel``): the k~ and W stages add to dk and dg, the A stage to
+    dq, dk and dg. One kernel holding all of it spilled about 8 KB per program (offline, sm_90a, 4
+    warps; each stage spills 0.5 to 1.4 KB): on the H200, T=32768, K=16, bf16, it took 11.7 ms where
+    the four take 4.8, with [C, C] fp32 tiles (dA, dTm) passed through memory. The three [C, C]
+    scratch tensors (dA, dTm, tr: 256 MiB each at that size) live after the walks' buffers are freed
+    and left the measured peak as it was. A transposed product result never feeds another product (what Triton 3.4-3.7
     miscompiles on Hopper, fla #640): transposes of inputs are transposed loads, and the two computed
     tiles whose transposes are needed (dQK, and dKK's part M) go through the program's [C, C] region
     of a scratch tensor and come back as transposed loads. Products at
@@ -1095,7 +1102,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
-    # padded and contiguous once for both stages (delta_state_products' own padding is then a no-op)
+    # padded and contiguous once for both parts (delta_state_products' own padding is then a no-op)
     q, k, v, do = (_pad(t, w).contiguous() for t, w in ((q, PK), (k, PK), (v, PV), (do.to(q.dtype), PV)))
     g, lam, beta = g.contiguous(), lam.contiguous(), beta.contiguous()
     dZ, dkt, dvx, dqt, dlamx, ds0, (kt, A, Wm) = delta_state_products(do, dstates, q, k, v, g, lam, beta, states0,
