@@ -625,24 +625,36 @@ def _delta_backward_readout_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, lam_ptr, 
 
 
 @triton.jit
+def _stage_start(T, H, DK: tl.constexpr, C: tl.constexpr):
+    """Where a program of the operator backward's k~, A and W stages is: chunk c of sequence and head
+    bh, its positions rc, feature columns rk and valid rows; ``first``, the chunk's first token row of
+    a [B, T, H] tensor, and ``chunk``, its index in the [B * H, NC] chunked tensors (both int64, for
+    the callers to move their pointers there, so that the offset tiles are int32: registers); tok,
+    the chunk's token rows from ``first``, and cc, its [C, C] tile's offsets."""
+    bh = tl.program_id(0)
+    c = tl.program_id(1)
+    rc = tl.arange(0, C)
+    first = ((bh // H).to(tl.int64) * T + c * C) * H + bh % H
+    chunk = bh.to(tl.int64) * tl.cdiv(T, C) + c
+    return c, rc, tl.arange(0, DK), c * C + rc < T, first, chunk, rc * H, rc[:, None] * C + rc[None, :]
+
+
+@triton.jit
+def _add_rows(ptr, at, x, mask):
+    """Adds x to the tile at ptr + at where mask holds: the stages' running dq, dk and dg."""
+    tl.store(ptr + at, tl.load(ptr + at, mask=mask, other=0.0) + x, mask=mask)
+
+
+@triton.jit
 def _delta_backward_kt_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dkt_ptr, dZ_ptr, dTm_ptr, dk_ptr, dg_ptr, T, H,
                               DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
     """The delta backward's second chunk-local stage: k~ = Tm^T diag(Gamma[end]) K, Tm = W diag(beta),
     with dk~'s part through Z (dk~ -= diag(gamma) K dZ^T), back to K, the decays and dTm, which it
     writes [C, C] for the third stage. Adds to dk and dg."""
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
-    NC = tl.cdiv(T, C)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, DK)
-    valid = c * C + rc < T
-    # pointers moved to this chunk's first row, so that the [C, D] offset tiles are int32 (registers)
-    first = ((bh // H).to(tl.int64) * T + c * C) * H + bh % H
-    chunk = bh.to(tl.int64) * NC + c
+    c, rc, rk, valid, first, chunk, tok, cc = _stage_start(T, H, DK, C)
     k_ptr, g_ptr, beta_ptr, W_ptr, dk_ptr, dg_ptr = (k_ptr + first * DK, g_ptr + first, beta_ptr + first,
                                                      W_ptr + first * C, dk_ptr + first * DK, dg_ptr + first)
     dkt_ptr, dZ_ptr, dTm_ptr = dkt_ptr + chunk * C * DK, dZ_ptr + chunk * DK * DK, dTm_ptr + chunk * C * C
-    tok = rc * H
     G, G_end, _, _ = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
     gamma = tl.exp(G.to(tl.float32))
     Gamma_end = tl.exp((G_end - G).to(tl.float32))
@@ -654,14 +666,13 @@ def _delta_backward_kt_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dkt_ptr, dZ_ptr, dT
     dR = tl.dot(_w_tile(W_ptr, tok, valid, rc, C, False) * beta[None, :], dkt, input_precision=PREC)
     d_Gamma_end = tl.sum(dR * k, 1)
     at = tok[:, None] * DK + rk[None, :]
-    tl.store(dk_ptr + at, tl.load(dk_ptr + at, mask=valid[:, None], other=0.0) + Gamma_end[:, None] * dR,
-             mask=valid[:, None])
+    _add_rows(dk_ptr, at, Gamma_end[:, None] * dR, valid[:, None])
     kT = tl.load(k_ptr + tok[None, :] * DK + rk[:, None], mask=valid[None, :], other=0.0).to(tl.float32)
     dktT = tl.load(dkt_ptr + rc[None, :] * DK + rk[:, None]) - tl.dot(
         tl.load(dZ_ptr + rk[:, None] * DK + rk[None, :]), gamma[None, :] * kT, input_precision=PREC)
-    tl.store(dTm_ptr + rc[:, None] * C + rc[None, :], tl.dot(Gamma_end[:, None] * k, dktT, input_precision=PREC))
+    tl.store(dTm_ptr + cc, tl.dot(Gamma_end[:, None] * k, dktT, input_precision=PREC))
     dg = _decay_gradient(-d_Gamma_end * Gamma_end, tl.sum(d_Gamma_end * Gamma_end, 0))
-    tl.store(dg_ptr + tok, tl.load(dg_ptr + tok, mask=valid, other=0.0) + dg, mask=valid)
+    _add_rows(dg_ptr, tok, dg, valid)
 
 
 @triton.jit
@@ -669,20 +680,11 @@ def _delta_backward_a_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, dA_ptr, tr_pt
                              T, H, DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
     """The delta backward's third chunk-local stage: A = (Q K^T * Gamma) Tm back to Q, K, the decays
     and Tm (dTm += (K Q^T * Gamma^T) dA). Adds to dq, dk, dg and dTm."""
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
-    NC = tl.cdiv(T, C)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, DK)
-    valid = c * C + rc < T
-    first = ((bh // H).to(tl.int64) * T + c * C) * H + bh % H   # (as in _delta_backward_kt_kernel)
-    chunk = bh.to(tl.int64) * NC + c
+    c, rc, rk, valid, first, chunk, tok, cc = _stage_start(T, H, DK, C)
     q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr = (q_ptr + first * DK, k_ptr + first * DK, g_ptr + first,
                                             beta_ptr + first, W_ptr + first * C)
     dq_ptr, dk_ptr, dg_ptr = dq_ptr + first * DK, dk_ptr + first * DK, dg_ptr + first
     dA_ptr, tr_ptr, dTm_ptr = dA_ptr + chunk * C * C, tr_ptr + chunk * C * C, dTm_ptr + chunk * C * C
-    tok = rc * H
-    cc = rc[:, None] * C + rc[None, :]
     G, G_end, live, Gamma = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     dA = tl.load(dA_ptr + cc)
@@ -698,14 +700,13 @@ def _delta_backward_a_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, dA_ptr, tr_pt
     Y = tl.where(live, dQKg * tl.dot(q, kT, input_precision=PREC) * Gamma, 0.0)   # dGamma * Gamma
     dQK = dQKg * Gamma
     at = tok[:, None] * DK + rk[None, :]
-    tl.store(dq_ptr + at, tl.load(dq_ptr + at, mask=valid[:, None], other=0.0) + tl.dot(dQK, k, input_precision=PREC),
-             mask=valid[:, None])
+    _add_rows(dq_ptr, at, tl.dot(dQK, k, input_precision=PREC), valid[:, None])
     tl.store(tr_ptr + cc, dQK)
     tl.debug_barrier()
-    tl.store(dk_ptr + at, tl.load(dk_ptr + at, mask=valid[:, None], other=0.0)
-             + tl.dot(tl.load(tr_ptr + rc[None, :] * C + rc[:, None]), q, input_precision=PREC), mask=valid[:, None])
+    dQK_T = tl.load(tr_ptr + rc[None, :] * C + rc[:, None])
+    _add_rows(dk_ptr, at, tl.dot(dQK_T, q, input_precision=PREC), valid[:, None])
     dg = _decay_gradient(tl.sum(Y, 1) - tl.sum(Y, 0), 0.0)
-    tl.store(dg_ptr + tok, tl.load(dg_ptr + tok, mask=valid, other=0.0) + dg, mask=valid)
+    _add_rows(dg_ptr, tok, dg, valid)
 
 
 @triton.jit
@@ -714,19 +715,10 @@ def _delta_backward_inverse_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dTm_ptr, tr_pt
     """The delta backward's fourth chunk-local stage: Tm = W diag(beta) with W = (I + L)^-1 and
     L = strict(diag(beta) (K K^T * Gamma)), from dTm: dW = dTm diag(beta), dL = strict(-W^T dW W^T),
     and dK K^T = M = diag(beta) dL * Gamma, so dk += (M + M^T) K. Writes dbeta; adds to dk and dg."""
-    bh = tl.program_id(0)
-    c = tl.program_id(1)
-    NC = tl.cdiv(T, C)
-    rc = tl.arange(0, C)
-    rk = tl.arange(0, DK)
-    valid = c * C + rc < T
-    first = ((bh // H).to(tl.int64) * T + c * C) * H + bh % H   # (as in _delta_backward_kt_kernel)
-    chunk = bh.to(tl.int64) * NC + c
+    c, rc, rk, valid, first, chunk, tok, cc = _stage_start(T, H, DK, C)
     k_ptr, g_ptr, beta_ptr, W_ptr = k_ptr + first * DK, g_ptr + first, beta_ptr + first, W_ptr + first * C
     dk_ptr, dg_ptr, dbeta_ptr = dk_ptr + first * DK, dg_ptr + first, dbeta_ptr + first
     dTm_ptr, tr_ptr = dTm_ptr + chunk * C * C, tr_ptr + chunk * C * C
-    tok = rc * H
-    cc = rc[:, None] * C + rc[None, :]
     G, G_end, live, Gamma = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
     dTm = tl.load(dTm_ptr + cc)
@@ -743,10 +735,9 @@ def _delta_backward_inverse_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dTm_ptr, tr_pt
     tl.store(tr_ptr + cc, M)
     tl.debug_barrier()
     at = tok[:, None] * DK + rk[None, :]
-    tl.store(dk_ptr + at, tl.load(dk_ptr + at, mask=valid[:, None], other=0.0)
-             + tl.dot(M + tl.load(tr_ptr + rc[None, :] * C + rc[:, None]), k, input_precision=PREC), mask=valid[:, None])
-    tl.store(dg_ptr + tok, tl.load(dg_ptr + tok, mask=valid, other=0.0) + _decay_gradient(tl.sum(Y, 1) - tl.sum(Y, 0), 0.0),
-             mask=valid)
+    M_T = tl.load(tr_ptr + rc[None, :] * C + rc[:, None])
+    _add_rows(dk_ptr, at, tl.dot(M + M_T, k, input_precision=PREC), valid[:, None])
+    _add_rows(dg_ptr, tok, _decay_gradient(tl.sum(Y, 1) - tl.sum(Y, 0), 0.0), valid)
     tl.store(dbeta_ptr + tok, dbeta, mask=valid)
 
 
