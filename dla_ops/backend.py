@@ -55,6 +55,13 @@ def use_triton_schedule(device: torch.device, compute_dtype: torch.dtype) -> boo
     return device.type == "cuda" and covered
 
 
+def use_triton_pass(device: torch.device) -> bool:
+    """The one-pass input checks and key/value norms (``kernels/checks.py``): Triton wherever it may
+    run, any float dtype (they compute nothing in the compute dtype)."""
+    name = requested()
+    return name == "triton" or (name is None and device.type == "cuda")
+
+
 _tracing = threading.local()
 
 

@@ -123,6 +123,9 @@ def _slot0(K: int, device) -> Tensor:
 
 def key_value_norms(k: Tensor, v: Tensor) -> Tensor:
     """||k_t|| ||v_t|| in float32 (the information score's denominator, less ||S_o||) for the kernels."""
+    if backend.use_triton_pass(k.device):
+        from dla_ops.kernels.checks import kv_norms
+        return kv_norms(k, v)
     return _norm_fp32(k) * _norm_fp32(v)
 
 
