@@ -449,6 +449,13 @@ def _split_sequences(cu_seqlens: Optional[Tensor], along_t: list, per_seq: list)
                [None if x is None else x[n:n + 1] for x in per_seq])
 
 
+def _joined(parts, dim: int) -> Tensor:
+    """The runs' parts along dim, contiguous as the fake rules promise (like torch.cat's result): one
+    run's is copied only if it is not (torch.cat always copies: measured 0.4 ms of device-to-device
+    copies in the delta T=32768 step)."""
+    return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def empty_cache_like(q: Tensor, v: Tensor, lam: Tensor, n: int, cdt: torch.dtype):
     H, DK, DV, K = q.shape[2], q.shape[3], v.shape[3], lam.shape[3]
     return (q.new_zeros(n, H, K, DK, DV, dtype=cdt), q.new_zeros(n, H, K, dtype=torch.int64),
@@ -483,10 +490,10 @@ def attention_forward(q, k, v, g, lam, beta, states0, counts0, info0, scale: flo
         I, boundary, merge, counts, info = schedule_stage(k_, v_, g_, beta_, s0, c0, i0, tau, kvn_, schedule_ops)
         o, states = _run_readout(q_, k_, v_, g_, lam_, beta_, s0, c0, boundary, merge, scale, read_ops)
         outs.append((o, I, boundary, merge, W, states, counts, info))
-    along_t = [torch.cat(parts, 1) for parts in list(zip(*outs))[:4]]
+    along_t = [_joined(parts, 1) for parts in list(zip(*outs))[:4]]
     Ws = list(zip(*outs))[4]
-    kept = q.new_empty(0, dtype=torch.float32) if Ws[0] is None else Ws[0] if len(Ws) == 1 else torch.cat(Ws, 1)
-    per_seq = [torch.cat(parts, 0) for parts in list(zip(*outs))[5:]]
+    kept = q.new_empty(0, dtype=torch.float32) if Ws[0] is None else _joined(Ws, 1)
+    per_seq = [_joined(parts, 0) for parts in list(zip(*outs))[5:]]
     return tuple(along_t + per_seq + [kept])
 
 
@@ -532,8 +539,8 @@ def attention_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bou
             for (do_, *xs, b_, m_, W_), (ds_, s0, c0)
             in _split_sequences(cu_seqlens, [do, q, k, v, g, lam, beta, boundary, merge, W], [dstates, states0, counts0])]
     parts = list(zip(*runs))
-    grads = [None if x is None else torch.cat(p, 1) for x, p in zip(inputs[:6], parts[:6])]
-    return grads + [torch.cat(parts[6], 0)]
+    grads = [None if x is None else _joined(p, 1) for x, p in zip(inputs[:6], parts[:6])]
+    return grads + [_joined(parts[6], 0)]
 
 
 def token_step(q, k, v, g, lam, beta, states, counts, info, scale: float, tau: float):
