@@ -412,9 +412,9 @@ def _kernel_backward(do, dstates, q, k, v, g, lam, beta, states0, counts0, bound
         dq, dk, dv, dg, dlam, ds0 = kernels.backward(do, dstates, q, k, v, g, lam, states0, tables, scale)
         dbeta = None
     else:
+        # (dq, dk, dv and dbeta come in their inputs' dtypes)
         dq, dk, dv, dg, dlam, dbeta, ds0 = kernels.delta_backward(do, dstates.float(), q, k, v, g, lam, beta,
                                                                   states0, tables, scale, W=W)
-        dq, dk, dv, dbeta = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype)
     return [dq, dk, dv, dg.to(g.dtype), dlam.to(lam.dtype), dbeta,
             ignore_empty_slots(ds0, counts0).to(states0.dtype)]
 

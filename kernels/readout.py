@@ -602,7 +602,7 @@ def _delta_backward_readout_kernel(q_ptr, k_ptr, v_ptr, do_ptr, g_ptr, lam_ptr, 
         do_b = _rows(do_ptr, tok, valid, rv, DV)
         P += tl.dot(do_b, tl.trans(_rows(v_ptr, tok, valid, rv, DV)), input_precision=PREC)
         dv = scale * tl.dot(LAT, do_b, input_precision=PREC) + tl.load(dvx_ptr + rc[:, None] * DV + rv[None, :])
-        tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv, mask=valid[:, None])
+        tl.store(dv_ptr + tok[:, None] * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=valid[:, None])
     P = scale * P
     A = tl.load(A_ptr + cc)
     X = tl.where(live, P * A, 0.0)
@@ -642,7 +642,14 @@ def _stage_start(T, H, DK: tl.constexpr, C: tl.constexpr):
 @triton.jit
 def _add_rows(ptr, at, x, mask):
     """Adds x to the tile at ptr + at where mask holds: the stages' running dq, dk and dg."""
-    tl.store(ptr + at, tl.load(ptr + at, mask=mask, other=0.0) + x, mask=mask)
+    _add_rows_into(ptr, ptr, at, x, mask)
+
+
+@triton.jit
+def _add_rows_into(ptr, out_ptr, at, x, mask):
+    """``_add_rows``, stored at out_ptr in its dtype: the last addition to dq and dk writes them in the
+    input dtype, which spares a cast kernel each."""
+    tl.store(out_ptr + at, (tl.load(ptr + at, mask=mask, other=0.0) + x).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -676,14 +683,15 @@ def _delta_backward_kt_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dkt_ptr, dZ_ptr, dT
 
 
 @triton.jit
-def _delta_backward_a_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, dA_ptr, tr_ptr, dTm_ptr, dq_ptr, dk_ptr, dg_ptr,
-                             T, H, DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+def _delta_backward_a_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, dA_ptr, tr_ptr, dTm_ptr, dq_ptr, dq_out_ptr,
+                             dk_ptr, dg_ptr, T, H, DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
     """The delta backward's third chunk-local stage: A = (Q K^T * Gamma) Tm back to Q, K, the decays
-    and Tm (dTm += (K Q^T * Gamma^T) dA). Adds to dq, dk, dg and dTm."""
+    and Tm (dTm += (K Q^T * Gamma^T) dA). Adds to dk, dg and dTm, and its dq, the last, into dq_out
+    (in q's dtype)."""
     c, rc, rk, valid, first, chunk, tok, cc = _stage_start(T, H, DK, C)
     q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr = (q_ptr + first * DK, k_ptr + first * DK, g_ptr + first,
                                             beta_ptr + first, W_ptr + first * C)
-    dq_ptr, dk_ptr, dg_ptr = dq_ptr + first * DK, dk_ptr + first * DK, dg_ptr + first
+    dq_ptr, dq_out_ptr, dk_ptr, dg_ptr = dq_ptr + first * DK, dq_out_ptr + first * DK, dk_ptr + first * DK, dg_ptr + first
     dA_ptr, tr_ptr, dTm_ptr = dA_ptr + chunk * C * C, tr_ptr + chunk * C * C, dTm_ptr + chunk * C * C
     G, G_end, live, Gamma = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
@@ -700,7 +708,7 @@ def _delta_backward_a_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, dA_ptr, tr_pt
     Y = tl.where(live, dQKg * tl.dot(q, kT, input_precision=PREC) * Gamma, 0.0)   # dGamma * Gamma
     dQK = dQKg * Gamma
     at = tok[:, None] * DK + rk[None, :]
-    _add_rows(dq_ptr, at, tl.dot(dQK, k, input_precision=PREC), valid[:, None])
+    _add_rows_into(dq_ptr, dq_out_ptr, at, tl.dot(dQK, k, input_precision=PREC), valid[:, None])
     tl.store(tr_ptr + cc, dQK)
     tl.debug_barrier()
     dQK_T = tl.load(tr_ptr + rc[None, :] * C + rc[:, None])
@@ -710,14 +718,15 @@ def _delta_backward_a_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, dA_ptr, tr_pt
 
 
 @triton.jit
-def _delta_backward_inverse_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dTm_ptr, tr_ptr, dk_ptr, dg_ptr, dbeta_ptr,
-                                   T, H, DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
+def _delta_backward_inverse_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dTm_ptr, tr_ptr, dk_ptr, dk_out_ptr, dg_ptr,
+                                   dbeta_ptr, T, H, DK: tl.constexpr, C: tl.constexpr, PREC: tl.constexpr):
     """The delta backward's fourth chunk-local stage: Tm = W diag(beta) with W = (I + L)^-1 and
     L = strict(diag(beta) (K K^T * Gamma)), from dTm: dW = dTm diag(beta), dL = strict(-W^T dW W^T),
-    and dK K^T = M = diag(beta) dL * Gamma, so dk += (M + M^T) K. Writes dbeta; adds to dk and dg."""
+    and dK K^T = M = diag(beta) dL * Gamma, so dk += (M + M^T) K. Writes dbeta (in beta's dtype); adds to dg,
+    and its dk, the last, into dk_out (in k's dtype)."""
     c, rc, rk, valid, first, chunk, tok, cc = _stage_start(T, H, DK, C)
     k_ptr, g_ptr, beta_ptr, W_ptr = k_ptr + first * DK, g_ptr + first, beta_ptr + first, W_ptr + first * C
-    dk_ptr, dg_ptr, dbeta_ptr = dk_ptr + first * DK, dg_ptr + first, dbeta_ptr + first
+    dk_ptr, dk_out_ptr, dg_ptr, dbeta_ptr = dk_ptr + first * DK, dk_out_ptr + first * DK, dg_ptr + first, dbeta_ptr + first
     dTm_ptr, tr_ptr = dTm_ptr + chunk * C * C, tr_ptr + chunk * C * C
     G, G_end, live, Gamma = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
@@ -736,9 +745,9 @@ def _delta_backward_inverse_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dTm_ptr, tr_pt
     tl.debug_barrier()
     at = tok[:, None] * DK + rk[None, :]
     M_T = tl.load(tr_ptr + rc[None, :] * C + rc[:, None])
-    _add_rows(dk_ptr, at, tl.dot(M + M_T, k, input_precision=PREC), valid[:, None])
+    _add_rows_into(dk_ptr, dk_out_ptr, at, tl.dot(M + M_T, k, input_precision=PREC), valid[:, None])
     _add_rows(dg_ptr, tok, _decay_gradient(tl.sum(Y, 1) - tl.sum(Y, 0), 0.0), valid)
-    tl.store(dbeta_ptr + tok, dbeta, mask=valid)
+    tl.store(dbeta_ptr + tok, dbeta.to(dbeta_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -1069,7 +1078,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK,
                    W: Optional[Tensor] = None):
     """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base),
-    fp32, for the output gradient do and the final states' gradient dstates. states0 must have its
+    dq, dk, dv and dbeta in their inputs' dtypes and the rest fp32, for the output gradient do and the final states' gradient dstates. states0 must have its
     empty slots zeroed. W: the forward's (``forward_operators``), if the caller kept it; else the
     operators are rebuilt by the token loop. Two parts: ``delta_state_products`` (everything that
     involves the K states), then, after the walks' buffers are freed, the chunk operators' backward,
@@ -1099,9 +1108,12 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     dZ, dkt, dvx, dqt, dlamx, ds0, (kt, A, Wm) = delta_state_products(do, dstates, q, k, v, g, lam, beta, states0,
                                                                        tables, scale, chunk=chunk, W=W)
     NC = triton.cdiv(T, chunk)
+    # dq and dk run in fp32 through the stages; each one's last stage writes it in the input dtype
     dq, dk = (torch.empty(B, T, H, PK, dtype=torch.float32, device=q.device) for _ in range(2))
-    dv = torch.empty(B, T, H, PV, dtype=torch.float32, device=q.device)
-    dg, dbeta = (torch.empty(B, T, H, dtype=torch.float32, device=q.device) for _ in range(2))
+    dq_out, dk_out = (x if q.dtype == torch.float32 else torch.empty_like(x, dtype=q.dtype) for x in (dq, dk))
+    dv = torch.empty(B, T, H, PV, dtype=v.dtype, device=q.device)
+    dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+    dbeta = torch.empty(B, T, H, dtype=beta.dtype, device=q.device)
     dlam = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     tiles = lambda: torch.empty(B * H, NC, chunk, chunk, dtype=torch.float32, device=q.device)
     dA, dTm, tr = tiles(), tiles(), tiles()
@@ -1112,11 +1124,11 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
         num_warps=OPERATOR_BACKWARD_WARPS)
     launch(_delta_backward_kt_kernel, (B * H, NC), ("dTm_ptr", "dk_ptr", "dg_ptr"))(
         k, g, beta, Wm, dkt, dZ, dTm, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
-    launch(_delta_backward_a_kernel, (B * H, NC), ("tr_ptr", "dTm_ptr", "dq_ptr", "dk_ptr", "dg_ptr"))(
-        q, k, g, beta, Wm, dA, tr, dTm, dq, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
-    launch(_delta_backward_inverse_kernel, (B * H, NC), ("tr_ptr", "dk_ptr", "dg_ptr", "dbeta_ptr"))(
-        k, g, beta, Wm, dTm, tr, dk, dg, dbeta, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
-    return dq[..., :DK], dk[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0[..., :DK, :DV]
+    launch(_delta_backward_a_kernel, (B * H, NC), ("tr_ptr", "dTm_ptr", "dq_ptr", "dq_out_ptr", "dk_ptr", "dg_ptr"))(
+        q, k, g, beta, Wm, dA, tr, dTm, dq, dq_out, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
+    launch(_delta_backward_inverse_kernel, (B * H, NC), ("tr_ptr", "dk_ptr", "dk_out_ptr", "dg_ptr", "dbeta_ptr"))(
+        k, g, beta, Wm, dTm, tr, dk, dk_out, dg, dbeta, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
+    return dq_out[..., :DK], dk_out[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0[..., :DK, :DV]
 
 
 def delta_state_products(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
