@@ -902,7 +902,8 @@ def _operator_backward_precision(dtype: torch.dtype, width: int) -> str:
     # at padded widths up to 64: tf32, as the other kernels; the gradients are chunk-local, so its
     # rounding is not carried (H200, T=32768, K=16, bf16, measured on the single kernel the four stages
     # replaced: 16.0 -> 11.5 ms; against float64, worst 2.3e-3 -> 2.5e-3). At 128 that kernel's tf32
-    # form asked for 320 KiB of shared memory (the H200 has 227); the stages are not yet tried there
+    # form asked for 320 KiB of shared memory (the H200 has 227); the stages are not yet tried there.
+    # The W stage takes tf32x3 whatever this says (``delta_backward``)
     return "tf32" if dtype != torch.float32 and width <= 64 else "tf32x3"
 
 
@@ -1126,8 +1127,12 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
         k, g, beta, Wm, dkt, dZ, dTm, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
     launch(_delta_backward_a_kernel, (B * H, NC), ("tr_ptr", "dTm_ptr", "dq_ptr", "dq_out_ptr", "dk_ptr", "dg_ptr"))(
         q, k, g, beta, Wm, dA, tr, dTm, dq, dq_out, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
+    # the W stage at tf32x3 for every dtype: its dbeta and dg are sums over the chunk that cancel (H200,
+    # bf16, T=2048, K=16, against float64: at tf32 dbeta 6.5e-3 and dg 4.0e-3, at tf32x3 1.5e-3 and
+    # 2.1e-3; tf32x3 in the other three stages moved neither, and costs 2 ms there)
     launch(_delta_backward_inverse_kernel, (B * H, NC), ("tr_ptr", "dk_ptr", "dk_out_ptr", "dg_ptr", "dbeta_ptr"))(
-        k, g, beta, Wm, dTm, tr, dk, dk_out, dg, dbeta, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
+        k, g, beta, Wm, dTm, tr, dk, dk_out, dg, dbeta, T, H, DK=PK, C=chunk, PREC="tf32x3",
+        num_warps=OPERATOR_BACKWARD_WARPS)
     return dq_out[..., :DK], dk_out[..., :DK], dv[..., :DV], dg, dlam, dbeta, ds0[..., :DK, :DV]
 
 
