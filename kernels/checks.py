@@ -58,7 +58,8 @@ def range_flags(checks: Sequence[tuple[Optional[Tensor], float, float]], device:
             continue
         flat = x.contiguous().view(-1)   # a copy only for non-contiguous inputs (reshape keeps a strided 1-D view)
         _range_flag_kernel[(triton.cdiv(flat.numel(), FLAG_BLOCK),)](
-            flat, flags[i:], flat.numel(), float(lo), float(hi), HALF=flat.element_size() == 2, BLOCK=FLAG_BLOCK, num_warps=4)
+            flat, flags[i:], flat.numel(), float(lo), float(hi), HALF=flat.element_size() == 2, BLOCK=FLAG_BLOCK,
+            num_warps=4)
     return flags
 
 

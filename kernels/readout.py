@@ -691,7 +691,8 @@ def _delta_backward_a_kernel(q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr, dA_ptr, tr_pt
     c, rc, rk, valid, first, chunk, tok, cc = _stage_start(T, H, DK, C)
     q_ptr, k_ptr, g_ptr, beta_ptr, W_ptr = (q_ptr + first * DK, k_ptr + first * DK, g_ptr + first,
                                             beta_ptr + first, W_ptr + first * C)
-    dq_ptr, dq_out_ptr, dk_ptr, dg_ptr = dq_ptr + first * DK, dq_out_ptr + first * DK, dk_ptr + first * DK, dg_ptr + first
+    dq_ptr, dq_out_ptr, dk_ptr = dq_ptr + first * DK, dq_out_ptr + first * DK, dk_ptr + first * DK
+    dg_ptr = dg_ptr + first
     dA_ptr, tr_ptr, dTm_ptr = dA_ptr + chunk * C * C, tr_ptr + chunk * C * C, dTm_ptr + chunk * C * C
     G, G_end, live, Gamma = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
@@ -726,7 +727,8 @@ def _delta_backward_inverse_kernel(k_ptr, g_ptr, beta_ptr, W_ptr, dTm_ptr, tr_pt
     and its dk, the last, into dk_out (in k's dtype)."""
     c, rc, rk, valid, first, chunk, tok, cc = _stage_start(T, H, DK, C)
     k_ptr, g_ptr, beta_ptr, W_ptr = k_ptr + first * DK, g_ptr + first, beta_ptr + first, W_ptr + first * C
-    dk_ptr, dk_out_ptr, dg_ptr, dbeta_ptr = dk_ptr + first * DK, dk_out_ptr + first * DK, dg_ptr + first, dbeta_ptr + first
+    dk_ptr, dk_out_ptr, dg_ptr, dbeta_ptr = (dk_ptr + first * DK, dk_out_ptr + first * DK, dg_ptr + first,
+                                             dbeta_ptr + first)
     dTm_ptr, tr_ptr = dTm_ptr + chunk * C * C, tr_ptr + chunk * C * C
     G, G_end, live, Gamma = _chunk_decays(g_ptr, tok, valid, rc, T, c, C)
     beta = tl.load(beta_ptr + tok, mask=valid, other=0.0).to(tl.float32)
@@ -1079,8 +1081,8 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK,
                    W: Optional[Tensor] = None):
     """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base),
-    dq, dk, dv and dbeta in their inputs' dtypes and the rest fp32, for the output gradient do and the final states' gradient dstates. states0 must have its
-    empty slots zeroed. W: the forward's (``forward_operators``), if the caller kept it; else the
+    dq, dk, dv and dbeta in their inputs' dtypes and the rest fp32, for the output gradient do and the
+    final states' gradient dstates. states0 must have its empty slots zeroed. W: the forward's (``forward_operators``), if the caller kept it; else the
     operators are rebuilt by the token loop. Two parts: ``delta_state_products`` (everything that
     involves the K states), then, after the walks' buffers are freed, the chunk operators' backward,
     by hand from their WY form (``torch_backend._chunk_operators_delta``):
@@ -1099,7 +1101,7 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     miscompiles on Hopper, fla #640): transposes of inputs are transposed loads, and the two computed
     tiles whose transposes are needed (dQK, and dKK's part M) go through the program's [C, C] region
     of a scratch tensor and come back as transposed loads. Products at
-    ``_operator_backward_precision``."""
+    ``_operator_backward_precision``, the W stage's at tf32x3."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
@@ -1126,7 +1128,8 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
     launch(_delta_backward_kt_kernel, (B * H, NC), ("dTm_ptr", "dk_ptr", "dg_ptr"))(
         k, g, beta, Wm, dkt, dZ, dTm, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
     launch(_delta_backward_a_kernel, (B * H, NC), ("tr_ptr", "dTm_ptr", "dq_ptr", "dq_out_ptr", "dk_ptr", "dg_ptr"))(
-        q, k, g, beta, Wm, dA, tr, dTm, dq, dq_out, dk, dg, T, H, DK=PK, C=chunk, PREC=prec, num_warps=OPERATOR_BACKWARD_WARPS)
+        q, k, g, beta, Wm, dA, tr, dTm, dq, dq_out, dk, dg, T, H, DK=PK, C=chunk, PREC=prec,
+        num_warps=OPERATOR_BACKWARD_WARPS)
     # the W stage at tf32x3 for every dtype: its dbeta and dg are sums over the chunk that cancel (H200,
     # bf16, T=2048, K=16, against float64: at tf32 dbeta 6.5e-3 and dg 4.0e-3, at tf32x3 1.5e-3 and
     # 2.1e-3; tf32x3 in the other three stages moved neither, and costs 2 ms there)

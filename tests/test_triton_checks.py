@@ -81,3 +81,15 @@ def test_one_pass_checks_pass_good_input():
         from dla_ops.validation import _one_pass_flags
         [(flag, _)] = _one_pass_flags(x["q"], x["k"], x["v"], x["g"], x["lam"], x["beta"])
     assert spy.call_count == 1 and not bool(flag)
+
+
+def test_a_flag_that_the_precise_checks_do_not_explain_is_an_error():
+    """A kernel flag with no failing precise check means the kernel is wrong: the op says so rather
+    than going on."""
+    x, _ = _inputs()
+    x = {n: None if a is None else a.to(DEVICE) for n, a in x.items()}
+    raised = lambda checks_, device: torch.ones(len(checks_), dtype=torch.int32, device=device)
+    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}), mock.patch.object(checks, "range_flags", raised):
+        with pytest.raises(RuntimeError, match="one-pass input check kernel flagged"):
+            from dla_ops.validation import check_values
+            check_values(x["q"], x["k"], x["v"], x["g"], x["lam"], x["beta"])
