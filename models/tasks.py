@@ -111,9 +111,18 @@ def passkey(batch: int, seq_len: int, key_len: int = 4, vocab: int = 8192,
     return x, y
 
 
-def answer_accuracy(logits: Tensor, labels: Tensor) -> float:
-    """Fraction of labelled positions whose label is the argmax prediction (shifted as the loss)."""
-    pred = logits[:, :-1].argmax(-1)
+def answer_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The labelled positions, shifted as the loss (position t predicts labels[:, t + 1]): a [B, T - 1]
+    mask of the positions whose prediction is scored, and their labels in that mask's order."""
     target = labels[:, 1:]
     scored = target != IGNORE
-    return (pred[scored] == target[scored]).float().mean().item()
+    return scored, target[scored]
+
+
+def answer_accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Fraction of labelled positions whose label is the argmax prediction (shifted as the loss).
+    logits: [B, T, V] at every position, or [n, V] at the scored ones only (``answer_targets``' order)."""
+    scored, target = answer_targets(labels)
+    if logits.dim() == 3:
+        logits = logits[:, :-1][scored]
+    return (logits.argmax(-1) == target).float().mean().item()

@@ -59,6 +59,27 @@ def test_answer_accuracy_scores_only_the_labelled_positions():
     perfect = torch.nn.functional.one_hot(torch.roll(torch.where(y == tasks.IGNORE, 0, y), -1, 1), 40).float()
     assert tasks.answer_accuracy(perfect, y) == 1.0
     assert tasks.answer_accuracy(torch.zeros_like(perfect), y) == 0.0
+    scored, _ = tasks.answer_targets(y)
+    assert tasks.answer_accuracy(perfect[:, :-1][scored], y) == 1.0
+
+
+def test_answer_logits_give_the_models_loss_and_gradients():
+    """The recall training's loss from the logits at the scored positions only equals the model's loss
+    with labels (every position's logits, the ignored ones masked), and so do its gradients."""
+    from dla_ops.models import DLAConfig, DLAForCausalLM
+    from dla_ops.models.demo import answer_logits
+    torch.manual_seed(0)
+    model = DLAForCausalLM(DLAConfig(vocab_size=40, hidden_size=32, num_hidden_layers=2, num_heads=2, capacity=4))
+    x, y = tasks.bursty_mqar(3, 64, 4, 2, vocab=40, gen=torch.Generator().manual_seed(1))
+    full = model(x, labels=y, use_cache=False).loss
+    want = torch.autograd.grad(full, list(model.parameters()))
+    logits, target = answer_logits(model, x, y)
+    assert logits.shape == (int((y[:, 1:] != tasks.IGNORE).sum()), 40)
+    loss = torch.nn.functional.cross_entropy(logits, target)
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    assert abs(loss.item() - full.item()) <= 1e-6 * full.item()
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("policy", ["dla", "fenwick"])
