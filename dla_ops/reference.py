@@ -128,7 +128,7 @@ def dla_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
     cdt, out_dtype, dev = compute_dtype(q.dtype), q.dtype, q.device
     cache = initial_cache
     check_values(q, k, v, g, lam, beta, *(cache if cache is not None else (None,) * 3),
-                 cu_seqlens=cu_seqlens, total_len=T)
+                 cu_seqlens=cu_seqlens, total_len=T, one_pass=False)
     scale = DK ** -0.5 if scale is None else scale
     q, k, v, g, lam = (x.to("cpu", cdt) for x in (q, k, v, g, lam))
     beta = None if beta is None else beta.to("cpu", cdt)

@@ -214,26 +214,35 @@ def _raise_first(flags: list) -> None:
             _fail(message)
 
 
+# the inputs' value ranges beyond finiteness: (lo, hi, message); both forms of the checks read them
+RANGES = {
+    "g": (-math.inf, 0.0, "g is a log-decay and must be <= 0 everywhere (alpha = exp(g) <= 1)"),
+    "beta": (0.0, 1.0, "beta must lie in [0, 1]"),
+}
+
+
 def _input_flags(q, k, v, g, lam, beta) -> list:
-    flags = _finite_flags(q=q, k=k, v=v, g=g, lam=lam, beta=beta)
-    flags.append(((g > 0).any(), "g is a log-decay and must be <= 0 everywhere (alpha = exp(g) <= 1)"))
-    if beta is not None:
-        flags.append((((beta < 0) | (beta > 1)).any(), "beta must lie in [0, 1]"))
+    inputs = dict(q=q, k=k, v=v, g=g, lam=lam, beta=beta)
+    flags = _finite_flags(**inputs)
+    flags += [(((inputs[name] < lo) | (inputs[name] > hi)).any(), message)
+              for name, (lo, hi, message) in RANGES.items() if inputs[name] is not None]
     return flags
 
 
 def _one_pass_flags(q, k, v, g, lam, beta) -> list:
     """``_input_flags`` as one flag, from one read of each input (``kernels/checks.py``)."""
     from dla_ops.kernels.checks import range_flags
-    inf = math.inf
-    ranges = [(q, -inf, inf), (k, -inf, inf), (v, -inf, inf), (g, -inf, 0.0), (lam, -inf, inf), (beta, 0.0, 1.0)]
+    inputs = dict(q=q, k=k, v=v, g=g, lam=lam, beta=beta)
+    ranges = [(x, *RANGES.get(name, (-math.inf, math.inf))[:2]) for name, x in inputs.items()]
     return [(range_flags(ranges, q.device).any(), "an input is NaN, Inf or out of range")]
 
 
 def check_values(q, k, v, g, lam, beta, states=None, counts=None, info=None, cu_seqlens=None,
-                 total_len: Optional[int] = None, cache_name: str = "initial_cache") -> None:
-    """Data checks, run inside the op implementations (and the reference) on real tensors."""
-    fast = backend.use_triton_pass(q.device)
+                 total_len: Optional[int] = None, cache_name: str = "initial_cache", one_pass: bool = True) -> None:
+    """Data checks, run inside the op implementations (and the reference) on real tensors. one_pass:
+    the inputs' checks may run as the one-pass kernels where ``backend.use_triton_pass`` says so (the
+    reference passes False, so that it never depends on a kernel)."""
+    fast = one_pass and backend.use_triton_pass(q.device)
     inputs = _one_pass_flags(q, k, v, g, lam, beta) if fast else _input_flags(q, k, v, g, lam, beta)
     cache = [] if states is None else _cache_flags(states, counts, info, cache_name)
     failed = _any_failed(inputs, cache)

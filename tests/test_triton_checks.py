@@ -31,12 +31,13 @@ BAD_VALUES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "above": 1.5,
        at=st.sampled_from(["first", "last", "random"]), strided=st.booleans())
 def test_range_flags_find_every_bad_value(seed, n, dtype, bad, at, strided):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(2 * n if strided else n, generator=gen, dtype=torch.float64).to(dtype)   # in [0, 1]
+    # in [0, 1]; strided on the device itself (moving a strided tensor makes it contiguous)
+    x = torch.rand(2 * n if strided else n, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
     x = x[::2] if strided else x
     if bad is not None:
         i = {"first": 0, "last": n - 1, "random": int(torch.randint(n, (1,), generator=gen))}[at]
         x[i] = BAD_VALUES[bad]
-    ranges = [(x.to(DEVICE), 0.0, 1.0), (x.to(DEVICE), -math.inf, math.inf), (None, 0.0, 1.0)]
+    ranges = [(x, 0.0, 1.0), (x, -math.inf, math.inf), (None, 0.0, 1.0)]
     flags = checks.range_flags(ranges, torch.device(DEVICE)).cpu().tolist()
     expected = [int(bad is not None), int(bad in ("nan", "inf", "-inf")), 0]
     assert flags == expected, (bad, at)
@@ -93,3 +94,15 @@ def test_a_flag_that_the_precise_checks_do_not_explain_is_an_error():
         with pytest.raises(RuntimeError, match="one-pass input check kernel flagged"):
             from dla_ops.validation import check_values
             check_values(x["q"], x["k"], x["v"], x["g"], x["lam"], x["beta"])
+
+
+def test_the_reference_never_uses_the_check_kernels():
+    import dla_ops
+    x, kw = _inputs()
+    x["q"] = x["q"].clone()
+    x["q"][0, 1, 0, 2] = math.nan
+    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}), \
+            mock.patch.object(checks, "range_flags", wraps=checks.range_flags) as spy:
+        with pytest.raises(ValueError, match="q contains NaN or Inf"):
+            dla_ops.dla_reference(x["q"], x["k"], x["v"], x["g"], x["lam"], x["beta"], **kw)
+    assert spy.call_count == 0
