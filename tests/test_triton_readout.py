@@ -137,6 +137,20 @@ def test_delta_kernels_match_the_reference(seed, T, K, dims, tau, decay, cache_k
     assert from_w.call_count == 1 and launches.call_count == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_delta_kernels_in_half_precision_at_padded_widths(dtype):
+    """Half inputs at widths the kernels pad (DK=3, DV=5 run as 16): the operator backward's stages
+    then write dq, dk, dv and dbeta into half buffers of the padded width, of which the op returns
+    the leading columns. Gradients in the inputs' dtypes, against the reference on the same schedule."""
+    x = make_inputs(21, B=2, T=70, H=2, DK=3, DV=5, K=3, base="delta", dtype=dtype, decay=1.0)
+    xk = _leaves(x)
+    with mock.patch.dict(os.environ, {"DLA_BACKEND": "triton"}):
+        o, _ = run("op", xk, tau=0.6)
+        o.float().square().sum().backward()
+    assert all(xk[n].grad.dtype == dtype for n in ("q", "k", "v", "beta"))
+    _check_against_reference(x, None, 0.6, 5e-3)
+
+
 def test_delta_kernels_with_varlen_reuse_each_sequences_w():
     """Packed sequences on the delta kernels: the forward keeps W for each sequence (concatenated along
     T) and the backward hands each its own slice, against the reference; a last chunk cut short in
