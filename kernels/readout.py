@@ -1082,8 +1082,8 @@ def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor,
                    W: Optional[Tensor] = None):
     """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base),
     dq, dk, dv and dbeta in their inputs' dtypes and the rest fp32, for the output gradient do and the
-    final states' gradient dstates. states0 must have its empty slots zeroed. W: the forward's (``forward_operators``), if the caller kept it; else the
-    operators are rebuilt by the token loop. Two parts: ``delta_state_products`` (everything that
+    final states' gradient dstates. states0 must have its empty slots zeroed. W: the forward's
+    (``forward_operators``), if the caller kept it; else the operators are rebuilt by the token loop. Two parts: ``delta_state_products`` (everything that
     involves the K states), then, after the walks' buffers are freed, the chunk operators' backward,
     by hand from their WY form (``torch_backend._chunk_operators_delta``):
         Gamma[t, s] = exp(G_t - G_s) (s <= t), gamma = exp(G), L = strict(diag(beta) (K K^T * Gamma)),

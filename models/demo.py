@@ -29,8 +29,8 @@ def answer_logits(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tu
     """The LM head's logits at the scored positions only ([n, V] fp32) and their labels
     (``answer_targets``): the model's loss on them is its loss with ``labels=y``. The recall tasks
     score 1 to 3% of positions, and the logits of all of them ([B, T, V] fp32: 4.3 GB at B=64,
-    T=2048, V=8192) cost more than the mixers (on the CPU, B=8, T=1024: a softmax step 1.5 -> 0.6 s,
-    a DLA step 3.0 -> 1.9 s)."""
+    T=2048, V=8192) can cost more than the mixers (on the CPU, B=8, bursty T=1024: a softmax step
+    1.53 -> 0.56 s, a DLA step 3.20 -> 1.94 s)."""
     hidden, _ = model.model(x, use_cache=False)
     scored, target = answer_targets(y)
     return model.lm_head(hidden[:, :-1][scored]).float(), target
