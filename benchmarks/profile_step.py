@@ -9,9 +9,8 @@ import argparse
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
 
 from dla_ops.models import DLAConfig, DLAForCausalLM
 from dla_ops.models.demo import answer_logits

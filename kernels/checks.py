@@ -72,4 +72,3 @@ def kv_norms(k: Tensor, v: Tensor) -> Tensor:
         k, v, out, R, DK=DK, DV=DV, BDK=triton.next_power_of_2(DK), BDV=triton.next_power_of_2(DV),
         ROWS=NORM_ROWS, num_warps=4)
     return out
-

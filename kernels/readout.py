@@ -1080,28 +1080,29 @@ def _forward(q, k, v, g, lam, states0, tables, scale, *, x, chunk, ops=None, kee
 def delta_backward(do: Tensor, dstates: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, lam: Tensor,
                    beta: Tensor, states0: Tensor, tables: Tensor, scale: float, *, chunk: int = CHUNK,
                    W: Optional[Tensor] = None):
-    """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base),
-    dq, dk, dv and dbeta in their inputs' dtypes and the rest fp32, for the output gradient do and the
-    final states' gradient dstates. states0 must have its empty slots zeroed. W: the forward's
-    (``forward_operators``), if the caller kept it; else the operators are rebuilt by the token loop. Two parts: ``delta_state_products`` (everything that
-    involves the K states), then, after the walks' buffers are freed, the chunk operators' backward,
-    by hand from their WY form (``torch_backend._chunk_operators_delta``):
+    """Gradients (dq, dk, dv, dg, dlam, dbeta, dstates0) of ``forward`` with ``beta`` (the delta base), dq,
+    dk, dv and dbeta in their inputs' dtypes and the rest fp32, for the output gradient do and the final
+    states' gradient dstates. states0 must have its empty slots zeroed. W: the forward's
+    (``forward_operators``), if the caller kept it; else the operators are rebuilt by the token loop.
+    Two parts: ``delta_state_products`` (everything that involves the K states), then, after the walks'
+    buffers are freed, the chunk operators' backward, by hand from their WY form
+    (``torch_backend._chunk_operators_delta``):
         Gamma[t, s] = exp(G_t - G_s) (s <= t), gamma = exp(G), L = strict(diag(beta) (K K^T * Gamma)),
         W = (I + L)^-1, Tm = W diag(beta), A = (Q K^T * Gamma) Tm, k~ = Tm^T diag(Gamma[end]) K,
         q~ = diag(gamma) Q - A diag(gamma) K, Z = gamma_end I - k~^T diag(gamma) K,
     plus the within-chunk readout with A. It runs as four chunk-local stages, each one program per
-    (sequence, head, chunk): the readout with q~ and Z (``_delta_backward_readout_kernel``, which
-    writes dA), k~ (``_delta_backward_kt_kernel``, which writes dTm), A (``_delta_backward_a_kernel``)
-    and W (``_delta_backward_inverse_kernel``): the k~ and W stages add to dk and dg, the A stage to
-    dq, dk and dg. One kernel holding all of it spilled about 8 KB per program (offline, sm_90a, 4
-    warps; each stage spills 0.5 to 1.4 KB): on the H200, T=32768, K=16, bf16, it took 11.7 ms where
-    the four take 4.8, with [C, C] fp32 tiles (dA, dTm) passed through memory. The three [C, C]
-    scratch tensors (dA, dTm, tr: 256 MiB each at that size) live after the walks' buffers are freed
-    and left the measured peak as it was. A transposed product result never feeds another product (what Triton 3.4-3.7
+    (sequence, head, chunk): the readout with q~ and Z (``_delta_backward_readout_kernel``, which writes
+    dA), k~ (``_delta_backward_kt_kernel``, which writes dTm), A (``_delta_backward_a_kernel``) and W
+    (``_delta_backward_inverse_kernel``): the k~ and W stages add to dk and dg, the A stage to dq, dk
+    and dg. One kernel holding all of it spilled about 8 KB per program (offline, sm_90a, 4 warps; each
+    stage spills 0.5 to 1.4 KB): on the H200, T=32768, K=16, bf16, it took 11.7 ms where the four take
+    4.8, with [C, C] fp32 tiles (dA, dTm) passed through memory. The three [C, C] scratch tensors (dA,
+    dTm, tr: 256 MiB each at that size) live after the walks' buffers are freed and left the measured
+    peak as it was. A transposed product result never feeds another product (what Triton 3.4-3.7
     miscompiles on Hopper, fla #640): transposes of inputs are transposed loads, and the two computed
-    tiles whose transposes are needed (dQK, and dKK's part M) go through the program's [C, C] region
-    of a scratch tensor and come back as transposed loads. Products at
-    ``_operator_backward_precision``, the W stage's at tf32x3."""
+    tiles whose transposes are needed (dQK, and dKK's part M) go through the program's [C, C] region of
+    a scratch tensor and come back as transposed loads. Products at ``_operator_backward_precision``,
+    the W stage's at tf32x3."""
     B, T, H, DK = q.shape
     DV, K = v.shape[-1], lam.shape[-1]
     PK, PV = _width(DK), _width(DV)
