@@ -27,6 +27,7 @@ import torch
 
 from dla_ops.models import DLAConfig
 from dla_ops.models.demo import train_recall
+from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import bursty_mqar, mqar, passkey
 
 MIXERS = {   # name: DLAConfig overrides (everything else is shared)
@@ -37,12 +38,14 @@ MIXERS = {   # name: DLAConfig overrides (everything else is shared)
     "DLA (K=16)": dict(capacity=16),
     "softmax": dict(capacity=1, merge_policy="softmax"),
 }
+# fields added after the first runs were recorded, with the value those runs had
+LATER_FIELDS = dict(seed=0, decay_init="mamba2")
 # 105 runs (with fla) of 1000 steps. On an H200 500 steps left every mixer at chance on mqar T=256
 # (docs/models.md): this budget is too small to show anything. A DLA step there takes 21.5 ms
 # (softmax 15.0): size the grid with --steps / --lrs for the GPU time at hand
-FULL = dict(vocab=8192, hidden=128, steps=1000, batch=64, lrs=(1e-3, 3e-3, 1e-2), settings=[
+FULL = dict(vocab=8192, hidden=128, steps=1000, batch=64, lrs=(1e-3, 3e-3, 1e-2), **LATER_FIELDS, settings=[
     ("mqar", 256, 16), ("mqar", 1024, 64), ("bursty", 1024, 32), ("bursty", 2048, 32), ("passkey", 2048, 4)])
-TINY = dict(vocab=24, hidden=32, steps=3, batch=8, lrs=(1e-2,), settings=[
+TINY = dict(vocab=24, hidden=32, steps=3, batch=8, lrs=(1e-2,), **LATER_FIELDS, settings=[
     ("mqar", 32, 4), ("bursty", 64, 4), ("passkey", 32, 2)])
 
 
@@ -70,9 +73,16 @@ def with_fla(device: str) -> dict:
     return {**MIXERS, FLA[0]: FLA[1]}
 
 
+def budget(grid: dict) -> dict:
+    """What every run of a grid shares besides its setting, mixer and learning rate."""
+    return {f: grid[f] for f in ("steps", "batch", "hidden", "vocab", *LATER_FIELDS)}
+
+
 def run_key(r: dict) -> tuple:
-    """What identifies one training run: its setting, mixer, learning rate and the grid's budget."""
-    return tuple(r[f] for f in ("task", "T", "N", "mixer", "lr", "steps", "batch", "hidden", "vocab"))
+    """What identifies one training run: its setting, mixer, learning rate and the grid's budget
+    (steps, batch, model size, seed and decay initialisation)."""
+    return (tuple(r[f] for f in ("task", "T", "N", "mixer", "lr", "steps", "batch", "hidden", "vocab"))
+            + tuple(r.get(f, default) for f, default in LATER_FIELDS.items()))
 
 
 def checkpoint_name(record: dict) -> str:
@@ -87,22 +97,23 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
     order), skipping the runs whose ``run_key`` is in ``done`` and starting none after ``deadline``
     (a ``time.time()``). With ``checkpoints`` (a folder), the run in progress at the deadline saves its
     state there and the sweep ends; a later sweep resumes it."""
-    budget = dict(steps=grid["steps"], batch=grid["batch"], hidden=grid["hidden"], vocab=grid["vocab"])
+    shared = budget(grid)
     for name, T, N in grid["settings"]:
         make = task(name, T, N, grid["vocab"])
         for mixer, overrides in mixers.items():
             for lr in grid["lrs"]:
-                record = dict(task=name, T=T, N=N, mixer=mixer, lr=lr, **budget)
+                record = dict(task=name, T=T, N=N, mixer=mixer, lr=lr, **shared)
                 if run_key(record) in done:
                     continue
                 if deadline is not None and time.time() > deadline:
                     return
                 config = DLAConfig(vocab_size=grid["vocab"], hidden_size=grid["hidden"], num_hidden_layers=2,
-                                   num_heads=2, **overrides)
+                                   num_heads=2, decay_init=grid["decay_init"], **overrides)
                 part = None if checkpoints is None else dict(checkpoint=checkpoints / checkpoint_name(record),
                                                              stop_at=deadline)
-                result = train_recall(config, make, grid["steps"], grid["batch"], lr, seed=0, device=device,
-                                      progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}", **(part or {}))
+                result = train_recall(config, make, grid["steps"], grid["batch"], lr, seed=grid["seed"],
+                                      device=device, progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}",
+                                      **(part or {}))
                 if result is None:   # saved at the deadline, for the next sitting
                     return
                 yield dict(record, **result)
@@ -111,8 +122,7 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
 def best(records: list[dict], grid: dict, mixers) -> list[dict]:
     """Per (setting, mixer) of the grid, the run of highest accuracy among ``records`` (those of this
     grid's budget), with ``swept``: how many of the sweep's learning rates it was chosen from."""
-    wanted = {run_key(dict(task=n, T=T, N=N, mixer=m, lr=lr, steps=grid["steps"], batch=grid["batch"],
-                           hidden=grid["hidden"], vocab=grid["vocab"]))
+    wanted = {run_key(dict(task=n, T=T, N=N, mixer=m, lr=lr, **budget(grid)))
               for n, T, N in grid["settings"] for m in mixers for lr in grid["lrs"]}
     rows = []
     for name, T, N in grid["settings"]:
@@ -170,6 +180,9 @@ def main():
                    help="only these mixers, named as in the table (e.g. softmax, to size the training budget)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the grid's)")
     p.add_argument("--lrs", type=float, nargs="+", help="the learning-rate sweep (default: the grid's)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of every run's initialisation and batches")
+    p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2",
+                   help="every linear mixer's decay rates at initialisation (DLAConfig.decay_init)")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--runs", help="JSON lines of finished runs: runs already in it are skipped and each new "
                                   "one is appended (a grid in parts)")
@@ -188,6 +201,7 @@ def main():
         grid["steps"] = a.steps
     if a.lrs:
         grid["lrs"] = tuple(a.lrs)
+    grid.update(seed=a.seed, decay_init=a.decay_init)
     mixers = MIXERS if a.tiny else with_fla(a.device)
     if a.mixers:
         unknown = sorted(set(a.mixers) - set(mixers))
@@ -212,7 +226,7 @@ def main():
     header = (f"# Recall results ({'tiny check' if a.tiny else a.task or 'all tasks'}, {where})\n\n"
               f"`python benchmarks/recall.py {' '.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
-              f"best of lr in {grid['lrs']}."
+              f"best of lr in {grid['lrs']}; seed {grid['seed']}, decay init {grid['decay_init']}."
               + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row.")
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
                  "best lr is over the learning rates run so far."

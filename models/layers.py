@@ -25,6 +25,14 @@ COMPARISONS = POLICIES + ("fla-log-linear", "softmax")
 # so at initialisation the mixer computes its single-state base model (spec identity P1)
 LAM_BIAS = math.log(math.e - 1)
 
+# The decay rate at initialisation, -g = A * dt (A in [1, 16], dt in [1e-3, 1e-1], Mamba-2's ranges):
+# - "mamba2": A and dt drawn at random per head, as Mamba-2 and Gated DeltaNet do;
+# - "spread": A and dt log-spaced over those ranges across a layer's heads, slowest first (-g from
+#   1e-3 to 1.6). With the few heads of a small model, random draws can leave no head that keeps a
+#   token for long: the recall benchmark's model (2 heads a layer, seed 0) starts at -g >= 0.027, which
+#   keeps exp(-0.027 * 1100) = 1e-13 of a token 1100 positions back (docs/models.md)
+DECAY_INITS = ("mamba2", "spread")
+
 
 class LayerCache(NamedTuple):
     """Per-layer generation state: the short convolution's last inputs and the DLA cache."""
@@ -78,16 +86,19 @@ class ShortConv(nn.Module):
 class DLAMixer(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, head_v_dim: int, capacity: int,
                  tau: float, mixer_base: str = "gla", conv_size: int = 4, norm_eps: float = 1e-6,
-                 merge_policy: str = "dla", policy_block: Optional[int] = None):
+                 merge_policy: str = "dla", policy_block: Optional[int] = None, decay_init: str = "mamba2"):
         super().__init__()
         if mixer_base not in ("gla", "delta"):
             raise ValueError(f"mixer_base must be 'gla' or 'delta', got {mixer_base!r}")
         if merge_policy != "dla" and (merge_policy not in COMPARISONS or mixer_base != "gla"):
             raise ValueError(f"merge_policy must be 'dla' or, with the gla base, one of {COMPARISONS}; "
                              f"got {merge_policy!r} with {mixer_base!r}")
+        if decay_init not in DECAY_INITS:
+            raise ValueError(f"decay_init must be one of {DECAY_INITS}, got {decay_init!r}")
         self.H, self.DK, self.DV, self.K = num_heads, head_dim, head_v_dim, capacity
         self.tau, self.base = tau, mixer_base
         self.policy, self.policy_block = merge_policy, policy_block
+        self.decay_init = decay_init
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.k_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=False)
         self.v_proj = nn.Linear(hidden_size, num_heads * head_v_dim, bias=False)
@@ -105,10 +116,16 @@ class DLAMixer(nn.Module):
 
     @torch.no_grad()
     def reset_dla_parameters(self, copy_=torch.Tensor.copy_):
-        """The parameters whose initial values carry meaning (decay range, lam == 1). ``copy_`` lets
-        a loader skip parameters it has already filled from a checkpoint."""
-        copy_(self.A_log, torch.log(torch.empty_like(self.A_log).uniform_(1, 16)))
-        dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
+        """The parameters whose initial values carry meaning (decay rates, ``DECAY_INITS``; lam == 1).
+        ``copy_`` lets a loader skip parameters it has already filled from a checkpoint."""
+        if self.decay_init == "spread":
+            like = dict(dtype=self.A_log.dtype, device=self.A_log.device)
+            A = torch.exp(torch.linspace(0, math.log(16), self.H, **like))
+            dt = torch.exp(torch.linspace(math.log(1e-3), math.log(1e-1), self.H, **like))
+        else:
+            A = torch.empty_like(self.A_log).uniform_(1, 16)
+            dt = torch.exp(torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)))
+        copy_(self.A_log, torch.log(A))
         copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
         copy_(self.lam_proj.weight, torch.zeros_like(self.lam_proj.weight))
         copy_(self.lam_proj.bias, torch.full_like(self.lam_proj.bias, LAM_BIAS))
@@ -238,7 +255,8 @@ class DLABlock(nn.Module):
         self.mixer_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mixer = DLAMixer(config.hidden_size, config.num_heads, config.head_dim, config.head_v_dim,
                               config.capacity, config.tau, config.mixer_base, config.conv_size,
-                              config.rms_norm_eps, config.merge_policy, config.policy_block)
+                              config.rms_norm_eps, config.merge_policy, config.policy_block,
+                              config.decay_init)
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 

@@ -27,7 +27,8 @@ class DLAConfig(PretrainedConfig):
                  intermediate_size: Optional[int] = None, mixer_base: str = "gla", capacity: int = 8,
                  tau: float = 0.6, conv_size: int = 4, rms_norm_eps: float = 1e-6,
                  initializer_range: float = 0.02, use_cache: bool = True, tie_word_embeddings: bool = True,
-                 merge_policy: str = "dla", policy_block: Optional[int] = None, **kwargs):
+                 merge_policy: str = "dla", policy_block: Optional[int] = None, decay_init: str = "mamba2",
+                 **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -43,6 +44,8 @@ class DLAConfig(PretrainedConfig):
         # (causal softmax attention on the same projections, q and k not L2-normalised)
         self.merge_policy = merge_policy
         self.policy_block = policy_block
+        # "mamba2" (random per head) or "spread" (log-spaced per head): layers.DECAY_INITS
+        self.decay_init = decay_init
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache

@@ -166,3 +166,28 @@ def test_the_softmax_comparison_attends_with_unnormalised_q_and_k():
     expected = layer._output(heads(F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True)), x)
     torch.testing.assert_close(layer(x)[0], expected)
     assert not torch.allclose(q.norm(dim=-1), torch.ones(()))
+
+
+def test_the_spread_decay_init_spans_mamba2s_range_across_heads(tmp_path):
+    """decay_init="spread": the per-head decay rates -g = A dt at initialisation are log-spaced from the
+    slowest of Mamba-2's ranges (A = 1, dt = 1e-3) to the fastest (A = 16, dt = 0.1), whatever the seed,
+    so that a model with few heads always has one that keeps a token over about 1/1e-3 positions.
+    "mamba2" (the default) draws them at random within the same bounds."""
+    import torch.nn.functional as F
+
+    def rates(model):
+        return torch.stack([(m.A_log.exp() * F.softplus(m.dt_bias)).detach() for m in model.modules()
+                            if isinstance(m, DLAMixer)])
+
+    config = dict(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_heads=4, capacity=4)
+    spread = [rates(DLAForCausalLM(DLAConfig(**config, decay_init="spread"))) for _ in range(2)]
+    expected = torch.logspace(-3, torch.log10(torch.tensor(1.6)).item(), 4)
+    torch.testing.assert_close(spread[0], expected.expand(2, 4), rtol=1e-5, atol=0)
+    torch.testing.assert_close(spread[1], spread[0], rtol=0, atol=0)
+    drawn = torch.cat([rates(DLAForCausalLM(DLAConfig(**config))) for _ in range(8)])
+    assert drawn.min() >= 1e-3 * (1 - 1e-5) and drawn.max() <= 1.6 * (1 + 1e-5)
+    assert drawn.std() > 0 and not torch.allclose(drawn[0], expected)
+    DLAForCausalLM(DLAConfig(**config, decay_init="spread")).save_pretrained(tmp_path)
+    assert DLAForCausalLM.from_pretrained(tmp_path).config.decay_init == "spread"
+    with pytest.raises(ValueError, match="decay_init must be one of"):
+        DLAForCausalLM(DLAConfig(**config, decay_init="slow"))

@@ -103,3 +103,26 @@ def test_a_sweep_with_checkpoints_ends_at_a_saved_run_and_resumes_it(tmp_path, m
     assert [r["lr"] for r in second] == [0.03] and calls[2][1] == calls[1][1] != calls[0][1]
     assert calls[1][1] == tmp_path / recall.checkpoint_name(dict(first[0], lr=0.03))
     assert calls[1][1].name.replace("-", "").replace("_", "").replace(".", "").isalnum()
+
+
+def test_seed_and_decay_init_reach_every_run_and_set_runs_apart(tmp_path, monkeypatch):
+    """--seed and --decay-init go to each run (the model's DLAConfig.decay_init, train_recall's seed)
+    and into its record; a run of another seed or decay init is another run, and records written
+    before these fields existed count as seed 0 with the "mamba2" init."""
+    recall = load_benchmark("recall")
+    runs, out = tmp_path / "runs.jsonl", tmp_path / "results.md"
+    trained = []
+    monkeypatch.setattr(recall, "train_recall", lambda config, *a, seed, **k: trained.append((config.decay_init, seed))
+                        or dict(accuracy=0.5, loss=1.0, seconds=0.0))
+    argv = ["recall.py", "--tiny", "--task", "mqar", "--mixers", "softmax", "--runs", str(runs), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + ["--seed", "3", "--decay-init", "spread"])
+    recall.main()
+    assert trained == [("spread", 3)] and "seed 3, decay init spread" in out.read_text()
+    record = json.loads(runs.read_text())
+    assert (record["seed"], record["decay_init"]) == (3, "spread")
+    # an older record (no seed, no decay_init) is the default run: the default sitting has nothing to train
+    older = {k: v for k, v in record.items() if k not in ("seed", "decay_init")}
+    runs.write_text(runs.read_text() + json.dumps(older) + "\n")
+    monkeypatch.setattr(sys, "argv", argv)
+    recall.main()
+    assert trained == [("spread", 3)] and "| softmax |" in out.read_text()
