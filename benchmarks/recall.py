@@ -39,7 +39,7 @@ MIXERS = {   # name: DLAConfig overrides (everything else is shared)
     "softmax": dict(capacity=1, merge_policy="softmax"),
 }
 # fields added after the first runs were recorded, with the value those runs had
-LATER_FIELDS = dict(seed=0, decay_init="mamba2")
+LATER_FIELDS = dict(seed=0, decay_init="mamba2", mixed_lengths=False)
 # 105 runs (with fla) of 1000 steps. On an H200 500 steps left every mixer at chance on mqar T=256
 # (docs/models.md): this budget is too small to show anything. A DLA step there takes 21.5 ms
 # (softmax 15.0): size the grid with --steps / --lrs for the GPU time at hand
@@ -56,6 +56,25 @@ def task(name: str, T: int, N: int, vocab: int):
     if name == "bursty":
         return lambda b, gen: bursty_mqar(b, T, N, max(1, N // 4), vocab=vocab, gen=gen)
     return lambda b, gen: passkey(b, T, key_len=N, vocab=vocab, gen=gen)
+
+
+def mixed_lengths(name: str, T: int, N: int, vocab: int) -> tuple:
+    """Training batches of the setting's task at T, T/2, T/4 and T/8 (the lengths that hold N), one
+    length drawn per batch from the batch generator; the held-out set stays at T. Zoology trains its
+    recall models on such a mix. Returns (make, lengths)."""
+    def fits(t: int) -> bool:
+        try:
+            task(name, t, N, vocab)(1, torch.Generator().manual_seed(0))
+            return True
+        except ValueError:
+            return False
+
+    lengths = [T >> i for i in range(4) if fits(T >> i)]
+    makers = [task(name, t, N, vocab) for t in lengths]
+
+    def make(batch: int, gen: torch.Generator):
+        return makers[int(torch.randint(len(makers), (1,), generator=gen))](batch, gen)
+    return make, lengths
 
 
 FLA = ("fla log-linear (K=16)", dict(capacity=16, merge_policy="fla-log-linear"))   # fla's own kernel
@@ -100,6 +119,7 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
     shared = budget(grid)
     for name, T, N in grid["settings"]:
         make = task(name, T, N, grid["vocab"])
+        train_make = mixed_lengths(name, T, N, grid["vocab"])[0] if grid["mixed_lengths"] else make
         for mixer, overrides in mixers.items():
             for lr in grid["lrs"]:
                 record = dict(task=name, T=T, N=N, mixer=mixer, lr=lr, **shared)
@@ -111,9 +131,9 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
                                    num_heads=2, decay_init=grid["decay_init"], **overrides)
                 part = None if checkpoints is None else dict(checkpoint=checkpoints / checkpoint_name(record),
                                                              stop_at=deadline)
-                result = train_recall(config, make, grid["steps"], grid["batch"], lr, seed=grid["seed"],
+                result = train_recall(config, train_make, grid["steps"], grid["batch"], lr, seed=grid["seed"],
                                       device=device, progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}",
-                                      **(part or {}))
+                                      make_eval=make, **(part or {}))
                 if result is None:   # saved at the deadline, for the next sitting
                     return
                 yield dict(record, **result)
@@ -183,6 +203,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="the seed of every run's initialisation and batches")
     p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2",
                    help="every linear mixer's decay rates at initialisation (DLAConfig.decay_init)")
+    p.add_argument("--mixed-lengths", action="store_true",
+                   help="train on the setting's task at T, T/2, T/4 and T/8, one length a batch (held-out set at T)")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--runs", help="JSON lines of finished runs: runs already in it are skipped and each new "
                                   "one is appended (a grid in parts)")
@@ -201,7 +223,7 @@ def main():
         grid["steps"] = a.steps
     if a.lrs:
         grid["lrs"] = tuple(a.lrs)
-    grid.update(seed=a.seed, decay_init=a.decay_init)
+    grid.update(seed=a.seed, decay_init=a.decay_init, mixed_lengths=a.mixed_lengths)
     mixers = MIXERS if a.tiny else with_fla(a.device)
     if a.mixers:
         unknown = sorted(set(a.mixers) - set(mixers))
@@ -226,7 +248,8 @@ def main():
     header = (f"# Recall results ({'tiny check' if a.tiny else a.task or 'all tasks'}, {where})\n\n"
               f"`python benchmarks/recall.py {' '.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
-              f"best of lr in {grid['lrs']}; seed {grid['seed']}, decay init {grid['decay_init']}."
+              f"best of lr in {grid['lrs']}; seed {grid['seed']}, decay init {grid['decay_init']}"
+              + (", trained on mixed lengths (T to T/8)." if grid["mixed_lengths"] else ".")
               + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row.")
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
                  "best lr is over the learning rates run so far."

@@ -38,9 +38,10 @@ def answer_logits(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tu
 
 def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float, seed: int,
                  device: str = "cpu", progress: bool = True, desc: str = "", eval_size: int = 256,
-                 checkpoint: Path | None = None, stop_at: float | None = None) -> dict | None:
+                 checkpoint: Path | None = None, stop_at: float | None = None, make_eval=None) -> dict | None:
     """Train ``DLAForCausalLM(config)`` from scratch on batches ``make(batch, generator)`` (inputs,
-    labels); returns its answer accuracy on a held-out set, the final loss and the seconds taken.
+    labels); returns its answer accuracy on a held-out set (of ``make_eval``, by default ``make``), the
+    final loss and the seconds taken.
 
     A run longer than one sitting trains in parts: with ``checkpoint`` (a folder of its own) it
     resumes from the state saved there, and past ``stop_at`` (a ``time.time()``) it saves its state
@@ -53,7 +54,8 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
     model = DLAForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    held_x, held_y = (t.to(device) for t in make(eval_size, torch.Generator().manual_seed(seed + 10_000)))
+    held = (make_eval or make)(eval_size, torch.Generator().manual_seed(seed + 10_000))
+    held_x, held_y = (t.to(device) for t in held)
     done, spent = 0, 0.0
     if checkpoint is not None and (checkpoint / "meta.pt").exists():
         done, spent = _load_checkpoint(checkpoint, model, opt, gen, device)

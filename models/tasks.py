@@ -58,6 +58,8 @@ def _ask(x: Tensor, y: Tensor, keys: Tensor, values: Tensor, start: int, n_queri
 def mqar(batch: int, seq_len: int, n_pairs: int, vocab: int = 8192, n_queries: int | None = None,
          alpha: float = 0.1, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """[batch, seq_len] inputs and labels. n_queries defaults to n_pairs."""
+    if 2 * n_pairs > seq_len:
+        raise ValueError(f"{n_pairs} pairs do not fit in {seq_len} positions")
     gen = gen or torch.Generator().manual_seed(0)
     keys, values = _pairs(batch, n_pairs, vocab, gen)
     x = torch.full((batch, seq_len), FILL, dtype=torch.long)
@@ -96,6 +98,8 @@ def bursty_mqar(batch: int, seq_len: int, n_pairs: int, n_bursts: int, vocab: in
 def passkey(batch: int, seq_len: int, key_len: int = 4, vocab: int = 8192,
             gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Filler, key_len passkey tokens at a random depth, then ASK followed by the passkey (labelled)."""
+    if seq_len < 2 * key_len + 2:
+        raise ValueError(f"a passkey of {key_len} tokens needs seq_len >= {2 * key_len + 2}, got {seq_len}")
     gen = gen or torch.Generator().manual_seed(0)
     first, _, end = _halves(vocab)
     x = torch.full((batch, seq_len), FILL, dtype=torch.long)

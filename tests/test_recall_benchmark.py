@@ -6,6 +6,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from helpers import load_benchmark
 
@@ -126,3 +127,42 @@ def test_seed_and_decay_init_reach_every_run_and_set_runs_apart(tmp_path, monkey
     monkeypatch.setattr(sys, "argv", argv)
     recall.main()
     assert trained == [("spread", 3)] and "| softmax |" in out.read_text()
+
+
+def test_mixed_lengths_train_on_shorter_copies_of_the_task_and_score_at_T(monkeypatch, tmp_path):
+    """--mixed-lengths: each training batch is the setting's task at one of T, T/2, T/4, T/8 (those
+    that hold N; drawn by the batch generator, so a resumed run draws the same), and the held-out set
+    stays at T."""
+    recall = load_benchmark("recall")
+    make, lengths = recall.mixed_lengths("bursty", 2048, 32, 8192)
+    assert lengths == [2048, 1024, 512, 256]   # at 128, 32 queries no longer fit in the last quarter
+    assert recall.mixed_lengths("mqar", 32, 4, 24)[1] == [32, 16]
+    gen = torch.Generator().manual_seed(0)
+    drawn = [make(2, gen)[0].shape[1] for _ in range(40)]
+    assert set(drawn) == set(lengths)
+    again = torch.Generator().manual_seed(0)
+    assert [make(2, again)[0].shape[1] for _ in range(40)] == drawn
+    seen = {}
+    monkeypatch.setattr(recall, "train_recall", lambda config, make, *a, make_eval, **k: seen.update(
+        train={make(4, torch.Generator().manual_seed(i))[0].shape[1] for i in range(30)},
+        held=make_eval(4, torch.Generator())[0].shape[1]) or dict(accuracy=0.5, loss=1.0, seconds=0.0))
+    runs = tmp_path / "runs.jsonl"
+    monkeypatch.setattr(sys, "argv", ["recall.py", "--tiny", "--task", "bursty", "--mixers", "softmax",
+                                      "--mixed-lengths", "--runs", str(runs), "--out", str(tmp_path / "r.md")])
+    recall.main()
+    assert seen == dict(train={64, 32}, held=64) and json.loads(runs.read_text())["mixed_lengths"] is True
+
+
+def test_train_recall_scores_on_make_eval_when_given():
+    from dla_ops.models import DLAConfig
+    from dla_ops.models.demo import train_recall
+    recall = load_benchmark("recall")
+    calls = []
+
+    def spy(name, T):
+        make = recall.task("mqar", T, 4, 24)
+        return lambda b, gen: calls.append((name, b)) or make(b, gen)
+
+    config = DLAConfig(vocab_size=24, hidden_size=32, num_hidden_layers=2, num_heads=2, capacity=4)
+    train_recall(config, spy("train", 16), 2, 8, 1e-2, 0, progress=False, eval_size=5, make_eval=spy("eval", 32))
+    assert calls == [("eval", 5), ("train", 8), ("train", 8)]

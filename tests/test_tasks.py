@@ -52,6 +52,12 @@ def test_tasks_refuse_what_cannot_fit():
         tasks.mqar(1, 64, 30, vocab=40)
     with pytest.raises(ValueError, match="do not fit"):
         tasks.mqar(1, 20, 8, vocab=40)
+    # the pairs alone longer than the sequence; a passkey with no room for its depth
+    with pytest.raises(ValueError, match="8 pairs do not fit in 12 positions"):
+        tasks.mqar(1, 12, 8, vocab=40)
+    with pytest.raises(ValueError, match="passkey of 4 tokens needs seq_len >= 10"):
+        tasks.passkey(1, 9, key_len=4, vocab=40)
+    tasks.passkey(1, 10, key_len=4, vocab=40)
 
 
 def test_answer_accuracy_scores_only_the_labelled_positions():
