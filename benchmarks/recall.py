@@ -61,7 +61,7 @@ def task(name: str, T: int, N: int, vocab: int):
 def mixed_lengths(name: str, T: int, N: int, vocab: int) -> tuple:
     """Training batches of the setting's task at T, T/2, T/4 and T/8 (the lengths that hold N), one
     length drawn per batch from the batch generator; the held-out set stays at T. Zoology trains its
-    recall models on such a mix. Returns (make, lengths)."""
+    MQAR models on a mix of lengths 64 to 256 (with pair counts 4 to 64). Returns (make, lengths)."""
     def fits(t: int) -> bool:
         try:
             task(name, t, N, vocab)(1, torch.Generator().manual_seed(0))
