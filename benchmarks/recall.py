@@ -13,7 +13,9 @@ one, starts none after 8 minutes, and writes the table of what the file holds so
 bound) solves a setting: ``--task mqar --T 256 --mixers softmax --steps 5000 --out /tmp/budget.md``.
 A run longer than one sitting trains in parts with ``--checkpoints DIR``: at ``--minutes`` the run in
 progress saves its state in DIR (a folder per run, four files of up to 6.2 MiB) and the next sitting
-with the same DIR resumes it, with the result of one unbroken run."""
+with the same DIR resumes it, with the result of one unbroken run. ``--seed``, ``--decay-init`` (the
+linear mixers' decay rates at initialisation) and ``--mixed-lengths`` (training batches at T to T/8)
+vary the runs; each is part of a run's key (docs/models.md)."""
 from __future__ import annotations
 
 import argparse
