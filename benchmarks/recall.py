@@ -14,8 +14,8 @@ bound) solves a setting: ``--task mqar --T 256 --mixers softmax --steps 5000 --o
 A run longer than one sitting trains in parts with ``--checkpoints DIR``: at ``--minutes`` the run in
 progress saves its state in DIR (a folder per run, four files of up to 6.2 MiB) and the next sitting
 with the same DIR resumes it, with the result of one unbroken run. ``--seed``, ``--decay-init`` (the
-linear mixers' decay rates at initialisation) and ``--mixed-lengths`` (training batches at T to T/8)
-vary the runs; each is part of a run's key (docs/models.md)."""
+linear mixers' decay rates at initialisation) and ``--mixed-lengths`` (training batches at those of
+T to T/8 that fit) vary the runs; each is part of a run's key (docs/models.md)."""
 from __future__ import annotations
 
 import argparse
@@ -101,15 +101,19 @@ def budget(grid: dict) -> dict:
 
 def run_key(r: dict) -> tuple:
     """What identifies one training run: its setting, mixer, learning rate and the grid's budget
-    (steps, batch, model size, seed and decay initialisation)."""
+    (steps, batch, model size, seed, decay initialisation and mixed lengths)."""
     return (tuple(r[f] for f in ("task", "T", "N", "mixer", "lr", "steps", "batch", "hidden", "vocab"))
             + tuple(r.get(f, default) for f, default in LATER_FIELDS.items()))
 
 
 def checkpoint_name(record: dict) -> str:
     """The folder name of a run's checkpoint: its ``run_key`` in letters, digits, '.', '_' and '-'."""
+    key = run_key(record)
+    # the later fields, named, only where they differ from their defaults: older checkpoints keep their names
+    later = tuple(f"{f}={v}" for (f, default), v in zip(LATER_FIELDS.items(), key[-len(LATER_FIELDS):])
+                  if v != default)
     return re.sub(r"[^A-Za-z0-9._-]+", "_", "-".join(f"{v:g}" if isinstance(v, float) else str(v)
-                                                     for v in run_key(record)))
+                                                     for v in key[:-len(LATER_FIELDS)] + later))
 
 
 def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=frozenset(), deadline=None,
@@ -206,7 +210,8 @@ def main():
     p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2",
                    help="every linear mixer's decay rates at initialisation (DLAConfig.decay_init)")
     p.add_argument("--mixed-lengths", action="store_true",
-                   help="train on the setting's task at T, T/2, T/4 and T/8, one length a batch (held-out set at T)")
+                   help="train on the setting's task at those of T, T/2, T/4 and T/8 that fit it, one length a "
+                        "batch (held-out set at T)")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--runs", help="JSON lines of finished runs: runs already in it are skipped and each new "
                                   "one is appended (a grid in parts)")
@@ -251,7 +256,7 @@ def main():
               f"`python benchmarks/recall.py {' '.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
               f"best of lr in {grid['lrs']}; seed {grid['seed']}, decay init {grid['decay_init']}"
-              + (", trained on mixed lengths (T to T/8)." if grid["mixed_lengths"] else ".")
+              + (", trained on mixed lengths (those of T to T/8 that fit)." if grid["mixed_lengths"] else ".")
               + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row.")
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
                  "best lr is over the learning rates run so far."

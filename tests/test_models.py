@@ -172,7 +172,9 @@ def test_the_spread_decay_init_spans_mamba2s_range_across_heads(tmp_path):
     """decay_init="spread": the per-head decay rates -g = A dt at initialisation are log-spaced from the
     slowest of Mamba-2's ranges (A = 1, dt = 1e-3) to the fastest (A = 16, dt = 0.1), whatever the seed,
     so that a model with few heads always has one that keeps a token over about 1/1e-3 positions.
-    "mamba2" (the default) draws them at random within the same bounds."""
+    "mamba2" (the default) draws them at random within the same bounds, as before the option existed;
+    at one seed both inits give the same other weights, so that a comparison of the two changes only
+    the decay."""
     import torch.nn.functional as F
 
     def rates(model):
@@ -187,6 +189,16 @@ def test_the_spread_decay_init_spans_mamba2s_range_across_heads(tmp_path):
     drawn = torch.cat([rates(DLAForCausalLM(DLAConfig(**config))) for _ in range(8)])
     assert drawn.min() >= 1e-3 * (1 - 1e-5) and drawn.max() <= 1.6 * (1 + 1e-5)
     assert drawn.std() > 0 and not torch.allclose(drawn[0], expected)
+    # the recall benchmark's K=16 model at seed 0, as every run recorded before the option drew it
+    grid = dict(vocab_size=8192, hidden_size=128, num_hidden_layers=2, num_heads=2, capacity=16)
+    torch.manual_seed(0)
+    mamba2 = DLAForCausalLM(DLAConfig(**grid))
+    torch.testing.assert_close(rates(mamba2), torch.tensor([[0.07422, 0.02671], [0.05957, 0.06589]]),
+                               rtol=0, atol=1e-5)
+    torch.manual_seed(0)
+    spread = DLAForCausalLM(DLAConfig(**grid, decay_init="spread")).state_dict()
+    differ = {name for name, w in mamba2.state_dict().items() if not torch.equal(w, spread[name])}
+    assert differ == {f"model.layers.{i}.mixer.{p}" for i in range(2) for p in ("A_log", "dt_bias")}
     DLAForCausalLM(DLAConfig(**config, decay_init="spread")).save_pretrained(tmp_path)
     assert DLAForCausalLM.from_pretrained(tmp_path).config.decay_init == "spread"
     with pytest.raises(ValueError, match="decay_init must be one of"):

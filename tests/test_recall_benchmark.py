@@ -109,7 +109,7 @@ def test_a_sweep_with_checkpoints_ends_at_a_saved_run_and_resumes_it(tmp_path, m
 def test_seed_and_decay_init_reach_every_run_and_set_runs_apart(tmp_path, monkeypatch):
     """--seed and --decay-init go to each run (the model's DLAConfig.decay_init, train_recall's seed)
     and into its record; a run of another seed or decay init is another run, and records written
-    before these fields existed count as seed 0 with the "mamba2" init."""
+    before these fields existed count as seed 0 with the "mamba2" init, unmixed."""
     recall = load_benchmark("recall")
     runs, out = tmp_path / "runs.jsonl", tmp_path / "results.md"
     trained = []
@@ -121,12 +121,16 @@ def test_seed_and_decay_init_reach_every_run_and_set_runs_apart(tmp_path, monkey
     assert trained == [("spread", 3)] and "seed 3, decay init spread" in out.read_text()
     record = json.loads(runs.read_text())
     assert (record["seed"], record["decay_init"]) == (3, "spread")
-    # an older record (no seed, no decay_init) is the default run: the default sitting has nothing to train
-    older = {k: v for k, v in record.items() if k not in ("seed", "decay_init")}
-    runs.write_text(runs.read_text() + json.dumps(older) + "\n")
+    # an older record (none of the later fields) is the default run: the default sitting has nothing
+    # to train, and its table holds that run alone
+    older = {k: v for k, v in record.items() if k not in recall.LATER_FIELDS}
+    runs.write_text(runs.read_text() + json.dumps(dict(older, accuracy=0.25)) + "\n")
     monkeypatch.setattr(sys, "argv", argv)
     recall.main()
-    assert trained == [("spread", 3)] and "| softmax |" in out.read_text()
+    assert trained == [("spread", 3)] and "| softmax | 0.250 | 0.01 | 1/1 |" in out.read_text()
+    # its checkpoint folder keeps the name it had before the later fields existed
+    assert recall.checkpoint_name(older) == recall.checkpoint_name(dict(older, **recall.LATER_FIELDS))
+    assert "seed_3-decay_init_spread" in recall.checkpoint_name(record)
 
 
 def test_mixed_lengths_train_on_shorter_copies_of_the_task_and_score_at_T(monkeypatch, tmp_path):
