@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -253,7 +254,7 @@ def main():
     where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
     in_progress = sorted(m.parent.name for m in checkpoints.glob("*/meta.pt")) if checkpoints else []
     header = (f"# Recall results ({'tiny check' if a.tiny else a.task or 'all tasks'}, {where})\n\n"
-              f"`python benchmarks/recall.py {' '.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
+              f"`python benchmarks/recall.py {shlex.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
               f"best of lr in {grid['lrs']}; seed {grid['seed']}, decay init {grid['decay_init']}"
               + (", trained on mixed lengths (those of T to T/8 that fit)." if grid["mixed_lengths"] else ".")

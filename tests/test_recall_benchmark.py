@@ -115,10 +115,11 @@ def test_seed_and_decay_init_reach_every_run_and_set_runs_apart(tmp_path, monkey
     trained = []
     monkeypatch.setattr(recall, "train_recall", lambda config, *a, seed, **k: trained.append((config.decay_init, seed))
                         or dict(accuracy=0.5, loss=1.0, seconds=0.0))
-    argv = ["recall.py", "--tiny", "--task", "mqar", "--mixers", "softmax", "--runs", str(runs), "--out", str(out)]
+    argv = ["recall.py", "--tiny", "--task", "mqar", "--mixers", "DLA (K=8)", "--runs", str(runs), "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv + ["--seed", "3", "--decay-init", "spread"])
     recall.main()
     assert trained == [("spread", 3)] and "seed 3, decay init spread" in out.read_text()
+    assert "recall.py --tiny --task mqar --mixers 'DLA (K=8)'" in out.read_text()   # the command, runnable
     record = json.loads(runs.read_text())
     assert (record["seed"], record["decay_init"]) == (3, "spread")
     # an older record (none of the later fields) is the default run: the default sitting has nothing
@@ -127,7 +128,7 @@ def test_seed_and_decay_init_reach_every_run_and_set_runs_apart(tmp_path, monkey
     runs.write_text(runs.read_text() + json.dumps(dict(older, accuracy=0.25)) + "\n")
     monkeypatch.setattr(sys, "argv", argv)
     recall.main()
-    assert trained == [("spread", 3)] and "| softmax | 0.250 | 0.01 | 1/1 |" in out.read_text()
+    assert trained == [("spread", 3)] and "| DLA (K=8) | 0.250 | 0.01 | 1/1 |" in out.read_text()
     # its checkpoint folder keeps the name it had before the later fields existed
     assert recall.checkpoint_name(older) == recall.checkpoint_name(dict(older, **recall.LATER_FIELDS))
     assert "seed_3-decay_init_spread" in recall.checkpoint_name(record)
