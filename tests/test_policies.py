@@ -89,6 +89,44 @@ def test_fixed_policy_on_the_kernels_matches_float64(policy, K, block, monkeypat
         assert rel_err(a, b) <= 2e-5, name
 
 
+@pytest.mark.parametrize("policy, K, block", [("fenwick", 10, None), ("fenwick", 16, None), ("blocks", 6, 5),
+                                              ("blocks", 16, 5)])
+def test_the_slots_written_at_each_chunk_end_run_from_0_to_the_highest(policy, K, block):
+    """The forward sweep writes, at a chunk's end, the slots that a chunk-start entry or a token of the
+    chunk lands in (the table's last row of the chunk), and zeroes the slots above the highest of
+    them. That leaves no slot with a stale state only if the written slots have no gaps. A fixed
+    policy's group count can fall within a chunk (fenwick's at t = 256, from 9 groups to 2), which
+    DLA's never does; before the sweep zeroed anything, fenwick at K above its group count read stale
+    states (outputs 47% off on the kernels at T=256, K=16)."""
+    T, C = 700, 64
+    tab = policies.tables(policies.starts_for(policy, T, K, block), C)
+    for c in range(-(-T // C)):
+        last = min(T - c * C, C) - 1
+        row = tab[c * C + last]
+        written = set(row[:K].tolist()) | set(row[K:K + last + 1].tolist())
+        assert written == set(range(max(written) + 1)), c
+
+
+@pytest.mark.parametrize("policy, K, block", [("fenwick", 16, None), ("blocks", 16, 5)])
+def test_fixed_policy_on_the_kernels_with_more_slots_than_groups(policy, K, block, monkeypatch):
+    """As above, with K above the groups the policy keeps and T past fenwick's fall at 256: the slots
+    above the groups must read as empty (zero), not as the buffer's earlier contents."""
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = make_inputs(6, B=1, T=300, H=2, DK=4, DV=3, K=K, dtype=torch.float64)
+    do = torch.randn(1, 300, 2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    def outputs_and_grads(dtype):
+        leaves = [x[n].to(device, dtype).requires_grad_() for n in ("q", "k", "v", "g", "lam")]
+        o = policies.fixed_policy_attention(*leaves, policy, block=block)
+        return [t.detach().cpu().double() for t in (o, *torch.autograd.grad(o, leaves, do.to(device, dtype)))]
+
+    want = outputs_and_grads(torch.float64)
+    monkeypatch.setenv("DLA_BACKEND", "triton")
+    for name, a, b in zip(("o", "dq", "dk", "dv", "dg", "dlam"), outputs_and_grads(torch.float32), want):
+        assert rel_err(a, b) <= 2e-5, name
+
+
 def test_unknown_policy_is_refused():
     x = make_inputs(0, B=1, T=4, H=1, DK=2, DV=2, K=3)
     with pytest.raises(ValueError, match="policy must be one of"):
