@@ -409,8 +409,9 @@ def _forward_sweep_kernel(q_ptr, k_ptr, v_ptr, g_ptr, lam_ptr, tab_ptr, s0_ptr, 
                 acc += tl.load(dst)
             tl.store(dst, acc)
         # the slots above every image hold no state at the chunk end: zeroed, or they would keep what
-        # the buffer held two chunks before. DLA's images always reach slot K - 1 (its cache never
-        # shrinks); a fixed policy's group count can fall within a chunk (policies.tables)
+        # the buffer held, never written since its torch.empty or an older chunk's state. DLA's images
+        # always reach slot K - 1; a fixed policy's tables put all empty entries on one slot, and
+        # fenwick's group count can fall within a chunk (policies.tables)
         top = tl.maximum(tl.load(last_row + K - 1).to(tl.int32), j_tok)
         for j in range(top + 1, K):
             tl.store(nxt + j * SZ + tile, tl.zeros([DK, BV], dtype=tl.float32))

@@ -94,10 +94,11 @@ def test_fixed_policy_on_the_kernels_matches_float64(policy, K, block, monkeypat
 def test_the_slots_written_at_each_chunk_end_run_from_0_to_the_highest(policy, K, block):
     """The forward sweep writes, at a chunk's end, the slots that a chunk-start entry or a token of the
     chunk lands in (the table's last row of the chunk), and zeroes the slots above the highest of
-    them. That leaves no slot with a stale state only if the written slots have no gaps. A fixed
-    policy's group count can fall within a chunk (fenwick's at t = 256, from 9 groups to 2), which
-    DLA's never does; before the sweep zeroed anything, fenwick at K above its group count read stale
-    states (outputs 47% off on the kernels at T=256, K=16)."""
+    them. That leaves no slot unwritten only if the written slots have no gaps; and the token loop's
+    read of an entry's slot needs every entry's image at or above every token's. A fixed policy's
+    tables put all empty entries on one slot (and fenwick's group count can fall within a chunk), so
+    before the sweep zeroed anything, slots above the groups kept the buffer's earlier contents
+    (outputs 47% off on the kernels at T=256, K=16)."""
     T, C = 700, 64
     tab = policies.tables(policies.starts_for(policy, T, K, block), C)
     for c in range(-(-T // C)):
@@ -105,16 +106,20 @@ def test_the_slots_written_at_each_chunk_end_run_from_0_to_the_highest(policy, K
         row = tab[c * C + last]
         written = set(row[:K].tolist()) | set(row[K:K + last + 1].tolist())
         assert written == set(range(max(written) + 1)), c
+        assert min(row[:K].tolist()) >= max(row[K:K + last + 1].tolist()), c
 
 
 @pytest.mark.parametrize("policy, K, block", [("fenwick", 16, None), ("blocks", 16, 5)])
 def test_fixed_policy_on_the_kernels_with_more_slots_than_groups(policy, K, block, monkeypatch):
-    """As above, with K above the groups the policy keeps and T past fenwick's fall at 256: the slots
-    above the groups must read as empty (zero), not as the buffer's earlier contents."""
+    """As above, with K above the groups the policy keeps, and new buffers full of NaN (torch.empty's
+    contents are whatever memory it gets): the slots above the groups must read as empty. T=1100
+    passes t = 1088, where fenwick's falling group count first leaves an older chunk's state in a
+    slot that the next chunk reads."""
     pytest.importorskip("triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = make_inputs(6, B=1, T=300, H=2, DK=4, DV=3, K=K, dtype=torch.float64)
-    do = torch.randn(1, 300, 2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    T = 1100
+    x = make_inputs(6, B=1, T=T, H=2, DK=4, DV=3, K=K, dtype=torch.float64)
+    do = torch.randn(1, T, 2, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
 
     def outputs_and_grads(dtype):
         leaves = [x[n].to(device, dtype).requires_grad_() for n in ("q", "k", "v", "g", "lam")]
@@ -122,6 +127,9 @@ def test_fixed_policy_on_the_kernels_with_more_slots_than_groups(policy, K, bloc
         return [t.detach().cpu().double() for t in (o, *torch.autograd.grad(o, leaves, do.to(device, dtype)))]
 
     want = outputs_and_grads(torch.float64)
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                         else t)(empty(*a, **k)))
     monkeypatch.setenv("DLA_BACKEND", "triton")
     for name, a, b in zip(("o", "dq", "dk", "dv", "dg", "dlam"), outputs_and_grads(torch.float32), want):
         assert rel_err(a, b) <= 2e-5, name
