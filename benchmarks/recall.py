@@ -41,7 +41,10 @@ MIXERS = {   # name: DLAConfig overrides (everything else is shared)
     "DLA (K=16)": dict(capacity=16),
     "softmax": dict(capacity=1, merge_policy="softmax"),
 }
-# fields added after the first runs were recorded, with the value those runs had
+# what a record holds of its run (its setting, mixer and lr, and the budget every run of a grid shares),
+# and the fields added after the first runs were recorded, with the value those runs had
+RUN_FIELDS = ("task", "T", "N", "mixer", "lr")
+BUDGET_FIELDS = ("steps", "batch", "hidden", "vocab")
 LATER_FIELDS = dict(seed=0, decay_init="mamba2", mixed_lengths=False)
 # 105 runs (with fla) of 1000 steps. On an H200 500 steps left every mixer at chance on mqar T=256
 # (docs/models.md): this budget is too small to show anything. A DLA step there takes 21.5 ms
@@ -97,13 +100,13 @@ def with_fla(device: str) -> dict:
 
 def budget(grid: dict) -> dict:
     """What every run of a grid shares besides its setting, mixer and learning rate."""
-    return {f: grid[f] for f in ("steps", "batch", "hidden", "vocab", *LATER_FIELDS)}
+    return {f: grid[f] for f in (*BUDGET_FIELDS, *LATER_FIELDS)}
 
 
 def run_key(r: dict) -> tuple:
     """What identifies one training run: its setting, mixer, learning rate and the grid's budget
     (steps, batch, model size, seed, decay initialisation and mixed lengths)."""
-    return (tuple(r[f] for f in ("task", "T", "N", "mixer", "lr", "steps", "batch", "hidden", "vocab"))
+    return (tuple(r[f] for f in RUN_FIELDS + BUDGET_FIELDS)
             + tuple(r.get(f, default) for f, default in LATER_FIELDS.items()))
 
 
