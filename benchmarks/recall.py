@@ -15,7 +15,8 @@ A run longer than one sitting trains in parts with ``--checkpoints DIR``: at ``-
 progress saves its state in DIR (a folder per run, four files of up to 6.2 MiB) and the next sitting
 with the same DIR resumes it, with the result of one unbroken run. ``--seed``, ``--decay-init`` (the
 linear mixers' decay rates at initialisation) and ``--mixed-lengths`` (training batches at those of
-T to T/8 that fit) vary the runs; each is part of a run's key (docs/models.md)."""
+T to T/8 that fit) vary the runs; each is part of a run's key (docs/models.md). ``--eval-every 1000``
+adds each run's learning curve to its record."""
 from __future__ import annotations
 
 import argparse
@@ -121,11 +122,12 @@ def checkpoint_name(record: dict) -> str:
 
 
 def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=frozenset(), deadline=None,
-          checkpoints: Path | None = None):
+          checkpoints: Path | None = None, eval_every: int | None = None):
     """Yield one record per training run of the grid (settings x mixers x learning rates, in that
     order), skipping the runs whose ``run_key`` is in ``done`` and starting none after ``deadline``
     (a ``time.time()``). With ``checkpoints`` (a folder), the run in progress at the deadline saves its
-    state there and the sweep ends; a later sweep resumes it."""
+    state there and the sweep ends; a later sweep resumes it. With ``eval_every``, each record also holds
+    its held-out accuracy every that many steps (``curve``; it does not change the run)."""
     shared = budget(grid)
     for name, T, N in grid["settings"]:
         make = task(name, T, N, grid["vocab"])
@@ -143,7 +145,7 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
                                                              stop_at=deadline)
                 result = train_recall(config, train_make, grid["steps"], grid["batch"], lr, seed=grid["seed"],
                                       device=device, progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}",
-                                      make_eval=make, **(part or {}))
+                                      make_eval=make, eval_every=eval_every, **(part or {}))
                 if result is None:   # saved at the deadline, for the next sitting
                     return
                 yield dict(record, **result)
@@ -216,6 +218,8 @@ def main():
     p.add_argument("--mixed-lengths", action="store_true",
                    help="train on the setting's task at those of T, T/2, T/4 and T/8 that fit it, one length a "
                         "batch (held-out set at T)")
+    p.add_argument("--eval-every", type=int, metavar="STEPS",
+                   help="also score the held-out set every STEPS steps: each record's learning curve")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--runs", help="JSON lines of finished runs: runs already in it are skipped and each new "
                                   "one is appended (a grid in parts)")
@@ -246,7 +250,7 @@ def main():
     deadline = time.time() + 60 * a.minutes if a.minutes is not None else None
     checkpoints = Path(a.checkpoints) if a.checkpoints else None
     for record in sweep(grid, a.device, mixers, done={run_key(r) for r in records}, deadline=deadline,
-                        checkpoints=checkpoints):
+                        checkpoints=checkpoints, eval_every=a.eval_every):
         records.append(record)
         if runs:
             with runs.open("a") as f:

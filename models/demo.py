@@ -38,7 +38,8 @@ def answer_logits(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tu
 
 def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float, seed: int,
                  device: str = "cpu", progress: bool = True, desc: str = "", eval_size: int = 256,
-                 checkpoint: Path | None = None, stop_at: float | None = None, make_eval=None) -> dict | None:
+                 checkpoint: Path | None = None, stop_at: float | None = None, make_eval=None,
+                 eval_every: int | None = None) -> dict | None:
     """Train ``DLAForCausalLM(config)`` from scratch on batches ``make(batch, generator)`` (inputs,
     labels); returns its answer accuracy on a held-out set (of ``make_eval``, by default ``make``), the
     final loss and the seconds taken.
@@ -47,7 +48,11 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
     resumes from the state saved there, and past ``stop_at`` (a ``time.time()``) it saves its state
     there and returns None. The parts give the result of one run: the model, the optimizer, the
     batch generator's state, the steps done and the seconds spent are saved; the folder is removed
-    when the run finishes."""
+    when the run finishes.
+
+    With ``eval_every``, the result also holds ``curve``: the held-out accuracy every that many steps
+    and at the end, as [step, accuracy] pairs (the held-out set is fixed, so this draws nothing from
+    the batch generator and leaves training as it is)."""
     if stop_at is not None and checkpoint is None:
         raise ValueError("stop_at needs a checkpoint folder to save the unfinished run in")
     torch.manual_seed(seed)
@@ -56,9 +61,17 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
     gen = torch.Generator().manual_seed(seed)
     held = (make_eval or make)(eval_size, torch.Generator().manual_seed(seed + 10_000))
     held_x, held_y = (t.to(device) for t in held)
-    done, spent = 0, 0.0
+    done, spent, curve = 0, 0.0, []
     if checkpoint is not None and (checkpoint / "meta.pt").exists():
-        done, spent = _load_checkpoint(checkpoint, model, opt, gen, device)
+        done, spent, curve = _load_checkpoint(checkpoint, model, opt, gen, device)
+
+    def held_out_accuracy() -> float:
+        with torch.no_grad():
+            model.eval()
+            accuracy = answer_accuracy(answer_logits(model, held_x, held_y)[0], held_y)
+        model.train()
+        return accuracy
+
     start = time.time() - spent
     bar = tqdm(range(done, steps), desc=desc, disable=not progress, initial=done, total=steps)
     for step in bar:
@@ -71,18 +84,19 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
         # batch is generated while this step runs
         if progress and step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            curve.append([step + 1, held_out_accuracy()])
         if stop_at is not None and step + 1 < steps and time.time() > stop_at:
-            _save_checkpoint(checkpoint, model, opt, gen, step + 1, time.time() - start)
+            _save_checkpoint(checkpoint, model, opt, gen, step + 1, time.time() - start, curve)
             return None
-    with torch.no_grad():
-        model.eval()
-        accuracy = answer_accuracy(answer_logits(model, held_x, held_y)[0], held_y)
+    accuracy = held_out_accuracy()
     if checkpoint is not None:
         for name in CHECKPOINT_FILES:
             (checkpoint / name).unlink(missing_ok=True)
         if checkpoint.exists() and not any(checkpoint.iterdir()):
             checkpoint.rmdir()
-    return dict(accuracy=accuracy, loss=loss.item(), seconds=time.time() - start)
+    result = dict(accuracy=accuracy, loss=loss.item(), seconds=time.time() - start)
+    return result if not eval_every else dict(result, curve=curve + [[steps, accuracy]])
 
 
 # one file per tensor group, so that each stays small (at the recall benchmark's size, vocab 8192 and
@@ -91,24 +105,26 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
 CHECKPOINT_FILES = ("model.pt", "exp_avg.pt", "exp_avg_sq.pt", "meta.pt")
 
 
-def _save_checkpoint(folder: Path, model, opt, gen: torch.Generator, done: int, spent: float) -> None:
+def _save_checkpoint(folder: Path, model, opt, gen: torch.Generator, done: int, spent: float,
+                     curve: list) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = opt.state_dict()
     torch.save(model.state_dict(), folder / "model.pt")
     for moment in ("exp_avg", "exp_avg_sq"):
         torch.save({i: s[moment] for i, s in state["state"].items()}, folder / f"{moment}.pt")
-    torch.save(dict(done=done, spent=spent, generator=gen.get_state(), param_groups=state["param_groups"],
-                    step={i: s["step"] for i, s in state["state"].items()}), folder / "meta.pt")
+    torch.save(dict(done=done, spent=spent, curve=curve, generator=gen.get_state(),
+                    param_groups=state["param_groups"], step={i: s["step"] for i, s in state["state"].items()}),
+               folder / "meta.pt")
 
 
-def _load_checkpoint(folder: Path, model, opt, gen: torch.Generator, device: str) -> tuple[int, float]:
+def _load_checkpoint(folder: Path, model, opt, gen: torch.Generator, device: str) -> tuple[int, float, list]:
     meta = torch.load(folder / "meta.pt")
     model.load_state_dict(torch.load(folder / "model.pt", map_location=device))
     m, v = (torch.load(folder / f"{moment}.pt", map_location=device) for moment in ("exp_avg", "exp_avg_sq"))
     opt.load_state_dict(dict(param_groups=meta["param_groups"],
                              state={i: dict(step=meta["step"][i], exp_avg=m[i], exp_avg_sq=v[i]) for i in m}))
     gen.set_state(meta["generator"])
-    return meta["done"], meta["spent"]
+    return meta["done"], meta["spent"], meta["curve"]
 
 
 def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, seed: int,

@@ -83,6 +83,39 @@ def test_a_run_trained_in_parts_gives_the_result_of_one_run(tmp_path):
         train_recall(*args, progress=False, stop_at=0.0)
 
 
+def test_a_learning_curve_leaves_the_run_as_it_is_and_survives_the_parts(tmp_path):
+    """eval_every scores the fixed held-out set during training: the run ends as it does without it,
+    each point is the accuracy of the run stopped there, and a run in parts keeps the unbroken curve."""
+    from dla_ops.models import DLAConfig
+    from dla_ops.models.demo import train_recall
+    recall = load_benchmark("recall")
+    config = DLAConfig(vocab_size=24, hidden_size=32, num_hidden_layers=2, num_heads=2, capacity=4)
+    make = recall.task("mqar", 32, 4, 24)
+    args = (config, make, 6, 8, 3e-2, 0)
+    whole = train_recall(*args, progress=False)
+    curved = train_recall(*args, progress=False, eval_every=2)
+    assert (curved["accuracy"], curved["loss"]) == (whole["accuracy"], whole["loss"]) and "curve" not in whole
+    assert [step for step, _ in curved["curve"]] == [2, 4, 6] and curved["curve"][-1][1] == whole["accuracy"]
+    for step, accuracy in curved["curve"][:2]:
+        assert train_recall(config, make, step, 8, 3e-2, 0, progress=False)["accuracy"] == accuracy
+    folder = tmp_path / "run"
+    parts = [train_recall(*args, progress=False, eval_every=2, checkpoint=folder, stop_at=float("-inf"))
+             for _ in range(6)]
+    assert parts[-1]["curve"] == curved["curve"]
+
+
+def test_eval_every_reaches_each_run_and_its_record(tmp_path, monkeypatch):
+    recall = load_benchmark("recall")
+    runs = tmp_path / "runs.jsonl"
+    seen = []
+    monkeypatch.setattr(recall, "train_recall", lambda *a, eval_every, **k: seen.append(eval_every) or
+                        dict(accuracy=0.5, loss=1.0, seconds=0.0, curve=[[3, 0.5]]))
+    monkeypatch.setattr(sys, "argv", ["recall.py", "--tiny", "--task", "mqar", "--mixers", "softmax",
+                                      "--eval-every", "500", "--runs", str(runs), "--out", str(tmp_path / "r.md")])
+    recall.main()
+    assert seen == [500] and json.loads(runs.read_text())["curve"] == [[3, 0.5]]
+
+
 def test_a_sweep_with_checkpoints_ends_at_a_saved_run_and_resumes_it(tmp_path, monkeypatch):
     """--checkpoints: each run gets its own folder and the deadline as its stop time; a run that saved
     (train_recall returns None) ends the sitting without a record, and the next sitting trains it again
