@@ -199,6 +199,22 @@ def write(rows: list[dict], out: Path, header: str) -> str:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     plt.close(fig)
+    curved = [r for r in rows if "curve" in r]
+    if curved:   # runs with --eval-every: held-out accuracy by step, a panel per setting
+        settings = list(dict.fromkeys((r["task"], r["T"], r["N"]) for r in curved))
+        fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.5), squeeze=False)
+        for ax, (name, T, N) in zip(axes[0], settings):
+            for r in curved:
+                if (r["task"], r["T"], r["N"]) == (name, T, N):
+                    ax.plot(*zip(*r["curve"]), "o-", ms=3, label=f"{r['mixer']} (lr {r['lr']:g})")
+            ax.set_title(f"{name} T={T} N={N}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("held-out answer accuracy")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out.with_name(out.stem + "-curves.png"), dpi=120)
+        plt.close(fig)
     return text
 
 

@@ -114,6 +114,7 @@ def test_eval_every_reaches_each_run_and_its_record(tmp_path, monkeypatch):
                                       "--eval-every", "500", "--runs", str(runs), "--out", str(tmp_path / "r.md")])
     recall.main()
     assert seen == [500] and json.loads(runs.read_text())["curve"] == [[3, 0.5]]
+    assert (tmp_path / "r-curves.png").exists()
 
 
 def test_a_sweep_with_checkpoints_ends_at_a_saved_run_and_resumes_it(tmp_path, monkeypatch):
