@@ -16,7 +16,8 @@ progress saves its state in DIR (a folder per run, four files of up to 6.2 MiB) 
 with the same DIR resumes it, with the result of one unbroken run. ``--seed``, ``--decay-init`` (the
 linear mixers' decay rates at initialisation) and ``--mixed-lengths`` (training batches at those of
 T to T/8 that fit) vary the runs; each is part of a run's key (docs/models.md). ``--eval-every 1000``
-adds each run's learning curve to its record."""
+adds each run's learning curve to its record, and the curves of the table's runs (each cell's best lr)
+are plotted beside the table (``<out>-curves.png``)."""
 from __future__ import annotations
 
 import argparse
@@ -200,7 +201,7 @@ def write(rows: list[dict], out: Path, header: str) -> str:
     fig.savefig(out.with_suffix(".png"), dpi=120)
     plt.close(fig)
     curved = [r for r in rows if "curve" in r]
-    if curved:   # runs with --eval-every: held-out accuracy by step, a panel per setting
+    if curved:   # the table's runs (each cell's best lr) with --eval-every: accuracy by step, a panel per setting
         settings = list(dict.fromkeys((r["task"], r["T"], r["N"]) for r in curved))
         fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.5), squeeze=False)
         for ax, (name, T, N) in zip(axes[0], settings):

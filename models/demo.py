@@ -52,9 +52,12 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
 
     With ``eval_every``, the result also holds ``curve``: the held-out accuracy every that many steps
     and at the end, as [step, accuracy] pairs (the held-out set is fixed, so this draws nothing from
-    the batch generator and leaves training as it is)."""
+    the batch generator and leaves training as it is; the seconds leave these evaluations out). A run
+    resumes only with the ``eval_every`` it was saved with."""
     if stop_at is not None and checkpoint is None:
         raise ValueError("stop_at needs a checkpoint folder to save the unfinished run in")
+    if eval_every is not None and eval_every < 1:
+        raise ValueError(f"eval_every must be a positive number of steps, got {eval_every}")
     torch.manual_seed(seed)
     model = DLAForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -63,7 +66,9 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
     held_x, held_y = (t.to(device) for t in held)
     done, spent, curve = 0, 0.0, []
     if checkpoint is not None and (checkpoint / "meta.pt").exists():
-        done, spent, curve = _load_checkpoint(checkpoint, model, opt, gen, device)
+        done, spent, curve, saved_every = _load_checkpoint(checkpoint, model, opt, gen, device)
+        if saved_every != eval_every:   # a curve with gaps, or one that starts part-way, would pass for whole
+            raise ValueError(f"{checkpoint} was trained with eval_every={saved_every}, not {eval_every}")
 
     def held_out_accuracy() -> float:
         with torch.no_grad():
@@ -85,9 +90,11 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
         if progress and step % 25 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            scoring = time.time()
             curve.append([step + 1, held_out_accuracy()])
+            start += time.time() - scoring   # seconds count training, as in a run without a curve
         if stop_at is not None and step + 1 < steps and time.time() > stop_at:
-            _save_checkpoint(checkpoint, model, opt, gen, step + 1, time.time() - start, curve)
+            _save_checkpoint(checkpoint, model, opt, gen, step + 1, time.time() - start, curve, eval_every)
             return None
     accuracy = held_out_accuracy()
     if checkpoint is not None:
@@ -106,25 +113,26 @@ CHECKPOINT_FILES = ("model.pt", "exp_avg.pt", "exp_avg_sq.pt", "meta.pt")
 
 
 def _save_checkpoint(folder: Path, model, opt, gen: torch.Generator, done: int, spent: float,
-                     curve: list) -> None:
+                     curve: list, eval_every: int | None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = opt.state_dict()
     torch.save(model.state_dict(), folder / "model.pt")
     for moment in ("exp_avg", "exp_avg_sq"):
         torch.save({i: s[moment] for i, s in state["state"].items()}, folder / f"{moment}.pt")
-    torch.save(dict(done=done, spent=spent, curve=curve, generator=gen.get_state(),
+    torch.save(dict(done=done, spent=spent, curve=curve, eval_every=eval_every, generator=gen.get_state(),
                     param_groups=state["param_groups"], step={i: s["step"] for i, s in state["state"].items()}),
                folder / "meta.pt")
 
 
-def _load_checkpoint(folder: Path, model, opt, gen: torch.Generator, device: str) -> tuple[int, float, list]:
+def _load_checkpoint(folder: Path, model, opt, gen: torch.Generator,
+                     device: str) -> tuple[int, float, list, int | None]:
     meta = torch.load(folder / "meta.pt")
     model.load_state_dict(torch.load(folder / "model.pt", map_location=device))
     m, v = (torch.load(folder / f"{moment}.pt", map_location=device) for moment in ("exp_avg", "exp_avg_sq"))
     opt.load_state_dict(dict(param_groups=meta["param_groups"],
                              state={i: dict(step=meta["step"][i], exp_avg=m[i], exp_avg_sq=v[i]) for i in m}))
     gen.set_state(meta["generator"])
-    return meta["done"], meta["spent"], meta["curve"]
+    return meta["done"], meta["spent"], meta["curve"], meta["eval_every"]
 
 
 def run_one(capacity: int, task: str, steps: int, batch_size: int, lr: float, seed: int,

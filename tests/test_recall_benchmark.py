@@ -100,8 +100,19 @@ def test_a_learning_curve_leaves_the_run_as_it_is_and_survives_the_parts(tmp_pat
         assert train_recall(config, make, step, 8, 3e-2, 0, progress=False)["accuracy"] == accuracy
     folder = tmp_path / "run"
     parts = [train_recall(*args, progress=False, eval_every=2, checkpoint=folder, stop_at=float("-inf"))
-             for _ in range(6)]
-    assert parts[-1]["curve"] == curved["curve"]
+             for _ in range(3)]
+    # a part resumed with another eval_every would leave gaps in the curve: refused
+    for other in (None, 3):
+        with pytest.raises(ValueError, match="eval_every"):
+            train_recall(*args, progress=False, eval_every=other, checkpoint=folder)
+    parts += [train_recall(*args, progress=False, eval_every=2, checkpoint=folder, stop_at=float("-inf"))
+              for _ in range(3)]
+    assert parts[:-1] == [None] * 5 and parts[-1]["curve"] == curved["curve"]
+    # a period that does not divide the run, or outlasts it: the points it reaches, then the end
+    assert [step for step, _ in train_recall(*args, progress=False, eval_every=4)["curve"]] == [4, 6]
+    assert [step for step, _ in train_recall(*args, progress=False, eval_every=10)["curve"]] == [6]
+    with pytest.raises(ValueError, match="positive"):
+        train_recall(*args, progress=False, eval_every=0)
 
 
 def test_eval_every_reaches_each_run_and_its_record(tmp_path, monkeypatch):
