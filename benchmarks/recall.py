@@ -100,6 +100,12 @@ def with_fla(device: str) -> dict:
     return {**MIXERS, FLA[0]: FLA[1]}
 
 
+def model_config(grid: dict, overrides: dict) -> DLAConfig:
+    """The model of the grid's runs with a mixer given by its overrides (a value of ``MIXERS``)."""
+    return DLAConfig(vocab_size=grid["vocab"], hidden_size=grid["hidden"], num_hidden_layers=2, num_heads=2,
+                     decay_init=grid["decay_init"], **overrides)
+
+
 def budget(grid: dict) -> dict:
     """What every run of a grid shares besides its setting, mixer and learning rate."""
     return {f: grid[f] for f in (*BUDGET_FIELDS, *LATER_FIELDS)}
@@ -140,8 +146,7 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
                     continue
                 if deadline is not None and time.time() > deadline:
                     return
-                config = DLAConfig(vocab_size=grid["vocab"], hidden_size=grid["hidden"], num_hidden_layers=2,
-                                   num_heads=2, decay_init=grid["decay_init"], **overrides)
+                config = model_config(grid, overrides)
                 part = None if checkpoints is None else dict(checkpoint=checkpoints / checkpoint_name(record),
                                                              stop_at=deadline)
                 result = train_recall(config, train_make, grid["steps"], grid["batch"], lr, seed=grid["seed"],

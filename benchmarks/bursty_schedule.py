@@ -1,0 +1,123 @@
+"""Where DLA's boundaries and merges fall on the bursty recall task. For the recall benchmark's DLA
+model (at initialisation, or trained: a state dict such as a checkpoint's ``model.pt``), per layer and
+head, on held-out bursty sequences: the information score and the boundary rate on the bursts'
+key/value tokens, on the filler between them and on the query region; and, just before the first
+query, how many states hold key/value tokens, the share of bursts whose states hold no other burst's
+tokens ("alone"), and the share of bursts with a token in the state of most tokens.
+
+    python benchmarks/bursty_schedule.py [--model CKPT/model.pt] [--decay-init spread] [--T 2048 --N 32]
+
+A burst here is a maximal run of key/value tokens (two bursts drawn with no filler between them count
+as one)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import Tensor
+
+from dla_ops import dla_attention
+from dla_ops.models import DLAForCausalLM
+from dla_ops.models.tasks import FILL, bursty_mqar
+from recall import FULL, MIXERS, model_config
+
+
+def schedules(model: DLAForCausalLM, x: Tensor) -> list:
+    """Each layer's (schedule, g) on input ids x: its mixer's own features, run through ``dla_attention``
+    with the schedule returned."""
+    inputs = []
+    hooks = [layer.mixer.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model.model(x, use_cache=False)
+            out = []
+            for layer, h in zip(model.model.layers, inputs):
+                q, k, v, g, lam, beta, _ = layer.mixer._features(h, None)
+                out.append((dla_attention(q, k, v, g, lam, beta, tau=layer.mixer.tau, return_schedule=True)[2], g))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return out
+
+
+def replay_groups(boundary: list, merge: list, K: int, until: int) -> list[list[int]]:
+    """The tokens each state holds before token ``until`` is read, oldest closed state first and the
+    open state last: the spec's step 2 replayed from one sequence's schedule of one head (boundary:
+    the raw decision, which closes nothing while the open state is empty or K == 1; merge: the index
+    of the closed pair merged at t, or -1)."""
+    closed, open_ = [], []
+    for t in range(until):
+        if boundary[t] and open_ and K > 1:
+            closed.append(open_)
+            open_ = []
+            if merge[t] >= 0:
+                i = merge[t]
+                closed[i:i + 2] = [closed[i] + closed[i + 1]]
+        open_.append(t)
+    return closed + [open_]
+
+
+def burst_ids(x: Tensor, body: int) -> Tensor:
+    """[B, T]: for each key/value token before ``body``, the index of its burst in its sequence; -1 elsewhere."""
+    pair = (x != FILL) & (torch.arange(x.shape[1]) < body)
+    starts = pair & ~torch.cat([torch.zeros_like(pair[:, :1]), pair[:, :-1]], 1)
+    return torch.where(pair, starts.long().cumsum(1) - 1, -1)
+
+
+def table(model: DLAForCausalLM, x: Tensor) -> list[dict]:
+    """One row per layer and head (see the module's docstring)."""
+    B, T = x.shape
+    body = 3 * T // 4
+    bursts = burst_ids(x, body)
+    pair = bursts >= 0
+    filler = (x == FILL) & (torch.arange(T) < body)
+    query = (torch.arange(T) >= body).expand(B, T)
+    K = model.config.capacity
+    rows = []
+    for layer, (s, g) in enumerate(schedules(model, x)):
+        for h in range(s.I.shape[2]):
+            I, boundary, merge = s.I[..., h], s.boundary[..., h], s.merge[..., h]
+            holding, alone, in_biggest = [], [], []
+            for b in range(B):
+                states = replay_groups(boundary[b].tolist(), merge[b].tolist(), K, body)
+                groups = [{int(bursts[b, t]) for t in grp} - {-1} for grp in states]
+                holding.append(sum(1 for grp in groups if grp))
+                n_bursts = int(bursts[b].max()) + 1
+                alone.append(sum(all(grp <= {i} for grp in groups if i in grp) for i in range(n_bursts)) / n_bursts)
+                in_biggest.append(len(max(zip(states, groups), key=lambda sg: len(sg[0]))[1]) / n_bursts)
+            rows.append({"layer": layer, "head": h, "-g": (-g[..., h]).mean().item(),
+                         "I pair": I[pair].mean().item(), "I filler": I[filler].mean().item(),
+                         "I query": I[query].mean().item(),
+                         "boundaries pair": boundary[pair].float().mean().item(),
+                         "boundaries filler": boundary[filler].float().mean().item(),
+                         "states holding pairs": sum(holding) / B, "bursts alone": sum(alone) / B,
+                         "bursts in the biggest state": sum(in_biggest) / B})
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="a state dict of the recall benchmark's DLA (K=16) model (default: initialised)")
+    p.add_argument("--decay-init", default="spread", choices=["mamba2", "spread"])
+    p.add_argument("--seed", type=int, default=0, help="the initialisation's seed, without --model")
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--N", type=int, default=32)
+    p.add_argument("--batch", type=int, default=8)
+    a = p.parse_args()
+    torch.manual_seed(a.seed)
+    model = DLAForCausalLM(model_config(dict(FULL, decay_init=a.decay_init), MIXERS["DLA (K=16)"])).eval()
+    if a.model:
+        model.load_state_dict(torch.load(a.model, map_location="cpu"))
+    # the recall benchmark's held-out sequences (seed 0)
+    x, _ = bursty_mqar(a.batch, a.T, a.N, max(1, a.N // 4), vocab=FULL["vocab"], gen=torch.Generator().manual_seed(10_000))
+    rows = table(model, x)
+    print(f"bursty T={a.T} N={a.N}, {a.batch} held-out sequences, "
+          f"{a.model or f'initialised (seed {a.seed}, decay init {a.decay_init})'}; tau {model.config.tau}\n")
+    print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
+    for r in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""benchmarks/bursty_schedule.py: the replay of a schedule gives the states the op itself ends with,
+and the table has its rows and ranges."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dla_ops
+from helpers import load_benchmark, make_inputs
+
+
+@pytest.fixture
+def bs(monkeypatch):
+    """The script, with benchmarks/ on the path as when it runs (it imports recall.py beside it)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return load_benchmark("bursty_schedule")
+
+
+def test_replaying_the_schedule_gives_the_ops_final_states(bs):
+    """Group sizes from replaying boundary and merge to the end equal the final cache's counts
+    (slot 0 the open state, slot j the j-th most recently closed), for every sequence and head."""
+    for seed, K in ((0, 4), (1, 3), (2, 6)):
+        inputs = make_inputs(seed, B=2, T=40, K=K)
+        _, cache, sched = dla_ops.dla_attention(**inputs, output_final_cache=True, return_schedule=True)
+        assert sched.merge.max() >= 0   # merges happened, so the replay is put to the test
+        for b in range(2):
+            for h in range(inputs["q"].shape[2]):
+                states = bs.replay_groups(sched.boundary[b, :, h].tolist(), sched.merge[b, :, h].tolist(), K, 40)
+                sizes = [len(states[-1])] + [len(s) for s in reversed(states[:-1])]
+                assert sizes + [0] * (K - len(sizes)) == cache.counts[b, h].tolist()
+                assert sorted(t for s in states for t in s) == list(range(40))
+
+
+def test_burst_ids_number_the_runs_of_key_value_tokens(bs):
+    x = torch.tensor([[0, 5, 6, 0, 0, 7, 8, 9, 0, 3, 4]])
+    assert bs.burst_ids(x, body=8).tolist() == [[-1, 0, 0, -1, -1, 1, 1, 1, -1, -1, -1]]
+
+
+def test_the_table_has_a_row_per_layer_and_head(bs, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bursty_schedule.py", "--T", "128", "--N", "8", "--batch", "2"])
+    bs.main()
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "layer" not in line]
+    assert len(rows) == 4
+    for row in rows:
+        cells = [float(c) for c in row.strip("| ").split(" | ")]
+        assert all(0.0 <= c <= 2.0 for c in cells[3:6]) and all(0.0 <= c <= 1.0 for c in cells[6:8] + cells[9:])
