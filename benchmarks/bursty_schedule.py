@@ -3,7 +3,8 @@ model (at initialisation, or trained: a state dict such as a checkpoint's ``mode
 head, on held-out bursty sequences: the information score and the boundary rate on the bursts'
 key/value tokens, on the filler between them and on the query region; and, just before the first
 query, how many states hold key/value tokens, the share of bursts whose states hold no other burst's
-tokens ("alone"), and the share of bursts with a token in the state of most tokens.
+tokens ("alone"), and the share of bursts with a token in the state of most tokens; the same for the
+groups of the fixed merge policies (fenwick, blocks) on the same sequences.
 
     python benchmarks/bursty_schedule.py [--model CKPT/model.pt] [--decay-init spread] [--T 2048 --N 32]
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from dla_ops import dla_attention
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.tasks import FILL, bursty_mqar
+from dla_ops.policies import starts_for
 from recall import FULL, MIXERS, model_config
 
 
@@ -78,22 +80,36 @@ def table(model: DLAForCausalLM, x: Tensor) -> list[dict]:
     for layer, (s, g) in enumerate(schedules(model, x)):
         for h in range(s.I.shape[2]):
             I, boundary, merge = s.I[..., h], s.boundary[..., h], s.merge[..., h]
-            holding, alone, in_biggest = [], [], []
-            for b in range(B):
-                states = replay_groups(boundary[b].tolist(), merge[b].tolist(), K, body)
-                groups = [{int(bursts[b, t]) for t in grp} - {-1} for grp in states]
-                holding.append(sum(1 for grp in groups if grp))
-                n_bursts = int(bursts[b].max()) + 1
-                alone.append(sum(all(grp <= {i} for grp in groups if i in grp) for i in range(n_bursts)) / n_bursts)
-                in_biggest.append(len(max(zip(states, groups), key=lambda sg: len(sg[0]))[1]) / n_bursts)
+            split = [burst_split(replay_groups(boundary[b].tolist(), merge[b].tolist(), K, body), bursts[b])
+                     for b in range(B)]
             rows.append({"layer": layer, "head": h, "-g": (-g[..., h]).mean().item(),
                          "I pair": I[pair].mean().item(), "I filler": I[filler].mean().item(),
                          "I query": I[query].mean().item(),
                          "boundaries pair": boundary[pair].float().mean().item(),
-                         "boundaries filler": boundary[filler].float().mean().item(),
-                         "states holding pairs": sum(holding) / B, "bursts alone": sum(alone) / B,
-                         "bursts in the biggest state": sum(in_biggest) / B})
+                         "boundaries filler": boundary[filler].float().mean().item(), **mean_split(split)})
     return rows
+
+
+def burst_split(states: list[list[int]], bursts: Tensor) -> tuple[int, float, float]:
+    """For one sequence's states (their tokens) and its ``burst_ids`` row: how many states hold
+    key/value tokens, the share of bursts whose states hold no other burst's tokens, and the share of
+    bursts with a token in the state of most tokens."""
+    held = [{int(bursts[t]) for t in state} - {-1} for state in states]
+    n = int(bursts.max()) + 1
+    alone = sum(all(h <= {i} for h in held if i in h) for i in range(n))
+    biggest = held[max(range(len(states)), key=lambda j: len(states[j]))]
+    return sum(1 for h in held if h), alone / n, len(biggest) / n
+
+
+def mean_split(split: list[tuple]) -> dict:
+    names = ("states holding pairs", "bursts alone", "bursts in the biggest state")
+    return {name: sum(s[i] for s in split) / len(split) for i, name in enumerate(names)}
+
+
+def fixed_policy_states(policy: str, body: int, K: int, block: int | None) -> list[list[int]]:
+    """The groups a fixed merge policy (``dla_ops.policies``) keeps of tokens 0 .. body - 1, oldest first."""
+    starts = sorted(s for s in starts_for(policy, body, K, block)[body - 1].tolist() if s >= 0)
+    return [list(range(a, e)) for a, e in zip(starts, starts[1:] + [body])]
 
 
 def main():
@@ -114,6 +130,16 @@ def main():
     rows = table(model, x)
     print(f"bursty T={a.T} N={a.N}, {a.batch} held-out sequences, "
           f"{a.model or f'initialised (seed {a.seed}, decay init {a.decay_init})'}; tau {model.config.tau}\n")
+    print_table(rows)
+    # the fixed policies' groups on the same sequences, for comparison (they do not depend on the model)
+    body, bursts = 3 * a.T // 4, burst_ids(x, 3 * a.T // 4)
+    print()
+    print_table([{"policy": name, **mean_split([burst_split(fixed_policy_states(
+        MIXERS[name]["merge_policy"], body, MIXERS[name]["capacity"], MIXERS[name].get("policy_block")), bursts[b])
+        for b in range(a.batch)])} for name in ("fenwick (K=16)", "blocks (K=16)")])
+
+
+def print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(rows[0]) + " |\n|" + "---|" * len(rows[0]))
     for r in rows:
         print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")

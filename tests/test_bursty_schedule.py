@@ -39,11 +39,27 @@ def test_burst_ids_number_the_runs_of_key_value_tokens(bs):
     assert bs.burst_ids(x, body=8).tolist() == [[-1, 0, 0, -1, -1, 1, 1, 1, -1, -1, -1]]
 
 
-def test_the_table_has_a_row_per_layer_and_head(bs, monkeypatch, capsys):
+def test_the_table_has_a_row_per_layer_and_head_then_one_per_fixed_policy(bs, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bursty_schedule.py", "--T", "128", "--N", "8", "--batch", "2"])
     bs.main()
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "layer" not in line]
-    assert len(rows) == 4
-    for row in rows:
-        cells = [float(c) for c in row.strip("| ").split(" | ")]
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "layer" not in line and "policy" not in line]
+    assert [len(r) for r in rows] == [11] * 4 + [4] * 2
+    for row in rows[:4]:
+        cells = [float(c) for c in row]
         assert all(0.0 <= c <= 2.0 for c in cells[3:6]) and all(0.0 <= c <= 1.0 for c in cells[6:8] + cells[9:])
+    assert [r[0] for r in rows[4:]] == ["fenwick (K=16)", "blocks (K=16)"]
+
+
+def test_fixed_policies_groups_and_the_burst_split(bs):
+    """The fixed policies' groups of the tokens before the first query, and the split measures on
+    states built by hand."""
+    span = lambda a, e: list(range(a, e))
+    # fenwick at t = 11 = 0b1011: groups start at 0, 8, 10 and 11
+    assert bs.fixed_policy_states("fenwick", 12, 16, None) == [span(0, 8), span(8, 10), [10], [11]]
+    assert bs.fixed_policy_states("blocks", 12, 3, 4) == [span(0, 4), span(4, 8), span(8, 12)]
+    assert bs.fixed_policy_states("blocks", 12, 2, 4) == [span(0, 8), span(8, 12)]   # the oldest merged
+    bursts = torch.tensor([0, 0, -1, 1, 1, -1, 2, -1])
+    # burst 0 alone in the first state; bursts 1 and 2 share the biggest
+    assert bs.burst_split([[0, 1], [2, 3, 4, 5, 6], [7]], bursts) == (2, 1 / 3, 2 / 3)
+    assert bs.burst_split([[0, 1, 2, 3], [4, 5], [6, 7]], bursts) == (3, 1 / 3, 2 / 3)
