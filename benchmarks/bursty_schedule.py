@@ -1,12 +1,13 @@
 """Where DLA's boundaries and merges fall on the bursty recall task. For the recall benchmark's DLA
 model (at initialisation, or trained: a state dict such as a checkpoint's ``model.pt``), per layer and
-head, on held-out bursty sequences: the information score and the boundary rate on the bursts'
-key/value tokens, on the filler between them and on the query region; and, just before the first
-query, how many states hold key/value tokens, the share of bursts whose states hold no other burst's
+head, on the benchmark's held-out bursty sequences: the information score and the boundary rate on
+the bursts' key/value tokens, on the filler between them and on the query region; and, at the start
+of the query region (token 3T/4), how many states hold key/value tokens, the share of bursts whose states hold no other burst's
 tokens ("alone"), and the share of bursts with a token in the state of most tokens; the same for the
 groups of the fixed merge policies (fenwick, blocks) on the same sequences.
 
     python benchmarks/bursty_schedule.py [--model CKPT/model.pt] [--decay-init spread] [--T 2048 --N 32]
+                                         [--states LAYER HEAD]   # also the first sequence's states
 
 A burst here is a maximal run of key/value tokens (two bursts drawn with no filler between them count
 as one)."""
@@ -19,9 +20,9 @@ from torch import Tensor
 
 from dla_ops import dla_attention
 from dla_ops.models import DLAForCausalLM
-from dla_ops.models.tasks import FILL, bursty_mqar
+from dla_ops.models.tasks import FILL
 from dla_ops.policies import starts_for
-from recall import FULL, MIXERS, model_config
+from recall import FULL, MIXERS, model_config, task
 
 
 def schedules(model: DLAForCausalLM, x: Tensor) -> list:
@@ -50,12 +51,16 @@ def replay_groups(boundary: list, merge: list, K: int, until: int) -> list[list[
     of the closed pair merged at t, or -1)."""
     closed, open_ = [], []
     for t in range(until):
-        if boundary[t] and open_ and K > 1:
+        closes = bool(boundary[t]) and bool(open_) and K > 1
+        if closes:
             closed.append(open_)
             open_ = []
-            if merge[t] >= 0:
-                i = merge[t]
-                closed[i:i + 2] = [closed[i] + closed[i + 1]]
+        # the op merges exactly when a close fills the closed list to K
+        if (merge[t] >= 0) != (closes and len(closed) == K):
+            raise ValueError(f"the schedule merges at t={t} where the spec does not (or not where it does)")
+        if merge[t] >= 0:
+            i = merge[t]
+            closed[i:i + 2] = [closed[i] + closed[i + 1]]
         open_.append(t)
     return closed + [open_]
 
@@ -119,14 +124,16 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="the initialisation's seed, without --model")
     p.add_argument("--T", type=int, default=2048)
     p.add_argument("--N", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="how many of the held-out sequences")
+    p.add_argument("--states", type=int, nargs=2, metavar=("LAYER", "HEAD"),
+                   help="also list the states of the first sequence at this layer and head")
     a = p.parse_args()
     torch.manual_seed(a.seed)
     model = DLAForCausalLM(model_config(dict(FULL, decay_init=a.decay_init), MIXERS["DLA (K=16)"])).eval()
     if a.model:
         model.load_state_dict(torch.load(a.model, map_location="cpu"))
-    # the recall benchmark's held-out sequences (seed 0)
-    x, _ = bursty_mqar(a.batch, a.T, a.N, max(1, a.N // 4), vocab=FULL["vocab"], gen=torch.Generator().manual_seed(10_000))
+    # the first of the recall benchmark's 256 held-out sequences (train_recall's, at seed 0)
+    x = task("bursty", a.T, a.N, FULL["vocab"])(256, torch.Generator().manual_seed(10_000))[0][:a.batch]
     rows = table(model, x)
     print(f"bursty T={a.T} N={a.N}, {a.batch} held-out sequences, "
           f"{a.model or f'initialised (seed {a.seed}, decay init {a.decay_init})'}; tau {model.config.tau}\n")
@@ -137,6 +144,17 @@ def main():
     print_table([{"policy": name, **mean_split([burst_split(fixed_policy_states(
         MIXERS[name]["merge_policy"], body, MIXERS[name]["capacity"], MIXERS[name].get("policy_block")), bursts[b])
         for b in range(a.batch)])} for name in ("fenwick (K=16)", "blocks (K=16)")])
+    if a.states:
+        layer, head = a.states
+        s = schedules(model, x[:1])[layer][0]
+        print(f"\nlayer {layer}, head {head}, first sequence: the states at token {body}, oldest first")
+        for state in replay_groups(s.boundary[0, :, head].tolist(), s.merge[0, :, head].tolist(),
+                                   model.config.capacity, body):
+            held = sorted({int(bursts[0, t]) for t in state} - {-1})
+            print(f"  tokens {state[0]}..{state[-1]} ({len(state)}): bursts {held}, "
+                  f"{sum(int(bursts[0, t]) >= 0 for t in state)} key/value tokens")
+    print(f"\nbursts of the first sequence (first and last token): "
+          f"{[(int(i[0]), int(i[-1])) for i in (torch.nonzero(bursts[0] == j).flatten() for j in range(int(bursts[0].max()) + 1))]}")
 
 
 def print_table(rows: list[dict]) -> None:

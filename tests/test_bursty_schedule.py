@@ -22,10 +22,10 @@ def bs(monkeypatch):
 def test_replaying_the_schedule_gives_the_ops_final_states(bs):
     """Group sizes from replaying boundary and merge to the end equal the final cache's counts
     (slot 0 the open state, slot j the j-th most recently closed), for every sequence and head."""
-    for seed, K in ((0, 4), (1, 3), (2, 6)):
+    for seed, K in ((0, 4), (1, 3), (2, 6), (3, 1)):
         inputs = make_inputs(seed, B=2, T=40, K=K)
         _, cache, sched = dla_ops.dla_attention(**inputs, output_final_cache=True, return_schedule=True)
-        assert sched.merge.max() >= 0   # merges happened, so the replay is put to the test
+        assert (sched.merge.max() >= 0) == (K > 1)   # merges happened, so the replay is put to the test
         for b in range(2):
             for h in range(inputs["q"].shape[2]):
                 states = bs.replay_groups(sched.boundary[b, :, h].tolist(), sched.merge[b, :, h].tolist(), K, 40)
@@ -35,7 +35,7 @@ def test_replaying_the_schedule_gives_the_ops_final_states(bs):
 
 
 def test_burst_ids_number_the_runs_of_key_value_tokens(bs):
-    x = torch.tensor([[0, 5, 6, 0, 0, 7, 8, 9, 0, 3, 4]])
+    x = torch.tensor([[0, 5, 6, 0, 0, 7, 8, 9, 3, 3, 4]])   # from token 8 on: queries, not bursts
     assert bs.burst_ids(x, body=8).tolist() == [[-1, 0, 0, -1, -1, 1, 1, 1, -1, -1, -1]]
 
 
@@ -63,3 +63,9 @@ def test_fixed_policies_groups_and_the_burst_split(bs):
     # burst 0 alone in the first state; bursts 1 and 2 share the biggest
     assert bs.burst_split([[0, 1], [2, 3, 4, 5, 6], [7]], bursts) == (2, 1 / 3, 2 / 3)
     assert bs.burst_split([[0, 1, 2, 3], [4, 5], [6, 7]], bursts) == (3, 1 / 3, 2 / 3)
+    # the biggest state is the one of most tokens, filler included, not of most bursts
+    bursts = torch.tensor([0, -1, 1, 2, -1, -1, -1, -1])
+    assert bs.burst_split([[0], [1], [2, 3], [4, 5, 6, 7]], bursts) == (2, 1 / 3, 0.0)
+    # a schedule that merges where the spec cannot is refused, not replayed
+    with pytest.raises(ValueError, match="merges"):
+        bs.replay_groups([True, True, False], [-1, 0, -1], 4, 3)
