@@ -2,9 +2,10 @@
 model (at initialisation, or trained: a state dict such as a checkpoint's ``model.pt``), per layer and
 head, on the benchmark's held-out bursty sequences: the information score and the boundary rate on
 the bursts' key/value tokens, on the filler between them and on the query region; and, at the start
-of the query region (token 3T/4), how many states hold key/value tokens, the share of bursts whose states hold no other burst's
-tokens ("alone"), and the share of bursts with a token in the state of most tokens; the same for the
-groups of the fixed merge policies (fenwick, blocks) on the same sequences.
+of the query region (token 3T/4), how many states hold key/value tokens, the share of bursts whose
+states hold no other burst's tokens ("alone"), and the share of bursts with a token in the state of
+most tokens; the same for the groups of the fixed merge policies (fenwick, blocks) on the same
+sequences.
 
     python benchmarks/bursty_schedule.py [--model CKPT/model.pt] [--decay-init spread] [--T 2048 --N 32]
                                          [--states LAYER HEAD]   # also the first sequence's states
@@ -153,8 +154,8 @@ def main():
             held = sorted({int(bursts[0, t]) for t in state} - {-1})
             print(f"  tokens {state[0]}..{state[-1]} ({len(state)}): bursts {held}, "
                   f"{sum(int(bursts[0, t]) >= 0 for t in state)} key/value tokens")
-    print(f"\nbursts of the first sequence (first and last token): "
-          f"{[(int(i[0]), int(i[-1])) for i in (torch.nonzero(bursts[0] == j).flatten() for j in range(int(bursts[0].max()) + 1))]}")
+    spans = [torch.nonzero(bursts[0] == j).flatten() for j in range(int(bursts[0].max()) + 1)]
+    print(f"\nbursts of the first sequence (first and last token): {[(int(i[0]), int(i[-1])) for i in spans]}")
 
 
 def print_table(rows: list[dict]) -> None:

@@ -40,9 +40,14 @@ def test_burst_ids_number_the_runs_of_key_value_tokens(bs):
 
 
 def test_the_table_has_a_row_per_layer_and_head_then_one_per_fixed_policy(bs, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bursty_schedule.py", "--T", "128", "--N", "8", "--batch", "2"])
+    monkeypatch.setattr(sys, "argv", ["bursty_schedule.py", "--T", "128", "--N", "8", "--batch", "2",
+                                      "--states", "1", "0"])
     bs.main()
-    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    # the listed states of the first sequence cover tokens 0 .. 3T/4 - 1 once each
+    sizes = [int(line.split("(")[1].split(")")[0]) for line in out.splitlines() if line.startswith("  tokens ")]
+    assert 1 < len(sizes) <= 16 and sum(sizes) == 96
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines()
             if line.startswith("| ") and "layer" not in line and "policy" not in line]
     assert [len(r) for r in rows] == [11] * 4 + [4] * 2
     for row in rows[:4]:
