@@ -129,12 +129,13 @@ def checkpoint_name(record: dict) -> str:
 
 
 def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=frozenset(), deadline=None,
-          checkpoints: Path | None = None, eval_every: int | None = None):
+          checkpoints: Path | None = None, eval_every: int | None = None, models: Path | None = None):
     """Yield one record per training run of the grid (settings x mixers x learning rates, in that
     order), skipping the runs whose ``run_key`` is in ``done`` and starting none after ``deadline``
     (a ``time.time()``). With ``checkpoints`` (a folder), the run in progress at the deadline saves its
     state there and the sweep ends; a later sweep resumes it. With ``eval_every``, each record also holds
-    its held-out accuracy every that many steps (``curve``; it does not change the run)."""
+    its held-out accuracy every that many steps (``curve``; it does not change the run). With ``models``
+    (a folder), each finished run's trained model is saved there as ``<checkpoint_name>.pt``."""
     shared = budget(grid)
     for name, T, N in grid["settings"]:
         make = task(name, T, N, grid["vocab"])
@@ -149,9 +150,10 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
                 config = model_config(grid, overrides)
                 part = None if checkpoints is None else dict(checkpoint=checkpoints / checkpoint_name(record),
                                                              stop_at=deadline)
+                saved = None if models is None else models / f"{checkpoint_name(record)}.pt"
                 result = train_recall(config, train_make, grid["steps"], grid["batch"], lr, seed=grid["seed"],
                                       device=device, progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}",
-                                      make_eval=make, eval_every=eval_every, **(part or {}))
+                                      make_eval=make, eval_every=eval_every, save_model=saved, **(part or {}))
                 if result is None:   # saved at the deadline, for the next sitting
                     return
                 yield dict(record, **result)
@@ -242,6 +244,7 @@ def main():
                         "batch (held-out set at T)")
     p.add_argument("--eval-every", type=int, metavar="STEPS",
                    help="also score the held-out set every STEPS steps: each record's learning curve")
+    p.add_argument("--models", help="a folder: each finished run's trained model is saved in it (state dict)")
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--runs", help="JSON lines of finished runs: runs already in it are skipped and each new "
                                   "one is appended (a grid in parts)")
@@ -272,7 +275,8 @@ def main():
     deadline = time.time() + 60 * a.minutes if a.minutes is not None else None
     checkpoints = Path(a.checkpoints) if a.checkpoints else None
     for record in sweep(grid, a.device, mixers, done={run_key(r) for r in records}, deadline=deadline,
-                        checkpoints=checkpoints, eval_every=a.eval_every):
+                        checkpoints=checkpoints, eval_every=a.eval_every,
+                        models=Path(a.models) if a.models else None):
         records.append(record)
         if runs:
             with runs.open("a") as f:

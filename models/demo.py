@@ -39,7 +39,7 @@ def answer_logits(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tu
 def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float, seed: int,
                  device: str = "cpu", progress: bool = True, desc: str = "", eval_size: int = 256,
                  checkpoint: Path | None = None, stop_at: float | None = None, make_eval=None,
-                 eval_every: int | None = None) -> dict | None:
+                 eval_every: int | None = None, save_model: Path | None = None) -> dict | None:
     """Train ``DLAForCausalLM(config)`` from scratch on batches ``make(batch, generator)`` (inputs,
     labels); returns its answer accuracy on a held-out set (of ``make_eval``, by default ``make``), the
     final loss and the seconds taken.
@@ -53,7 +53,9 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
     With ``eval_every``, the result also holds ``curve``: the held-out accuracy every that many steps
     and at the end, as [step, accuracy] pairs (the held-out set is fixed, so this draws nothing from
     the batch generator and leaves training as it is; the seconds leave these evaluations out). A run
-    resumes only with the ``eval_every`` it was saved with."""
+    resumes only with the ``eval_every`` it was saved with. With ``save_model`` (a file), the trained
+    model's state dict is written there when the run finishes (for analyses such as
+    benchmarks/bursty_schedule.py)."""
     if stop_at is not None and checkpoint is None:
         raise ValueError("stop_at needs a checkpoint folder to save the unfinished run in")
     if eval_every is not None and eval_every < 1:
@@ -97,6 +99,9 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
             _save_checkpoint(checkpoint, model, opt, gen, step + 1, time.time() - start, curve, eval_every)
             return None
     accuracy = held_out_accuracy()
+    if save_model is not None:
+        save_model.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), save_model)
     if checkpoint is not None:
         for name in CHECKPOINT_FILES:
             (checkpoint / name).unlink(missing_ok=True)

@@ -83,11 +83,13 @@ def test_a_run_trained_in_parts_gives_the_result_of_one_run(tmp_path):
         train_recall(*args, progress=False, stop_at=0.0)
 
 
-def test_a_learning_curve_leaves_the_run_as_it_is_and_survives_the_parts(tmp_path):
+def test_a_learning_curve_leaves_the_run_as_it_is_and_survives_the_parts_and_the_model_is_saved(tmp_path):
     """eval_every scores the fixed held-out set during training: the run ends as it does without it,
-    each point is the accuracy of the run stopped there, and a run in parts keeps the unbroken curve."""
-    from dla_ops.models import DLAConfig
-    from dla_ops.models.demo import train_recall
+    each point is the accuracy of the run stopped there, and a run in parts keeps the unbroken curve.
+    save_model writes the trained model."""
+    from dla_ops.models import DLAConfig, DLAForCausalLM
+    from dla_ops.models.demo import answer_logits, train_recall
+    from dla_ops.models.tasks import answer_accuracy
     recall = load_benchmark("recall")
     config = DLAConfig(vocab_size=24, hidden_size=32, num_hidden_layers=2, num_heads=2, capacity=4)
     make = recall.task("mqar", 32, 4, 24)
@@ -98,6 +100,12 @@ def test_a_learning_curve_leaves_the_run_as_it_is_and_survives_the_parts(tmp_pat
     assert [step for step, _ in curved["curve"]] == [2, 4, 6] and curved["curve"][-1][1] == whole["accuracy"]
     for step, accuracy in curved["curve"][:2]:
         assert train_recall(config, make, step, 8, 3e-2, 0, progress=False)["accuracy"] == accuracy
+    # the trained model, saved, scores as the run did
+    saved = train_recall(*args, progress=False, save_model=tmp_path / "models" / "run.pt")
+    model = DLAForCausalLM(config)
+    model.load_state_dict(torch.load(tmp_path / "models" / "run.pt"))
+    x, y = make(256, torch.Generator().manual_seed(10_000))
+    assert answer_accuracy(answer_logits(model.eval(), x, y)[0], y) == saved["accuracy"] == whole["accuracy"]
     folder = tmp_path / "run"
     parts = [train_recall(*args, progress=False, eval_every=2, checkpoint=folder, stop_at=float("-inf"))
              for _ in range(3)]
@@ -115,16 +123,19 @@ def test_a_learning_curve_leaves_the_run_as_it_is_and_survives_the_parts(tmp_pat
         train_recall(*args, progress=False, eval_every=0)
 
 
-def test_eval_every_reaches_each_run_and_its_record(tmp_path, monkeypatch):
+def test_eval_every_and_models_reach_each_run_and_its_record(tmp_path, monkeypatch):
     recall = load_benchmark("recall")
     runs = tmp_path / "runs.jsonl"
     seen = []
-    monkeypatch.setattr(recall, "train_recall", lambda *a, eval_every, **k: seen.append(eval_every) or
-                        dict(accuracy=0.5, loss=1.0, seconds=0.0, curve=[[3, 0.5]]))
+    monkeypatch.setattr(recall, "train_recall", lambda *a, eval_every, save_model, **k:
+                        seen.append((eval_every, save_model)) or dict(accuracy=0.5, loss=1.0, seconds=0.0,
+                                                                      curve=[[3, 0.5]]))
     monkeypatch.setattr(sys, "argv", ["recall.py", "--tiny", "--task", "mqar", "--mixers", "softmax",
-                                      "--eval-every", "500", "--runs", str(runs), "--out", str(tmp_path / "r.md")])
+                                      "--eval-every", "500", "--models", str(tmp_path / "m"), "--runs", str(runs),
+                                      "--out", str(tmp_path / "r.md")])
     recall.main()
-    assert seen == [500] and json.loads(runs.read_text())["curve"] == [[3, 0.5]]
+    record = json.loads(runs.read_text())
+    assert seen == [(500, tmp_path / "m" / f"{recall.checkpoint_name(record)}.pt")] and record["curve"] == [[3, 0.5]]
     assert (tmp_path / "r-curves.png").exists()
 
 
