@@ -21,6 +21,7 @@ from torch import Tensor
 
 from dla_ops import dla_attention
 from dla_ops.models import DLAForCausalLM
+from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import FILL
 from dla_ops.policies import starts_for
 from recall import FULL, MIXERS, model_config, task
@@ -73,17 +74,21 @@ def burst_ids(x: Tensor, body: int) -> Tensor:
     return torch.where(pair, starts.long().cumsum(1) - 1, -1)
 
 
-def table(model: DLAForCausalLM, x: Tensor) -> list[dict]:
-    """One row per layer and head (see the module's docstring)."""
+def query_start(T: int) -> int:
+    """Where the bursty task's query region starts (``bursty_mqar``: bursts in the first 3/4)."""
+    return 3 * T // 4
+
+
+def table(x: Tensor, layer_schedules: list, K: int) -> list[dict]:
+    """One row per layer and head (see the module's docstring), from ``schedules(model, x)``."""
     B, T = x.shape
-    body = 3 * T // 4
+    body = query_start(T)
     bursts = burst_ids(x, body)
     pair = bursts >= 0
     filler = (x == FILL) & (torch.arange(T) < body)
     query = (torch.arange(T) >= body).expand(B, T)
-    K = model.config.capacity
     rows = []
-    for layer, (s, g) in enumerate(schedules(model, x)):
+    for layer, (s, g) in enumerate(layer_schedules):
         for h in range(s.I.shape[2]):
             I, boundary, merge = s.I[..., h], s.boundary[..., h], s.merge[..., h]
             split = [burst_split(replay_groups(boundary[b].tolist(), merge[b].tolist(), K, body), bursts[b])
@@ -121,7 +126,7 @@ def fixed_policy_states(policy: str, body: int, K: int, block: int | None) -> li
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a state dict of the recall benchmark's DLA (K=16) model (default: initialised)")
-    p.add_argument("--decay-init", default="spread", choices=["mamba2", "spread"])
+    p.add_argument("--decay-init", default="spread", choices=DECAY_INITS)
     p.add_argument("--seed", type=int, default=0, help="the initialisation's seed, without --model")
     p.add_argument("--T", type=int, default=2048)
     p.add_argument("--N", type=int, default=32)
@@ -135,22 +140,24 @@ def main():
         model.load_state_dict(torch.load(a.model, map_location="cpu"))
     # the first of the recall benchmark's 256 held-out sequences (train_recall's, at seed 0)
     x = task("bursty", a.T, a.N, FULL["vocab"])(256, torch.Generator().manual_seed(10_000))[0][:a.batch]
-    rows = table(model, x)
+    layer_schedules = schedules(model, x)
+    K = model.config.capacity
+    rows = table(x, layer_schedules, K)
     print(f"bursty T={a.T} N={a.N}, {a.batch} held-out sequences, "
           f"{a.model or f'initialised (seed {a.seed}, decay init {a.decay_init})'}; tau {model.config.tau}\n")
     print_table(rows)
     # the fixed policies' groups on the same sequences, for comparison (they do not depend on the model)
-    body, bursts = 3 * a.T // 4, burst_ids(x, 3 * a.T // 4)
+    body = query_start(a.T)
+    bursts = burst_ids(x, body)
     print()
     print_table([{"policy": name, **mean_split([burst_split(fixed_policy_states(
         MIXERS[name]["merge_policy"], body, MIXERS[name]["capacity"], MIXERS[name].get("policy_block")), bursts[b])
         for b in range(a.batch)])} for name in ("fenwick (K=16)", "blocks (K=16)")])
     if a.states:
         layer, head = a.states
-        s = schedules(model, x[:1])[layer][0]
+        s = layer_schedules[layer][0]
         print(f"\nlayer {layer}, head {head}, first sequence: the states at token {body}, oldest first")
-        for state in replay_groups(s.boundary[0, :, head].tolist(), s.merge[0, :, head].tolist(),
-                                   model.config.capacity, body):
+        for state in replay_groups(s.boundary[0, :, head].tolist(), s.merge[0, :, head].tolist(), K, body):
             held = sorted({int(bursts[0, t]) for t in state} - {-1})
             print(f"  tokens {state[0]}..{state[-1]} ({len(state)}): bursts {held}, "
                   f"{sum(int(bursts[0, t]) >= 0 for t in state)} key/value tokens")
