@@ -13,11 +13,14 @@ one, starts none after 8 minutes, and writes the table of what the file holds so
 bound) solves a setting: ``--task mqar --T 256 --mixers softmax --steps 5000 --out /tmp/budget.md``.
 A run longer than one sitting trains in parts with ``--checkpoints DIR``: at ``--minutes`` the run in
 progress saves its state in DIR (a folder per run, four files of up to 6.2 MiB) and the next sitting
-with the same DIR resumes it, with the result of one unbroken run. ``--seed``, ``--decay-init`` (the
-linear mixers' decay rates at initialisation) and ``--mixed-lengths`` (training batches at those of
-T to T/8 that fit) vary the runs; each is part of a run's key (docs/models.md). ``--eval-every 1000``
-adds each run's learning curve to its record, and the curves of the table's runs (each cell's best lr)
-are plotted beside the table (``<out>-curves.png``)."""
+with the same DIR resumes it, with the result of one unbroken run. ``--seeds 0 1 2`` trains each
+(setting, mixer, lr) once per seed; the table reports each lr's mean over its seeds, with the seeds'
+own accuracies beside it, at the lr of best mean. ``--decay-init`` (the linear mixers' decay rates at
+initialisation) and ``--mixed-lengths`` (training batches at those of T to T/8 that fit) vary the
+runs; these and the seed are part of a run's key (docs/models.md). ``--eval-every 1000`` adds each
+run's learning curve to its record, and the curves of the table's runs (each cell's best lr, a line
+a seed) are plotted beside the table (``<out>-curves.png``). Below the table, the issue's target is
+checked on the grid's longest bursty setting."""
 from __future__ import annotations
 
 import argparse
@@ -48,12 +51,14 @@ MIXERS = {   # name: DLAConfig overrides (everything else is shared)
 RUN_FIELDS = ("task", "T", "N", "mixer", "lr")
 BUDGET_FIELDS = ("steps", "batch", "hidden", "vocab")
 LATER_FIELDS = dict(seed=0, decay_init="mamba2", mixed_lengths=False)
+# a grid's defaults for them: the seeds it trains each (setting, mixer, lr) at, and one recipe
+DEFAULT_RECIPE = dict(seeds=(0,), decay_init="mamba2", mixed_lengths=False)
 # 105 runs (with fla) of 1000 steps. On an H200 500 steps left every mixer at chance on mqar T=256
 # (docs/models.md): this budget is too small to show anything. A DLA step there takes 21.5 ms
 # (softmax 15.0): size the grid with --steps / --lrs for the GPU time at hand
-FULL = dict(vocab=8192, hidden=128, steps=1000, batch=64, lrs=(1e-3, 3e-3, 1e-2), **LATER_FIELDS, settings=[
+FULL = dict(vocab=8192, hidden=128, steps=1000, batch=64, lrs=(1e-3, 3e-3, 1e-2), **DEFAULT_RECIPE, settings=[
     ("mqar", 256, 16), ("mqar", 1024, 64), ("bursty", 1024, 32), ("bursty", 2048, 32), ("passkey", 2048, 4)])
-TINY = dict(vocab=24, hidden=32, steps=3, batch=8, lrs=(1e-2,), **LATER_FIELDS, settings=[
+TINY = dict(vocab=24, hidden=32, steps=3, batch=8, lrs=(1e-2,), **DEFAULT_RECIPE, settings=[
     ("mqar", 32, 4), ("bursty", 64, 4), ("passkey", 32, 2)])
 
 
@@ -107,8 +112,8 @@ def model_config(grid: dict, overrides: dict) -> DLAConfig:
 
 
 def budget(grid: dict) -> dict:
-    """What every run of a grid shares besides its setting, mixer and learning rate."""
-    return {f: grid[f] for f in (*BUDGET_FIELDS, *LATER_FIELDS)}
+    """What every run of a grid shares besides its setting, mixer, learning rate and seed."""
+    return {f: grid[f] for f in (*BUDGET_FIELDS, *LATER_FIELDS) if f != "seed"}
 
 
 def run_key(r: dict) -> tuple:
@@ -130,19 +135,21 @@ def checkpoint_name(record: dict) -> str:
 
 def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=frozenset(), deadline=None,
           checkpoints: Path | None = None, eval_every: int | None = None, models: Path | None = None):
-    """Yield one record per training run of the grid (settings x mixers x learning rates, in that
-    order), skipping the runs whose ``run_key`` is in ``done`` and starting none after ``deadline``
+    """Yield one record per training run of the grid (settings x mixers x learning rates x seeds, in
+    that order), skipping the runs whose ``run_key`` is in ``done`` and starting none after ``deadline``
     (a ``time.time()``). With ``checkpoints`` (a folder), the run in progress at the deadline saves its
     state there and the sweep ends; a later sweep resumes it. With ``eval_every``, each record also holds
     its held-out accuracy every that many steps (``curve``; it does not change the run). With ``models``
-    (a folder), each finished run's trained model is saved there as ``<checkpoint_name>.pt``."""
+    (a folder), each finished run's trained model is saved there as ``<checkpoint_name>.pt``. A record
+    also names the hardware it trained on (not part of its key)."""
     shared = budget(grid)
+    hardware = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
     for name, T, N in grid["settings"]:
         make = task(name, T, N, grid["vocab"])
         train_make = mixed_lengths(name, T, N, grid["vocab"])[0] if grid["mixed_lengths"] else make
         for mixer, overrides in mixers.items():
-            for lr in grid["lrs"]:
-                record = dict(task=name, T=T, N=N, mixer=mixer, lr=lr, **shared)
+            for lr, seed in ((lr, seed) for lr in grid["lrs"] for seed in grid["seeds"]):
+                record = dict(task=name, T=T, N=N, mixer=mixer, lr=lr, seed=seed, **shared)
                 if run_key(record) in done:
                     continue
                 if deadline is not None and time.time() > deadline:
@@ -151,26 +158,43 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
                 part = None if checkpoints is None else dict(checkpoint=checkpoints / checkpoint_name(record),
                                                              stop_at=deadline)
                 saved = None if models is None else models / f"{checkpoint_name(record)}.pt"
-                result = train_recall(config, train_make, grid["steps"], grid["batch"], lr, seed=grid["seed"],
-                                      device=device, progress=progress, desc=f"{name} T={T} N={N} {mixer} lr={lr:g}",
+                result = train_recall(config, train_make, grid["steps"], grid["batch"], lr, seed=seed,
+                                      device=device, progress=progress,
+                                      desc=f"{name} T={T} N={N} {mixer} lr={lr:g} seed {seed}",
                                       make_eval=make, eval_every=eval_every, save_model=saved, **(part or {}))
                 if result is None:   # saved at the deadline, for the next sitting
                     return
-                yield dict(record, **result)
+                yield dict(record, **result, hardware=hardware)
+
+
+def of_grid(records: list[dict], grid: dict, mixers) -> list[dict]:
+    """The records of the grid's runs (its settings, mixers, lrs, seeds and budget)."""
+    wanted = {run_key(dict(task=n, T=T, N=N, mixer=m, lr=lr, seed=seed, **budget(grid)))
+              for n, T, N in grid["settings"] for m in mixers for lr in grid["lrs"] for seed in grid["seeds"]}
+    return [r for r in records if run_key(r) in wanted]
 
 
 def best(records: list[dict], grid: dict, mixers) -> list[dict]:
-    """Per (setting, mixer) of the grid, the run of highest accuracy among ``records`` (those of this
-    grid's budget), with ``swept``: how many of the sweep's learning rates it was chosen from."""
-    wanted = {run_key(dict(task=n, T=T, N=N, mixer=m, lr=lr, **budget(grid)))
-              for n, T, N in grid["settings"] for m in mixers for lr in grid["lrs"]}
+    """Per (setting, mixer) of the grid, among ``records`` (those of this grid's budget and seeds): the
+    learning rate of highest mean accuracy over its seeds. A row is that lr's first run with
+    ``accuracy`` and ``seconds`` its seeds' means, ``by_seed`` ({seed: accuracy}), ``runs`` (how many
+    of the cell's lrs x seeds are done) and ``curves`` ({seed: curve}, the runs that have one)."""
+    records = of_grid(records, grid, mixers)
     rows = []
     for name, T, N in grid["settings"]:
         for mixer in mixers:
-            runs = [r for r in records if run_key(r) in wanted and (r["task"], r["T"], r["N"], r["mixer"]) ==
-                    (name, T, N, mixer)]
-            if runs:
-                rows.append(dict(max(runs, key=lambda r: r["accuracy"]), swept=f"{len(runs)}/{len(grid['lrs'])}"))
+            runs = [r for r in records if (r["task"], r["T"], r["N"], r["mixer"]) == (name, T, N, mixer)]
+            if not runs:
+                continue
+            by_lr = {}
+            for r in sorted(runs, key=lambda r: r.get("seed", LATER_FIELDS["seed"])):
+                by_lr.setdefault(r["lr"], []).append(r)
+            seeds = max(by_lr.values(), key=lambda rs: sum(r["accuracy"] for r in rs) / len(rs))
+            rows.append(dict(seeds[0], accuracy=sum(r["accuracy"] for r in seeds) / len(seeds),
+                             seconds=sum(r["seconds"] for r in seeds) / len(seeds),
+                             by_seed={r.get("seed", LATER_FIELDS["seed"]): r["accuracy"] for r in seeds},
+                             curves={r.get("seed", LATER_FIELDS["seed"]): r["curve"] for r in seeds if "curve" in r},
+                             runs=f"{len(runs)}/{len(grid['lrs']) * len(grid['seeds'])}"))
     return rows
 
 
@@ -179,12 +203,58 @@ def run(grid: dict, device: str, mixers=MIXERS, progress: bool = True) -> list[d
     return best(list(sweep(grid, device, mixers, progress)), grid, mixers)
 
 
+FIXED_POLICIES = ("fenwick (K=16)", "blocks (K=16)", FLA[0])
+
+
+def target(rows: list[dict]) -> str:
+    """The issue's target on the grid's hardest non-stationary setting (bursty at its longest T), from
+    the table's rows: DLA (K=16) against the best fixed merge policy (>= 10 points) and the single
+    state (>= 20), and the share of the single state's gap to softmax that DLA closes (>= half)."""
+    bursty = [r for r in rows if r["task"] == "bursty"]
+    if not bursty:
+        return ""
+    T = max(r["T"] for r in bursty)
+    cell = {r["mixer"]: r for r in bursty if r["T"] == T}
+    dla, single, softmax = (cell.get(m) for m in ("DLA (K=16)", "single state (K=1)", "softmax"))
+    fixed = [cell[m] for m in FIXED_POLICIES if m in cell]
+    missing = [m for m in ("DLA (K=16)", "single state (K=1)", "fenwick (K=16)", "blocks (K=16)", "softmax")
+               if m not in cell]
+    lines = [f"**The target on bursty T={T}** (each mixer's mean over its seeds at its best lr):"]
+    if dla is None:
+        return "\n".join(lines + [f"- not checked: DLA (K=16) has no run here"]) + "\n"
+
+    def verdict(value: float, need: float) -> str:   # accuracies are counts over the held-out set: ties happen
+        return "met" if value >= need - 1e-9 else "not met"
+    if fixed:
+        top = max(fixed, key=lambda r: r["accuracy"])
+        lead = 100 * (dla["accuracy"] - top["accuracy"])
+        lines.append(f"- DLA (K=16) {dla['accuracy']:.3f} against the best fixed policy run, {top['mixer']} "
+                     f"{top['accuracy']:.3f}: {lead:+.1f} points (target +10: {verdict(lead, 10)})")
+    if single is not None:
+        lead = 100 * (dla["accuracy"] - single["accuracy"])
+        lines.append(f"- against the single state {single['accuracy']:.3f}: {lead:+.1f} points "
+                     f"(target +20: {verdict(lead, 20)})")
+        if softmax is not None and softmax["accuracy"] > single["accuracy"]:
+            closed = (dla["accuracy"] - single["accuracy"]) / (softmax["accuracy"] - single["accuracy"])
+            lines.append(f"- of the single state's gap to softmax ({softmax['accuracy']:.3f}) DLA closes "
+                         f"{100 * closed:.0f}% (target 50%: {verdict(closed, 0.5)})")
+        elif softmax is not None:
+            lines.append(f"- the gap to softmax is not defined: softmax ({softmax['accuracy']:.3f}) is not above "
+                         f"the single state here")
+    if missing:
+        lines.append(f"- not run here: {', '.join(missing)}")
+    return "\n".join(lines) + "\n"
+
+
 def write(rows: list[dict], out: Path, header: str) -> str:
-    lines = [header, "", "| task | T | N | mixer | accuracy | best lr | lrs run | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['task']} | {r['T']} | {r['N']} | {r['mixer']} | {r['accuracy']:.3f} | {r['lr']:g} | "
-              f"{r['swept']} | {r['seconds']:.0f} |" for r in rows]
+    lines = [header, "", "| task | T | N | mixer | accuracy | by seed | best lr | runs | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['T']} | {r['N']} | {r['mixer']} | {r['accuracy']:.3f} | "
+              f"{', '.join(f'{a:.3f} (seed {s})' for s, a in r['by_seed'].items())} | {r['lr']:g} | "
+              f"{r['runs']} | {r['seconds']:.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"
+    verdict = target(rows)
+    text += "\n" + verdict if verdict else ""
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     if not rows:
@@ -207,14 +277,17 @@ def write(rows: list[dict], out: Path, header: str) -> str:
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
     plt.close(fig)
-    curved = [r for r in rows if "curve" in r]
+    curved = [r for r in rows if r["curves"]]
     if curved:   # the table's runs (each cell's best lr) with --eval-every: accuracy by step, a panel per setting
         settings = list(dict.fromkeys((r["task"], r["T"], r["N"]) for r in curved))
         fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.5), squeeze=False)
         for ax, (name, T, N) in zip(axes[0], settings):
-            for r in curved:
-                if (r["task"], r["T"], r["N"]) == (name, T, N):
-                    ax.plot(*zip(*r["curve"]), "o-", ms=3, label=f"{r['mixer']} (lr {r['lr']:g})")
+            for i, r in enumerate(curved):
+                if (r["task"], r["T"], r["N"]) != (name, T, N):
+                    continue
+                for j, (seed, curve) in enumerate(r["curves"].items()):   # one colour a mixer, a line a seed
+                    ax.plot(*zip(*curve), "o-", ms=3, color=f"C{i % 10}",
+                            label=f"{r['mixer']} (lr {r['lr']:g})" if j == 0 else None)
             ax.set_title(f"{name} T={T} N={N}")
             ax.set_xlabel("step")
             ax.set_ylabel("held-out answer accuracy")
@@ -236,7 +309,9 @@ def main():
                    help="only these mixers, named as in the table (e.g. softmax, to size the training budget)")
     p.add_argument("--steps", type=int, help="training steps per run (default: the grid's)")
     p.add_argument("--lrs", type=float, nargs="+", help="the learning-rate sweep (default: the grid's)")
-    p.add_argument("--seed", type=int, default=0, help="the seed of every run's initialisation and batches")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], metavar="SEED",
+                   help="train each (setting, mixer, lr) once per seed (initialisation and batches); the table "
+                        "reports each lr's mean over them and picks the lr of best mean")
     p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2",
                    help="every linear mixer's decay rates at initialisation (DLAConfig.decay_init)")
     p.add_argument("--mixed-lengths", action="store_true",
@@ -263,7 +338,9 @@ def main():
         grid["steps"] = a.steps
     if a.lrs:
         grid["lrs"] = tuple(a.lrs)
-    grid.update(seed=a.seed, decay_init=a.decay_init, mixed_lengths=a.mixed_lengths)
+    if len(set(a.seeds)) != len(a.seeds):
+        p.error(f"--seeds has repeats: {a.seeds}")
+    grid.update(seeds=tuple(a.seeds), decay_init=a.decay_init, mixed_lengths=a.mixed_lengths)
     mixers = MIXERS if a.tiny else with_fla(a.device)
     if a.mixers:
         unknown = sorted(set(a.mixers) - set(mixers))
@@ -282,18 +359,21 @@ def main():
             with runs.open("a") as f:
                 f.write(json.dumps(record) + "\n")
     rows = best(records, grid, mixers)
-    total = len(grid["settings"]) * len(mixers) * len(grid["lrs"])
-    have = sum(int(r["swept"].split("/")[0]) for r in rows)
-    where = torch.cuda.get_device_name() if a.device.startswith("cuda") else "CPU"
+    total = len(grid["settings"]) * len(mixers) * len(grid["lrs"]) * len(grid["seeds"])
+    have = sum(int(r["runs"].split("/")[0]) for r in rows)
+    # where the table's runs trained (records written before this field existed do not say)
+    hardware = dict.fromkeys(r.get("hardware", "hardware not recorded") for r in of_grid(records, grid, mixers))
+    where = ", ".join(hardware) or "no runs yet"
     in_progress = sorted(m.parent.name for m in checkpoints.glob("*/meta.pt")) if checkpoints else []
     header = (f"# Recall results ({'tiny check' if a.tiny else a.task or 'all tasks'}, {where})\n\n"
               f"`python benchmarks/recall.py {shlex.join(sys.argv[1:])}`: 2 layers, d_model {grid['hidden']}, "
               f"vocab {grid['vocab']}, {grid['steps']} steps of {grid['batch']} sequences per run, "
-              f"best of lr in {grid['lrs']}; seed {grid['seed']}, decay init {grid['decay_init']}"
+              f"best of lr in {grid['lrs']} by the mean over seeds {', '.join(map(str, grid['seeds']))}; "
+              f"decay init {grid['decay_init']}"
               + (", trained on mixed lengths (those of T to T/8 that fit)." if grid["mixed_lengths"] else ".")
               + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row.")
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
-                 "best lr is over the learning rates run so far."
+                 "best lr and mean are over the runs done so far."
                  + ("" if not in_progress else f" In progress, saved in `{a.checkpoints}`: {', '.join(in_progress)}.")))
     print(write(rows, Path(a.out), header))
 

@@ -41,7 +41,7 @@ def test_a_grid_in_parts_skips_finished_runs_and_reports_what_is_missing(tmp_pat
     assert len(trained) == 6 and len(lines) == 12
     assert {recall.run_key(json.loads(x)) for x in lines} == {recall.run_key(r) for r in records}
     text = out.read_text()
-    assert "Partial" not in text and text.count("| 2/2 |") == 6
+    assert "Partial" not in text and text.count("| 2/2 |") == 6 and text.count("0.500 (seed 0)") == 6
 
 
 def test_a_run_can_be_restricted_to_a_setting_and_mixers(tmp_path, monkeypatch):
@@ -163,7 +163,7 @@ def test_a_sweep_with_checkpoints_ends_at_a_saved_run_and_resumes_it(tmp_path, m
 
 
 def test_seed_and_decay_init_reach_every_run_and_set_runs_apart(tmp_path, monkeypatch):
-    """--seed and --decay-init go to each run (the model's DLAConfig.decay_init, train_recall's seed)
+    """--seeds and --decay-init go to each run (the model's DLAConfig.decay_init, train_recall's seed)
     and into its record; a run of another seed or decay init is another run, and records written
     before these fields existed count as seed 0 with the "mamba2" init, unmixed."""
     recall = load_benchmark("recall")
@@ -172,19 +172,21 @@ def test_seed_and_decay_init_reach_every_run_and_set_runs_apart(tmp_path, monkey
     monkeypatch.setattr(recall, "train_recall", lambda config, *a, seed, **k: trained.append((config.decay_init, seed))
                         or dict(accuracy=0.5, loss=1.0, seconds=0.0))
     argv = ["recall.py", "--tiny", "--task", "mqar", "--mixers", "DLA (K=8)", "--runs", str(runs), "--out", str(out)]
-    monkeypatch.setattr(sys, "argv", argv + ["--seed", "3", "--decay-init", "spread"])
+    monkeypatch.setattr(sys, "argv", argv + ["--seeds", "3", "--decay-init", "spread"])
     recall.main()
-    assert trained == [("spread", 3)] and "seed 3, decay init spread" in out.read_text()
+    assert trained == [("spread", 3)] and "seeds 3; decay init spread" in out.read_text()
     assert "recall.py --tiny --task mqar --mixers 'DLA (K=8)'" in out.read_text()   # the command, runnable
     record = json.loads(runs.read_text())
-    assert (record["seed"], record["decay_init"]) == (3, "spread")
+    assert (record["seed"], record["decay_init"], record["hardware"]) == (3, "spread", "CPU")
+    assert out.read_text().startswith("# Recall results (tiny check, CPU)")
     # an older record (none of the later fields) is the default run: the default sitting has nothing
     # to train, and its table holds that run alone
-    older = {k: v for k, v in record.items() if k not in recall.LATER_FIELDS}
+    older = {k: v for k, v in record.items() if k not in (*recall.LATER_FIELDS, "hardware")}
     runs.write_text(runs.read_text() + json.dumps(dict(older, accuracy=0.25)) + "\n")
     monkeypatch.setattr(sys, "argv", argv)
     recall.main()
-    assert trained == [("spread", 3)] and "| DLA (K=8) | 0.250 | 0.01 | 1/1 |" in out.read_text()
+    assert trained == [("spread", 3)] and "| DLA (K=8) | 0.250 | 0.250 (seed 0) | 0.01 | 1/1 |" in out.read_text()
+    assert out.read_text().startswith("# Recall results (tiny check, hardware not recorded)")
     # its checkpoint folder keeps the name it had before the later fields existed
     assert recall.checkpoint_name(older) == recall.checkpoint_name(dict(older, **recall.LATER_FIELDS))
     assert "seed_3-decay_init_spread" in recall.checkpoint_name(record)
@@ -227,3 +229,59 @@ def test_train_recall_scores_on_make_eval_when_given():
     config = DLAConfig(vocab_size=24, hidden_size=32, num_hidden_layers=2, num_heads=2, capacity=4)
     train_recall(config, spy("train", 16), 2, 8, 1e-2, 0, progress=False, eval_size=5, make_eval=spy("eval", 32))
     assert calls == [("eval", 5), ("train", 8), ("train", 8)]
+
+
+def test_seeds_train_each_run_once_per_seed_and_the_table_takes_the_lr_of_best_mean(tmp_path, monkeypatch):
+    """--seeds: each (setting, mixer, lr) trains once per seed (a record each); the row is the lr whose
+    seeds' mean is best, even where another lr has the single best run, with each seed's accuracy."""
+    recall = load_benchmark("recall")
+    runs, out = tmp_path / "runs.jsonl", tmp_path / "results.md"
+    # lr 0.03 has the best run (0.9 at seed 1), lr 0.01 the best mean (0.5 against 0.45)
+    accuracy = {(0.01, 0): 0.4, (0.01, 1): 0.6, (0.03, 0): 0.0, (0.03, 1): 0.9}
+    trained = []
+    monkeypatch.setattr(recall, "train_recall", lambda config, make, steps, batch, lr, seed, **k:
+                        trained.append((lr, seed)) or dict(accuracy=accuracy[lr, seed], loss=1.0, seconds=2.0 + seed))
+    argv = ["recall.py", "--tiny", "--task", "mqar", "--mixers", "softmax", "--lrs", "0.01", "0.03",
+            "--runs", str(runs), "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv + ["--seeds", "0", "1"])
+    recall.main()
+    assert sorted(trained) == sorted(accuracy)
+    assert sorted((r["lr"], r["seed"]) for r in map(json.loads, runs.read_text().splitlines())) == sorted(accuracy)
+    text = out.read_text()
+    assert "| softmax | 0.500 | 0.400 (seed 0), 0.600 (seed 1) | 0.01 | 4/4 | 2 |" in text
+    assert "seeds 0, 1;" in text and "Partial" not in text
+    # a sitting of seed 0 alone trains nothing and reads that seed's runs only
+    monkeypatch.setattr(sys, "argv", argv + ["--seeds", "0"])
+    recall.main()
+    assert len(trained) == 4 and "| softmax | 0.400 | 0.400 (seed 0) | 0.01 | 2/2 |" in out.read_text()
+    # a seed not yet run is reported missing
+    monkeypatch.setattr(sys, "argv", argv + ["--seeds", "0", "1", "2", "--minutes", "0"])
+    recall.main()
+    assert "Partial: 4 of 6 runs done" in out.read_text()
+    monkeypatch.setattr(sys, "argv", argv + ["--seeds", "1", "1"])
+    with pytest.raises(SystemExit):
+        recall.main()
+
+
+def test_the_target_is_checked_on_the_longest_bursty_setting():
+    recall = load_benchmark("recall")
+
+    def rows(T, **accuracy):
+        names = {"dla": "DLA (K=16)", "single": "single state (K=1)", "fenwick": "fenwick (K=16)",
+                 "blocks": "blocks (K=16)", "softmax": "softmax"}
+        return [dict(task="bursty", T=T, mixer=names[m], accuracy=a) for m, a in accuracy.items()]
+
+    # the shorter setting, where DLA would meet every part, is not the one checked
+    text = recall.target(rows(1024, dla=1.0, single=0.0, fenwick=0.0, blocks=0.0, softmax=1.0)
+                         + rows(2048, dla=0.6, single=0.2, fenwick=0.3, blocks=0.55, softmax=1.0))
+    assert "bursty T=2048" in text and "met" in text and "not run" not in text
+    assert "blocks (K=16) 0.550: +5.0 points (target +10: not met)" in text
+    assert "single state 0.200: +40.0 points (target +20: met)" in text
+    assert "DLA closes 50% (target 50%: met)" in text
+    text = recall.target(rows(2048, dla=0.3, single=0.25, fenwick=0.1, softmax=0.0))
+    assert "fenwick (K=16) 0.100: +20.0 points (target +10: met)" in text
+    assert "+5.0 points (target +20: not met)" in text
+    assert "not defined: softmax (0.000) is not above the single state" in text
+    assert "not run here: blocks (K=16)" in text
+    assert "no run" in recall.target(rows(2048, single=0.2)) and recall.target(
+        [dict(task="mqar", T=256, mixer="softmax", accuracy=1.0)]) == ""
