@@ -22,7 +22,7 @@ from torch import Tensor
 from dla_ops import dla_attention
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.layers import DECAY_INITS
-from dla_ops.models.tasks import FILL
+from dla_ops.models.tasks import FILL, bursty_query_start
 from dla_ops.policies import starts_for
 from recall import FULL, MIXERS, model_config, task
 
@@ -74,15 +74,10 @@ def burst_ids(x: Tensor, body: int) -> Tensor:
     return torch.where(pair, starts.long().cumsum(1) - 1, -1)
 
 
-def query_start(T: int) -> int:
-    """Where the bursty task's query region starts (``bursty_mqar``: bursts in the first 3/4)."""
-    return 3 * T // 4
-
-
 def table(x: Tensor, layer_schedules: list, K: int) -> list[dict]:
     """One row per layer and head (see the module's docstring), from ``schedules(model, x)``."""
     B, T = x.shape
-    body = query_start(T)
+    body = bursty_query_start(T)
     bursts = burst_ids(x, body)
     pair = bursts >= 0
     filler = (x == FILL) & (torch.arange(T) < body)
@@ -147,7 +142,7 @@ def main():
           f"{a.model or f'initialised (seed {a.seed}, decay init {a.decay_init})'}; tau {model.config.tau}\n")
     print_table(rows)
     # the fixed policies' groups on the same sequences, for comparison (they do not depend on the model)
-    body = query_start(a.T)
+    body = bursty_query_start(a.T)
     bursts = burst_ids(x, body)
     print()
     print_table([{"policy": name, **mean_split([burst_split(fixed_policy_states(

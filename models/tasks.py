@@ -69,6 +69,11 @@ def mqar(batch: int, seq_len: int, n_pairs: int, vocab: int = 8192, n_queries: i
     return x, y
 
 
+def bursty_query_start(seq_len: int) -> int:
+    """Where ``bursty_mqar``'s query region starts: the bursts lie in the first 3/4 of the sequence."""
+    return 3 * seq_len // 4
+
+
 def bursty_mqar(batch: int, seq_len: int, n_pairs: int, n_bursts: int, vocab: int = 8192,
                 n_queries: int | None = None, gen: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """n_pairs key-value pairs in n_bursts bursts at random offsets of the first 3/4 of the sequence,
@@ -77,7 +82,7 @@ def bursty_mqar(batch: int, seq_len: int, n_pairs: int, n_bursts: int, vocab: in
     keys, values = _pairs(batch, n_pairs, vocab, gen)
     x = torch.full((batch, seq_len), FILL, dtype=torch.long)
     y = torch.full((batch, seq_len), IGNORE, dtype=torch.long)
-    body = 3 * seq_len // 4
+    body = bursty_query_start(seq_len)
     sizes = [len(c) for c in torch.arange(n_pairs).chunk(n_bursts)]
     room = body - 2 * n_pairs
     if room < 0:

@@ -35,6 +35,7 @@ def test_bursty_mqar_puts_bursts_between_filler_and_queries_last():
     x, y = tasks.bursty_mqar(8, 96, 8, 4, vocab=40, gen=torch.Generator().manual_seed(1))
     _check_recall(x, y, 8)
     body = 3 * 96 // 4
+    assert tasks.bursty_query_start(96) == body
     assert (y[:, :body] == tasks.IGNORE).all()
     assert ((x[:, :body] != tasks.FILL).sum(1) == 16).all()      # 8 pairs, the rest filler
 
