@@ -117,8 +117,8 @@ def budget(grid: dict) -> dict:
 
 
 def run_key(r: dict) -> tuple:
-    """What identifies one training run: its setting, mixer, learning rate and the grid's budget
-    (steps, batch, model size, seed, decay initialisation and mixed lengths)."""
+    """What identifies one training run: its setting, mixer, learning rate, seed and the grid's budget
+    (steps, batch, model size, decay initialisation and mixed lengths)."""
     return (tuple(r[f] for f in RUN_FIELDS + BUDGET_FIELDS)
             + tuple(r.get(f, default) for f, default in LATER_FIELDS.items()))
 
@@ -168,32 +168,35 @@ def sweep(grid: dict, device: str, mixers=MIXERS, progress: bool = True, done=fr
 
 
 def of_grid(records: list[dict], grid: dict, mixers) -> list[dict]:
-    """The records of the grid's runs (its settings, mixers, lrs, seeds and budget)."""
+    """The records of the grid's runs (its settings, mixers, lrs, seeds and budget); a run recorded
+    twice counts once, as its last record."""
     wanted = {run_key(dict(task=n, T=T, N=N, mixer=m, lr=lr, seed=seed, **budget(grid)))
               for n, T, N in grid["settings"] for m in mixers for lr in grid["lrs"] for seed in grid["seeds"]}
-    return [r for r in records if run_key(r) in wanted]
+    return list({run_key(r): r for r in records if run_key(r) in wanted}.values())
 
 
 def best(records: list[dict], grid: dict, mixers) -> list[dict]:
-    """Per (setting, mixer) of the grid, among ``records`` (those of this grid's budget and seeds): the
-    learning rate of highest mean accuracy over its seeds. A row is that lr's first run with
-    ``accuracy`` and ``seconds`` its seeds' means, ``by_seed`` ({seed: accuracy}), ``runs`` (how many
-    of the cell's lrs x seeds are done) and ``curves`` ({seed: curve}, the runs that have one)."""
+    """Per (setting, mixer) of the grid, among ``records`` (those of ``of_grid``): the learning rate of
+    highest mean accuracy over its seeds (on a tie, the first of the sweep). A row holds the cell's
+    task, T, N and mixer, that ``lr``, its seeds' mean ``accuracy``, ``loss`` and ``seconds``,
+    ``by_seed`` ({seed: accuracy}), ``curves`` ({seed: curve}, the runs that have one) and ``runs``
+    (how many of the cell's lrs x seeds are done)."""
     records = of_grid(records, grid, mixers)
+    seed_of = lambda r: r.get("seed", LATER_FIELDS["seed"])
     rows = []
     for name, T, N in grid["settings"]:
         for mixer in mixers:
             runs = [r for r in records if (r["task"], r["T"], r["N"], r["mixer"]) == (name, T, N, mixer)]
-            if not runs:
+            by_lr = {lr: sorted((r for r in runs if r["lr"] == lr), key=seed_of) for lr in grid["lrs"]}
+            by_lr = {lr: seeds for lr, seeds in by_lr.items() if seeds}
+            if not by_lr:
                 continue
-            by_lr = {}
-            for r in sorted(runs, key=lambda r: r.get("seed", LATER_FIELDS["seed"])):
-                by_lr.setdefault(r["lr"], []).append(r)
-            seeds = max(by_lr.values(), key=lambda rs: sum(r["accuracy"] for r in rs) / len(rs))
-            rows.append(dict(seeds[0], accuracy=sum(r["accuracy"] for r in seeds) / len(seeds),
-                             seconds=sum(r["seconds"] for r in seeds) / len(seeds),
-                             by_seed={r.get("seed", LATER_FIELDS["seed"]): r["accuracy"] for r in seeds},
-                             curves={r.get("seed", LATER_FIELDS["seed"]): r["curve"] for r in seeds if "curve" in r},
+            mean = lambda seeds, field: sum(r[field] for r in seeds) / len(seeds)
+            lr, seeds = max(by_lr.items(), key=lambda item: mean(item[1], "accuracy"))   # max keeps the first
+            rows.append(dict(task=name, T=T, N=N, mixer=mixer, lr=lr, accuracy=mean(seeds, "accuracy"),
+                             loss=mean(seeds, "loss"), seconds=mean(seeds, "seconds"),
+                             by_seed={seed_of(r): r["accuracy"] for r in seeds},
+                             curves={seed_of(r): r["curve"] for r in seeds if "curve" in r},
                              runs=f"{len(runs)}/{len(grid['lrs']) * len(grid['seeds'])}"))
     return rows
 
@@ -204,6 +207,7 @@ def run(grid: dict, device: str, mixers=MIXERS, progress: bool = True) -> list[d
 
 
 FIXED_POLICIES = ("fenwick (K=16)", "blocks (K=16)", FLA[0])
+SOFTMAX_MARGIN = 0.05   # how far above the single state softmax must be for "the gap to softmax" to mean anything
 
 
 def target(rows: list[dict]) -> str:
@@ -221,26 +225,35 @@ def target(rows: list[dict]) -> str:
                if m not in cell]
     lines = [f"**The target on bursty T={T}** (each mixer's mean over its seeds at its best lr):"]
     if dla is None:
-        return "\n".join(lines + [f"- not checked: DLA (K=16) has no run here"]) + "\n"
+        return "\n".join(lines + ["- not checked: DLA (K=16) has no run here"]) + "\n"
+
+    def said(r: dict) -> str:
+        n = len(r["by_seed"])
+        return f"{r['accuracy']:.3f} ({n} seed{'s' if n > 1 else ''})"
 
     def verdict(value: float, need: float) -> str:   # accuracies are counts over the held-out set: ties happen
         return "met" if value >= need - 1e-9 else "not met"
     if fixed:
         top = max(fixed, key=lambda r: r["accuracy"])
         lead = 100 * (dla["accuracy"] - top["accuracy"])
-        lines.append(f"- DLA (K=16) {dla['accuracy']:.3f} against the best fixed policy run, {top['mixer']} "
-                     f"{top['accuracy']:.3f}: {lead:+.1f} points (target +10: {verdict(lead, 10)})")
+        lines.append(f"- DLA (K=16) {said(dla)} against the best fixed policy run, {top['mixer']} "
+                     f"{said(top)}: {lead:+.1f} points (target +10: {verdict(lead, 10)})")
     if single is not None:
         lead = 100 * (dla["accuracy"] - single["accuracy"])
-        lines.append(f"- against the single state {single['accuracy']:.3f}: {lead:+.1f} points "
+        lines.append(f"- against the single state {said(single)}: {lead:+.1f} points "
                      f"(target +20: {verdict(lead, 20)})")
-        if softmax is not None and softmax["accuracy"] > single["accuracy"]:
+        # softmax bounds the gap only where it is above both, by more than chance-level noise
+        if softmax is not None and softmax["accuracy"] >= dla["accuracy"] and \
+                softmax["accuracy"] - single["accuracy"] >= SOFTMAX_MARGIN:
             closed = (dla["accuracy"] - single["accuracy"]) / (softmax["accuracy"] - single["accuracy"])
-            lines.append(f"- of the single state's gap to softmax ({softmax['accuracy']:.3f}) DLA closes "
+            lines.append(f"- of the single state's gap to softmax {said(softmax)} DLA closes "
                          f"{100 * closed:.0f}% (target 50%: {verdict(closed, 0.5)})")
         elif softmax is not None:
-            lines.append(f"- the gap to softmax is not defined: softmax ({softmax['accuracy']:.3f}) is not above "
-                         f"the single state here")
+            lines.append(f"- the gap to softmax is not defined: softmax {said(softmax)} is not above DLA and "
+                         f"{100 * SOFTMAX_MARGIN:.0f} points above the single state here")
+    compared = [r for r in (dla, single, softmax, *fixed) if r is not None]
+    if len({len(r["by_seed"]) for r in compared}) > 1:
+        lines.append("- partial: the mixers compared have different numbers of seeds")
     if missing:
         lines.append(f"- not run here: {', '.join(missing)}")
     return "\n".join(lines) + "\n"
@@ -281,13 +294,15 @@ def write(rows: list[dict], out: Path, header: str) -> str:
     if curved:   # the table's runs (each cell's best lr) with --eval-every: accuracy by step, a panel per setting
         settings = list(dict.fromkeys((r["task"], r["T"], r["N"]) for r in curved))
         fig, axes = plt.subplots(1, len(settings), figsize=(4 * len(settings), 3.5), squeeze=False)
+        colour = {m: f"C{i % 10}" for i, m in enumerate(dict.fromkeys(r["mixer"] for r in curved))}
+        styles = ("-", "--", ":", "-.")
         for ax, (name, T, N) in zip(axes[0], settings):
-            for i, r in enumerate(curved):
+            for r in curved:
                 if (r["task"], r["T"], r["N"]) != (name, T, N):
                     continue
-                for j, (seed, curve) in enumerate(r["curves"].items()):   # one colour a mixer, a line a seed
-                    ax.plot(*zip(*curve), "o-", ms=3, color=f"C{i % 10}",
-                            label=f"{r['mixer']} (lr {r['lr']:g})" if j == 0 else None)
+                for j, (seed, curve) in enumerate(r["curves"].items()):   # a colour a mixer, a line style a seed
+                    ax.plot(*zip(*curve), marker="o", ms=3, ls=styles[j % len(styles)], color=colour[r["mixer"]],
+                            label=f"{r['mixer']} (lr {r['lr']:g}, seed {seed})")
             ax.set_title(f"{name} T={T} N={N}")
             ax.set_xlabel("step")
             ax.set_ylabel("held-out answer accuracy")
@@ -371,7 +386,9 @@ def main():
               f"best of lr in {grid['lrs']} by the mean over seeds {', '.join(map(str, grid['seeds']))}; "
               f"decay init {grid['decay_init']}"
               + (", trained on mixed lengths (those of T to T/8 that fit)." if grid["mixed_lengths"] else ".")
-              + ("" if a.tiny or FLA[0] in mixers else " flash-linear-attention was not available: no fla row.")
+              + ("" if a.tiny or FLA[0] in mixers else " No fla row: " + (
+                  "--mixers left it out." if FLA[0] in with_fla(a.device) else
+                  "flash-linear-attention's kernel needs fla installed and a GPU, and this sitting had not both."))
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
                  "best lr and mean are over the runs done so far."
                  + ("" if not in_progress else f" In progress, saved in `{a.checkpoints}`: {', '.join(in_progress)}.")))

@@ -240,7 +240,8 @@ def test_seeds_train_each_run_once_per_seed_and_the_table_takes_the_lr_of_best_m
     accuracy = {(0.01, 0): 0.4, (0.01, 1): 0.6, (0.03, 0): 0.0, (0.03, 1): 0.9}
     trained = []
     monkeypatch.setattr(recall, "train_recall", lambda config, make, steps, batch, lr, seed, **k:
-                        trained.append((lr, seed)) or dict(accuracy=accuracy[lr, seed], loss=1.0, seconds=2.0 + seed))
+                        trained.append((lr, seed)) or dict(accuracy=accuracy[lr, seed], loss=1.0, seconds=2.0 + 2 * seed,
+                                                   curve=[[1, accuracy[lr, seed]]]))
     argv = ["recall.py", "--tiny", "--task", "mqar", "--mixers", "softmax", "--lrs", "0.01", "0.03",
             "--runs", str(runs), "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv + ["--seeds", "0", "1"])
@@ -248,8 +249,14 @@ def test_seeds_train_each_run_once_per_seed_and_the_table_takes_the_lr_of_best_m
     assert sorted(trained) == sorted(accuracy)
     assert sorted((r["lr"], r["seed"]) for r in map(json.loads, runs.read_text().splitlines())) == sorted(accuracy)
     text = out.read_text()
-    assert "| softmax | 0.500 | 0.400 (seed 0), 0.600 (seed 1) | 0.01 | 4/4 | 2 |" in text
-    assert "seeds 0, 1;" in text and "Partial" not in text
+    assert "| softmax | 0.500 | 0.400 (seed 0), 0.600 (seed 1) | 0.01 | 4/4 | 3 |" in text
+    assert "seeds 0, 1;" in text and "Partial" not in text and (tmp_path / "results-curves.png").exists()
+    # a run recorded twice counts once, as its last record
+    first = runs.read_text().splitlines()[0]
+    runs.write_text(runs.read_text() + json.dumps(dict(json.loads(first), accuracy=1.0)) + "\n")
+    recall.main()
+    assert len(trained) == 4 and "| softmax | 0.800 | 1.000 (seed 0), 0.600 (seed 1) | 0.01 | 4/4 |" in out.read_text()
+    runs.write_text("".join(line + "\n" for line in runs.read_text().splitlines()[:-1]))
     # a sitting of seed 0 alone trains nothing and reads that seed's runs only
     monkeypatch.setattr(sys, "argv", argv + ["--seeds", "0"])
     recall.main()
@@ -265,23 +272,41 @@ def test_seeds_train_each_run_once_per_seed_and_the_table_takes_the_lr_of_best_m
 
 def test_the_target_is_checked_on_the_longest_bursty_setting():
     recall = load_benchmark("recall")
+    names = {"dla": "DLA (K=16)", "single": "single state (K=1)", "fenwick": "fenwick (K=16)",
+             "blocks": "blocks (K=16)", "fla": recall.FLA[0], "softmax": "softmax"}
 
-    def rows(T, **accuracy):
-        names = {"dla": "DLA (K=16)", "single": "single state (K=1)", "fenwick": "fenwick (K=16)",
-                 "blocks": "blocks (K=16)", "softmax": "softmax"}
-        return [dict(task="bursty", T=T, mixer=names[m], accuracy=a) for m, a in accuracy.items()]
+    def rows(T, seeds=1, **accuracy):
+        return [dict(task="bursty", T=T, mixer=names[m], accuracy=a, by_seed=dict.fromkeys(range(seeds), a))
+                for m, a in accuracy.items()]
 
     # the shorter setting, where DLA would meet every part, is not the one checked
     text = recall.target(rows(1024, dla=1.0, single=0.0, fenwick=0.0, blocks=0.0, softmax=1.0)
                          + rows(2048, dla=0.6, single=0.2, fenwick=0.3, blocks=0.55, softmax=1.0))
-    assert "bursty T=2048" in text and "met" in text and "not run" not in text
-    assert "blocks (K=16) 0.550: +5.0 points (target +10: not met)" in text
-    assert "single state 0.200: +40.0 points (target +20: met)" in text
+    assert "bursty T=2048" in text and "not run" not in text and "partial" not in text
+    assert "blocks (K=16) 0.550 (1 seed): +5.0 points (target +10: not met)" in text
+    assert "single state 0.200 (1 seed): +40.0 points (target +20: met)" in text
+    # 0.4 / 0.8 and 100 * (0.3 - 0.2) fall a rounding error short of a half and of 10 points
     assert "DLA closes 50% (target 50%: met)" in text
-    text = recall.target(rows(2048, dla=0.3, single=0.25, fenwick=0.1, softmax=0.0))
-    assert "fenwick (K=16) 0.100: +20.0 points (target +10: met)" in text
+    text = recall.target(rows(2048, seeds=2, dla=0.3, single=0.25, fenwick=0.2, fla=0.1, softmax=0.0))
+    assert "DLA (K=16) 0.300 (2 seeds) against the best fixed policy run, fenwick (K=16) 0.200 (2 seeds): " \
+           "+10.0 points (target +10: met)" in text
     assert "+5.0 points (target +20: not met)" in text
-    assert "not defined: softmax (0.000) is not above the single state" in text
+    assert "the gap to softmax is not defined: softmax 0.000 (2 seeds) is not above DLA" in text
     assert "not run here: blocks (K=16)" in text
+    # fla's Log-Linear kernel counts as a fixed policy
+    assert "fla log-linear (K=16) 0.500" in recall.target(rows(2048, dla=0.6, fla=0.5, fenwick=0.1))
+    # softmax a hair above chance bounds nothing, even with DLA at or below it
+    assert "not defined" in recall.target(rows(2048, dla=0.0002, single=0.0001, softmax=0.0003))
+    # cells of different seed counts are flagged
+    assert "partial: the mixers compared have different numbers of seeds" in recall.target(
+        rows(2048, seeds=2, dla=0.5) + rows(2048, single=0.1))
     assert "no run" in recall.target(rows(2048, single=0.2)) and recall.target(
-        [dict(task="mqar", T=256, mixer="softmax", accuracy=1.0)]) == ""
+        [dict(task="mqar", T=256, mixer="softmax", accuracy=1.0, by_seed={0: 1.0})]) == ""
+
+
+def test_a_tie_between_lrs_goes_to_the_first_of_the_sweep_whatever_the_records_order():
+    recall = load_benchmark("recall")
+    grid = dict(recall.TINY, settings=[("mqar", 32, 4)], lrs=(0.01, 0.03))
+    records = [dict(task="mqar", T=32, N=4, mixer="softmax", lr=lr, seed=0, accuracy=0.5, loss=1.0, seconds=1.0,
+                    **recall.budget(grid)) for lr in (0.03, 0.01)]
+    assert [r["lr"] for r in recall.best(records, grid, {"softmax": {}})] == [0.01]
