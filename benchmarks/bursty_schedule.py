@@ -21,6 +21,7 @@ from torch import Tensor
 
 from dla_ops import dla_attention
 from dla_ops.models import DLAForCausalLM
+from dla_ops.models.demo import held_out
 from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import FILL, bursty_query_start
 from dla_ops.policies import starts_for
@@ -100,11 +101,16 @@ def burst_split(states: list[list[int]], bursts: Tensor) -> tuple[int, float, fl
     """For one sequence's states (their tokens) and its ``burst_ids`` row: how many states hold
     key/value tokens, the share of bursts whose states hold no other burst's tokens, and the share of
     bursts with a token in the state of most tokens."""
-    held = [{int(bursts[t]) for t in state} - {-1} for state in states]
+    held = [bursts_in(state, bursts) for state in states]
     n = int(bursts.max()) + 1
     alone = sum(all(h <= {i} for h in held if i in h) for i in range(n))
     biggest = held[max(range(len(states)), key=lambda j: len(states[j]))]
     return sum(1 for h in held if h), alone / n, len(biggest) / n
+
+
+def bursts_in(state: list[int], bursts: Tensor) -> set[int]:
+    """The bursts (``burst_ids`` of one sequence) that a state's tokens belong to."""
+    return {int(bursts[t]) for t in state} - {-1}
 
 
 def mean_split(split: list[tuple]) -> dict:
@@ -133,8 +139,8 @@ def main():
     model = DLAForCausalLM(model_config(dict(FULL, decay_init=a.decay_init), MIXERS["DLA (K=16)"])).eval()
     if a.model:
         model.load_state_dict(torch.load(a.model, map_location="cpu"))
-    # the first of the recall benchmark's 256 held-out sequences (train_recall's, at seed 0)
-    x = task("bursty", a.T, a.N, FULL["vocab"])(256, torch.Generator().manual_seed(10_000))[0][:a.batch]
+    # the first of the recall benchmark's held-out sequences (train_recall's, at seed 0)
+    x = held_out(task("bursty", a.T, a.N, FULL["vocab"]), seed=0)[0][:a.batch]
     layer_schedules = schedules(model, x)
     K = model.config.capacity
     rows = table(x, layer_schedules, K)
@@ -153,7 +159,7 @@ def main():
         s = layer_schedules[layer][0]
         print(f"\nlayer {layer}, head {head}, first sequence: the states at token {body}, oldest first")
         for state in replay_groups(s.boundary[0, :, head].tolist(), s.merge[0, :, head].tolist(), K, body):
-            held = sorted({int(bursts[0, t]) for t in state} - {-1})
+            held = sorted(bursts_in(state, bursts[0]))
             print(f"  tokens {state[0]}..{state[-1]} ({len(state)}): bursts {held}, "
                   f"{sum(int(bursts[0, t]) >= 0 for t in state)} key/value tokens")
     spans = [torch.nonzero(bursts[0] == j).flatten() for j in range(int(bursts[0].max()) + 1)]

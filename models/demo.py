@@ -36,8 +36,17 @@ def answer_logits(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tu
     return model.lm_head(hidden[:, :-1][scored]).float(), target
 
 
+EVAL_SIZE = 256
+
+
+def held_out(make, seed: int, size: int = EVAL_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+    """The held-out set of a ``train_recall`` run of this seed: ``size`` sequences of ``make`` drawn from
+    a generator of their own, so that analyses of a trained model read the sequences it was scored on."""
+    return make(size, torch.Generator().manual_seed(seed + 10_000))
+
+
 def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float, seed: int,
-                 device: str = "cpu", progress: bool = True, desc: str = "", eval_size: int = 256,
+                 device: str = "cpu", progress: bool = True, desc: str = "", eval_size: int = EVAL_SIZE,
                  checkpoint: Path | None = None, stop_at: float | None = None, make_eval=None,
                  eval_every: int | None = None, save_model: Path | None = None) -> dict | None:
     """Train ``DLAForCausalLM(config)`` from scratch on batches ``make(batch, generator)`` (inputs,
@@ -64,8 +73,7 @@ def train_recall(config: DLAConfig, make, steps: int, batch_size: int, lr: float
     model = DLAForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    held = (make_eval or make)(eval_size, torch.Generator().manual_seed(seed + 10_000))
-    held_x, held_y = (t.to(device) for t in held)
+    held_x, held_y = (t.to(device) for t in held_out(make_eval or make, seed, eval_size))
     done, spent, curve = 0, 0.0, []
     if checkpoint is not None and (checkpoint / "meta.pt").exists():
         done, spent, curve, saved_every = _load_checkpoint(checkpoint, model, opt, gen, device)
