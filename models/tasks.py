@@ -128,6 +128,17 @@ def answer_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
     return scored, target[scored]
 
 
+def recall_distances(inputs: Tensor, labels: Tensor) -> Tensor:
+    """For mqar and bursty_mqar: how many tokens back each scored query's pair was written, in
+    ``answer_targets``' order. The query's key is the input at its scored position, and its first
+    occurrence is in its pair, since keys are distinct within a sequence and every pair comes before
+    the queries."""
+    scored, _ = answer_targets(labels)
+    rows, positions = scored.nonzero(as_tuple=True)
+    written = (inputs[rows] == inputs[rows, positions][:, None]).int().argmax(1)
+    return positions - written
+
+
 def answer_accuracy(logits: Tensor, labels: Tensor) -> float:
     """Fraction of labelled positions whose label is the argmax prediction (shifted as the loss).
     logits: [B, T, V] at every position, or [n, V] at the scored ones only (``answer_targets``' order)."""

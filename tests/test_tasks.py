@@ -94,3 +94,19 @@ def test_demo_loop_runs(policy):
     row = run_one(capacity=8, task="bursty", steps=2, batch_size=4, lr=1e-2, seed=0, progress=False,
                   merge_policy=policy)
     assert 0.0 <= row["accuracy"] <= 1.0 and torch.isfinite(torch.tensor(row["loss"]))
+
+
+def test_recall_distances_reach_back_to_the_queried_pair():
+    # pairs (5, 30) and (6, 31), filler, then queries of 6 and 5: scored positions 6 and 8
+    x = torch.tensor([[5, 30, 6, 31, 0, 0, 6, 31, 5, 30]])
+    y = torch.full_like(x, tasks.IGNORE)
+    y[0, 7], y[0, 9] = 31, 30
+    assert tasks.recall_distances(x, y).tolist() == [4, 8]
+    for make in (lambda g: tasks.mqar(4, 64, 6, vocab=40, gen=g), lambda g: tasks.bursty_mqar(4, 96, 8, 4, vocab=40, gen=g)):
+        x, y = make(torch.Generator().manual_seed(3))
+        scored, target = tasks.answer_targets(y)
+        rows, positions = scored.nonzero(as_tuple=True)
+        written = positions - tasks.recall_distances(x, y)
+        assert (written >= 0).all() and (written < positions).all()
+        # the pair there is the query's key and its answer
+        assert torch.equal(x[rows, written], x[rows, positions]) and torch.equal(x[rows, written + 1], target)
