@@ -46,6 +46,8 @@ def main():
                    help="a saved model (recall.py --models), its mixer as named in the table and its run's seed")
     p.add_argument("--size", type=int, default=EVAL_SIZE, help="score the first SIZE of the held-out sequences")
     a = p.parse_args()
+    if not 1 <= a.size <= EVAL_SIZE:
+        p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
     grid = dict(FULL, decay_init=a.decay_init)
     make = task(a.task, a.T, a.N, grid["vocab"])
     T = a.T

@@ -48,6 +48,10 @@ def test_the_table_has_a_row_per_model(ra, monkeypatch, capsys, tmp_path):
     assert [r[:2] for r in rows] == [["DLA (K=8)", "3"], ["DLA (K=8)", "4"]]
     # 4 sequences of 4 queries each, over the four bins
     assert all(sum(int(c.split("(")[1].rstrip(")")) for c in r[3:]) == 16 for r in rows)
-    monkeypatch.setattr(sys, "argv", ["recall_by_age.py", "--model", "DLA", "0", str(tmp_path / "m.pt")])
-    with pytest.raises(SystemExit):
-        ra.main()
+    for bad in (["--model", "DLA", "0", str(tmp_path / "m.pt")],                 # not a mixer of the table
+                ["--size", "0", "--model", "DLA (K=8)", "0", str(tmp_path / "m.pt")],
+                ["--size", "257", "--model", "DLA (K=8)", "0", str(tmp_path / "m.pt")]):
+        monkeypatch.setattr(sys, "argv", ["recall_by_age.py", *bad])
+        with pytest.raises(SystemExit):
+            ra.main()
+    assert "--size must be 1 to 256" in capsys.readouterr().err
