@@ -10,6 +10,7 @@ SEED is the run's seed: it picks the held-out set the run was scored on."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -48,6 +49,13 @@ def main():
     a = p.parse_args()
     if not 1 <= a.size <= EVAL_SIZE:
         p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
+    for mixer, seed, path in a.model:   # all checked before the first model's minutes of scoring
+        if mixer not in MIXERS:
+            p.error(f"unknown mixer {mixer!r}; the table's are {sorted(MIXERS)}")
+        if not seed.isdigit():
+            p.error(f"a run's seed is a whole number, got {seed!r} (for {path})")
+        if not Path(path).is_file():
+            p.error(f"no saved model at {path}")
     grid = dict(FULL, decay_init=a.decay_init)
     make = task(a.task, a.T, a.N, grid["vocab"])
     T = a.T
@@ -56,8 +64,6 @@ def main():
     print(f"| mixer | seed | accuracy | < {T // 8} | {T // 8} to {T // 4} | {T // 4} to {T // 2} | >= {T // 2} |")
     print("|---|---|---|---|---|---|---|")
     for mixer, seed, path in a.model:
-        if mixer not in MIXERS:
-            p.error(f"unknown mixer {mixer!r}; the table's are {sorted(MIXERS)}")
         model = DLAForCausalLM(model_config(grid, MIXERS[mixer])).eval()
         model.load_state_dict(torch.load(path, map_location="cpu"))
         x, y = held_out(make, int(seed))

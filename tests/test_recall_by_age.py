@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dla_ops.models.tasks import answer_targets, recall_distances
 from helpers import load_benchmark
 
 
@@ -20,38 +19,50 @@ def ra(monkeypatch):
 
 
 def test_each_answer_lands_in_the_bin_of_its_distance(ra, monkeypatch):
-    """With logits right exactly on the answers written at least T/4 back, the bins read 0, 0, 1, 1
-    (or nan where empty), their counts add up to every answer, and the total is the share of far ones."""
+    """Distances on and beside each bin edge (T = 128: edges 16, 32, 64), with logits right exactly in
+    the second and fourth bins: the bins read 0, 1, 0, 1 with their counts, and the total is the
+    share of right answers."""
     T = 128
-    x, y = ra.task("bursty", T, 8, 64)(16, torch.Generator().manual_seed(0))
-    far = recall_distances(x, y) >= T // 4
-    _, target = answer_targets(y)
-
-    def oracle(model, x, y):   # right where far, wrong (the next token id) elsewhere
-        return torch.nn.functional.one_hot(torch.where(far, target, (target + 1) % 64), 64).float(), target
-    monkeypatch.setattr(ra, "answer_logits", oracle)
+    distance = torch.tensor([0, 15, 16, 31, 32, 63, 64, 127, 100, 5])
+    x, y = torch.zeros(1, T, dtype=torch.long), torch.full((1, T), -100)
+    y[0, T - len(distance):] = 7                       # ten scored answers at the end
+    right = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    target = torch.full((len(distance),), 7)
+    monkeypatch.setattr(ra, "recall_distances", lambda x, y: distance)
+    monkeypatch.setattr(ra, "answer_logits", lambda model, x, y: (
+        torch.nn.functional.one_hot(torch.where(right, target, 3), 8).float(), target))
     accuracy, bins = ra.by_age(None, x, y)
-    assert sum(n for _, n in bins) == len(target) and 0 < far.sum() < len(target)
-    assert accuracy == pytest.approx(far.float().mean().item())
-    for (acc, n), right in zip(bins, (0.0, 0.0, 1.0, 1.0)):
-        assert math.isnan(acc) if n == 0 else acc == right
+    assert bins == [(0.0, 3), (1.0, 2), (0.0, 2), (1.0, 3)]
+    assert accuracy == pytest.approx(0.5)
+    # an empty bin reads nan
+    monkeypatch.setattr(ra, "recall_distances", lambda x, y: torch.full_like(distance, 100))
+    assert [n for _, n in ra.by_age(None, x, y)[1]] == [0, 0, 0, 10] and math.isnan(ra.by_age(None, x, y)[1][0][0])
 
 
-def test_the_table_has_a_row_per_model(ra, monkeypatch, capsys, tmp_path):
-    model = ra.DLAForCausalLM(ra.model_config(dict(ra.FULL, decay_init="spread"), ra.MIXERS["DLA (K=8)"]))
-    torch.save(model.state_dict(), tmp_path / "m.pt")
-    monkeypatch.setattr(sys, "argv", ["recall_by_age.py", "--T", "64", "--N", "4", "--decay-init", "spread", "--size", "4",
-                                      "--model", "DLA (K=8)", "3", str(tmp_path / "m.pt"),
-                                      "--model", "DLA (K=8)", "4", str(tmp_path / "m.pt")])
+def test_the_table_scores_a_saved_run_as_the_run_did(ra, monkeypatch, capsys, tmp_path):
+    """A tiny recall run saved with --models: the script's accuracy column is the run's own held-out
+    accuracy (the same model, held-out set and seed), its bins count every answer, and bad arguments
+    are refused before any scoring."""
+    import recall   # the module the script imported (benchmarks/ is on the path)
+    grid = dict(recall.TINY, settings=[("bursty", 64, 4)], seeds=(1,), decay_init="spread")
+    record = next(recall.sweep(grid, "cpu", {"DLA (K=8)": recall.MIXERS["DLA (K=8)"]}, progress=False,
+                               models=tmp_path))
+    saved = str(tmp_path / f"{recall.checkpoint_name(record)}.pt")
+    monkeypatch.setattr(ra, "FULL", dict(ra.FULL, vocab=grid["vocab"], hidden=grid["hidden"]))
+    monkeypatch.setattr(sys, "argv", ["recall_by_age.py", "--T", "64", "--N", "4", "--decay-init", "spread",
+                                      "--model", "DLA (K=8)", "1", saved])
     ra.main()
     rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| DLA")]
-    assert [r[:2] for r in rows] == [["DLA (K=8)", "3"], ["DLA (K=8)", "4"]]
-    # 4 sequences of 4 queries each, over the four bins
-    assert all(sum(int(c.split("(")[1].rstrip(")")) for c in r[3:]) == 16 for r in rows)
-    for bad in (["--model", "DLA", "0", str(tmp_path / "m.pt")],                 # not a mixer of the table
-                ["--size", "0", "--model", "DLA (K=8)", "0", str(tmp_path / "m.pt")],
-                ["--size", "257", "--model", "DLA (K=8)", "0", str(tmp_path / "m.pt")]):
+    assert len(rows) == 1 and rows[0][:3] == ["DLA (K=8)", "1", f"{record['accuracy']:.3f}"]
+    assert 0 < record["accuracy"] < 1   # so that another held-out set would most likely read otherwise
+    assert sum(int(c.split("(")[1].rstrip(")")) for c in rows[0][3:]) == 256 * 4   # 4 queries a sequence
+    for bad, says in ((["--model", "DLA", "0", saved], "unknown mixer"),
+                      (["--model", "DLA (K=8)", "x", saved], "whole number"),
+                      (["--model", "DLA (K=8)", "0", saved, "--model", "DLA (K=8)", "0", "nowhere.pt"], "no saved model"),
+                      (["--size", "0", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256"),
+                      (["--size", "257", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256")):
         monkeypatch.setattr(sys, "argv", ["recall_by_age.py", *bad])
         with pytest.raises(SystemExit):
             ra.main()
-    assert "--size must be 1 to 256" in capsys.readouterr().err
+        captured = capsys.readouterr()
+        assert says in captured.err and "| DLA" not in captured.out

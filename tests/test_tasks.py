@@ -97,16 +97,18 @@ def test_demo_loop_runs(policy):
 
 
 def test_recall_distances_reach_back_to_the_queried_pair():
-    # pairs (5, 30) and (6, 31), filler, then queries of 6 and 5: scored positions 6 and 8
-    x = torch.tensor([[5, 30, 6, 31, 0, 0, 6, 31, 5, 30]])
+    # pairs (5, 30) and (6, 31), filler, then queries of 6, 5 and 6 again: scored positions 6, 8, 10;
+    # the repeated query reaches back to the pair, not to the first query
+    x = torch.tensor([[5, 30, 6, 31, 0, 0, 6, 31, 5, 30, 6, 31]])
     y = torch.full_like(x, tasks.IGNORE)
-    y[0, 7], y[0, 9] = 31, 30
-    assert tasks.recall_distances(x, y).tolist() == [4, 8]
-    for make in (lambda g: tasks.mqar(4, 64, 6, vocab=40, gen=g), lambda g: tasks.bursty_mqar(4, 96, 8, 4, vocab=40, gen=g)):
+    y[0, 7], y[0, 9], y[0, 11] = 31, 30, 31
+    assert tasks.recall_distances(x, y).tolist() == [4, 8, 8]
+    for make, pairs_end in ((lambda g: tasks.mqar(4, 64, 6, vocab=40, gen=g), 12),
+                            (lambda g: tasks.bursty_mqar(4, 96, 8, 4, vocab=40, gen=g), tasks.bursty_query_start(96))):
         x, y = make(torch.Generator().manual_seed(3))
         scored, target = tasks.answer_targets(y)
         rows, positions = scored.nonzero(as_tuple=True)
         written = positions - tasks.recall_distances(x, y)
-        assert (written >= 0).all() and (written < positions).all()
+        assert (written >= 0).all() and (written < pairs_end).all()
         # the pair there is the query's key and its answer
         assert torch.equal(x[rows, written], x[rows, positions]) and torch.equal(x[rows, written + 1], target)
