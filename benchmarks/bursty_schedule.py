@@ -28,22 +28,28 @@ from dla_ops.policies import starts_for
 from recall import FULL, MIXERS, model_config, task
 
 
-def schedules(model: DLAForCausalLM, x: Tensor) -> list:
-    """Each layer's (schedule, g) on input ids x: its mixer's own features, run through ``dla_attention``
-    with the schedule returned."""
+def mixer_features(model: DLAForCausalLM, x: Tensor) -> list[tuple]:
+    """Each layer's mixer features (q, k, v, g, lam, beta) on input ids x, from the mixer's own
+    ``_features`` of its input in the model's forward pass."""
     inputs = []
     hooks = [layer.mixer.register_forward_pre_hook(lambda _, args: inputs.append(args[0]))
              for layer in model.model.layers]
     try:
         with torch.no_grad():
             model.model(x, use_cache=False)
-            out = []
-            for layer, h in zip(model.model.layers, inputs):
-                q, k, v, g, lam, beta, _ = layer.mixer._features(h, None)
-                out.append((dla_attention(q, k, v, g, lam, beta, tau=layer.mixer.tau, return_schedule=True)[2], g))
+            return [layer.mixer._features(h, None)[:6] for layer, h in zip(model.model.layers, inputs)]
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def schedules(model: DLAForCausalLM, x: Tensor) -> list:
+    """Each layer's (schedule, g) on input ids x: its mixer's own features, run through ``dla_attention``
+    with the schedule returned."""
+    out = []
+    for (q, k, v, g, lam, beta), layer in zip(mixer_features(model, x), model.model.layers):
+        with torch.no_grad():
+            out.append((dla_attention(q, k, v, g, lam, beta, tau=layer.mixer.tau, return_schedule=True)[2], g))
     return out
 
 

@@ -6,7 +6,11 @@ tokens should lose most on the far bins; a mixer whose memory is full everywhere
     python benchmarks/recall_by_age.py --task bursty --T 2048 --N 32 --decay-init spread \\
         --model "fenwick (K=16)" 1 MODELS/<run>.pt [--model MIXER SEED PATH ...]
 
-SEED is the run's seed: it picks the held-out set the run was scored on."""
+SEED is the run's seed: it picks the held-out set the run was scored on. ``--heads N`` also lists, per
+linear model, layer and head, on the first N of those sequences: how much of a pair's write is left
+when its query reads it (the median over answers of the log-decay summed in between; 0 keeps it
+whole), and the readout weights at the queries (mean lam per slot, slot 0 the open state), which
+tell whether the slots are read as one state (P1: all equal) or weighted apart."""
 from __future__ import annotations
 
 import argparse
@@ -17,7 +21,8 @@ import torch
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import EVAL_SIZE, answer_logits, held_out
 from dla_ops.models.layers import DECAY_INITS
-from dla_ops.models.tasks import recall_distances
+from dla_ops.models.tasks import answer_targets, recall_distances
+from bursty_schedule import mixer_features
 from recall import FULL, MIXERS, model_config, task
 
 
@@ -37,6 +42,23 @@ def by_age(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tuple[flo
     return right.mean().item(), bins
 
 
+def heads(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
+    """Per layer and head of a linear mixer: the median over answers of the log-decay summed from the
+    token that writes the queried pair's value to the query (the transitions that write undergoes
+    before the query reads it), and the mean readout weights lam per slot at the scored positions."""
+    scored, _ = answer_targets(y)
+    rows, positions = scored.nonzero(as_tuple=True)
+    value_written = positions - recall_distances(x, y) + 1
+    out = []
+    for layer, (_, _, _, g, lam, _) in enumerate(mixer_features(model, x)):
+        before = torch.nn.functional.pad(g.cumsum(1), (0, 0, 1, 0))   # [B, T + 1, H]: sum of g before token t
+        kept = before[rows, positions + 1] - before[rows, value_written + 1]
+        for h in range(g.shape[-1]):
+            out.append(dict(layer=layer, head=h, kept=kept[:, h].median().item(),
+                            lam=lam[rows, positions, h].mean(0).tolist()))
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=["mqar", "bursty"], default="bursty")
@@ -46,9 +68,12 @@ def main():
     p.add_argument("--model", nargs=3, action="append", required=True, metavar=("MIXER", "SEED", "PATH"),
                    help="a saved model (recall.py --models), its mixer as named in the table and its run's seed")
     p.add_argument("--size", type=int, default=EVAL_SIZE, help="score the first SIZE of the held-out sequences")
+    p.add_argument("--heads", type=int, metavar="N", help="also each head's decay and readout weights, on N sequences")
     a = p.parse_args()
     if not 1 <= a.size <= EVAL_SIZE:
         p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
+    if a.heads is not None and not 1 <= a.heads <= EVAL_SIZE:
+        p.error(f"--heads must be 1 to {EVAL_SIZE} sequences, got {a.heads}")
     for mixer, seed, path in a.model:   # all checked before the first model's minutes of scoring
         if mixer not in MIXERS:
             p.error(f"unknown mixer {mixer!r}; the table's are {sorted(MIXERS)}")
@@ -63,6 +88,7 @@ def main():
           f"(answers in each bin)\n")
     print(f"| mixer | seed | accuracy | < {T // 8} | {T // 8} to {T // 4} | {T // 4} to {T // 2} | >= {T // 2} |")
     print("|---|---|---|---|---|---|---|")
+    listed = []
     for mixer, seed, path in a.model:
         model = DLAForCausalLM(model_config(grid, MIXERS[mixer])).eval()
         model.load_state_dict(torch.load(path, map_location="cpu"))
@@ -70,6 +96,15 @@ def main():
         accuracy, bins = by_age(model, x[:a.size], y[:a.size])
         print(f"| {mixer} | {seed} | {accuracy:.3f} | " + " | ".join(f"{acc:.3f} ({n})" for acc, n in bins) + " |",
               flush=True)
+        if a.heads and MIXERS[mixer].get("merge_policy") != "softmax":   # softmax has no decay or slots
+            listed += [dict(mixer=mixer, seed=seed, **row) for row in heads(model, x[:a.heads], y[:a.heads])]
+    if listed:
+        print(f"\nper head, on {a.heads} sequences: the median log-decay from a pair's write to its query, and "
+              f"the mean lam per slot at the queries (slot 0 the open state)\n")
+        print("| mixer | seed | layer | head | log-decay, write to query | lam by slot |\n|---|---|---|---|---|---|")
+        for r in listed:
+            print(f"| {r['mixer']} | {r['seed']} | {r['layer']} | {r['head']} | {r['kept']:.3g} | "
+                  + " ".join(f"{v:.2g}" for v in r["lam"]) + " |")
 
 
 if __name__ == "__main__":

@@ -66,3 +66,36 @@ def test_the_table_scores_a_saved_run_as_the_run_did(ra, monkeypatch, capsys, tm
             ra.main()
         captured = capsys.readouterr()
         assert says in captured.err and "| DLA" not in captured.out
+
+
+def test_heads_sum_the_decay_between_a_pairs_write_and_its_query(ra, monkeypatch):
+    """With g = -0.1 a token in head 0 and 0 in head 1, the write of a pair's value at w + 1 undergoes
+    the transitions of tokens w + 2 .. p before the query at p reads it: -0.1 * (distance - 1); and
+    lam's mean per slot at the queries is read back slot by slot."""
+    T = 128
+    x, y = ra.task("bursty", T, 8, 64)(4, torch.Generator().manual_seed(1))
+    g = torch.zeros(4, T, 2)
+    g[..., 0] = -0.1
+    lam = torch.stack([torch.full((4, T, 3), 1.0), torch.tensor([0.5, 2.0, 4.0]).expand(4, T, 3)], 2)
+    monkeypatch.setattr(ra, "mixer_features", lambda model, x: [(None, None, None, g, lam, None)])
+    rows = ra.heads(None, x, y)
+    distance = ra.recall_distances(x, y)
+    assert [(r["layer"], r["head"]) for r in rows] == [(0, 0), (0, 1)]
+    assert rows[0]["kept"] == pytest.approx((-0.1 * (distance - 1).float()).median().item(), rel=1e-5)
+    assert rows[1]["kept"] == 0.0
+    assert rows[0]["lam"] == [1.0, 1.0, 1.0] and rows[1]["lam"] == pytest.approx([0.5, 2.0, 4.0])
+
+
+def test_heads_are_listed_for_linear_models_only(ra, monkeypatch, capsys, tmp_path):
+    for mixer in ("DLA (K=8)", "softmax"):
+        model = ra.DLAForCausalLM(ra.model_config(dict(ra.FULL, decay_init="spread"), ra.MIXERS[mixer]))
+        torch.save(model.state_dict(), tmp_path / f"{mixer[:3]}.pt")
+    monkeypatch.setattr(sys, "argv", ["recall_by_age.py", "--T", "64", "--N", "4", "--decay-init", "spread", "--size", "2",
+                                      "--heads", "2", "--model", "DLA (K=8)", "0", str(tmp_path / "DLA.pt"),
+                                      "--model", "softmax", "0", str(tmp_path / "sof.pt")])
+    ra.main()
+    out = capsys.readouterr().out.split("per head")[1]
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| DLA") or line.startswith("| softmax")]
+    # two layers of two heads, eight readout weights each; none for softmax
+    assert [r[:4] for r in rows] == [["DLA (K=8)", "0", str(layer), str(head)] for layer in (0, 1) for head in (0, 1)]
+    assert all(len(r[5].rstrip(" |").split()) == 8 and float(r[4]) <= 0 for r in rows)
