@@ -9,8 +9,11 @@ tokens should lose most on the far bins; a mixer whose memory is full everywhere
 SEED is the run's seed: it picks the held-out set the run was scored on. ``--heads N`` also lists, per
 linear model, layer and head, on the first N of those sequences: how much of a pair's write is left
 when its query reads it (the median over answers of the log-decay summed in between; 0 keeps it
-whole), and the readout weights at the queries (mean lam per slot, slot 0 the open state), which
-tell whether the slots are read as one state (P1: all equal) or weighted apart."""
+whole), and the readout weights at the queries (mean lam per slot, slot 0 the newest, open state),
+which tell whether the slots are read as one state (P1: all equal) or weighted apart. A slot that
+holds no state at the queries (fenwick fills 12 of 16 at T=2048) keeps lam's initial 1 and counts for
+nothing. A kept write is not yet a write read back: what else the state holds (filler, the query
+region's own pairs) is not measured here."""
 from __future__ import annotations
 
 import argparse
@@ -45,7 +48,8 @@ def by_age(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tuple[flo
 def heads(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
     """Per layer and head of a linear mixer: the median over answers of the log-decay summed from the
     token that writes the queried pair's value to the query (the transitions that write undergoes
-    before the query reads it), and the mean readout weights lam per slot at the scored positions."""
+    before the query reads it), and the mean readout weights lam per slot at the scored positions.
+    A key queried twice counts from its pair, not from its first query (which wrote the pair again)."""
     scored, _ = answer_targets(y)
     rows, positions = scored.nonzero(as_tuple=True)
     value_written = positions - recall_distances(x, y) + 1

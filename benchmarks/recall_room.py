@@ -2,8 +2,8 @@
 state S = sum_i v_i k_i^T (no decay, nothing else written) holding N pairs with random unit keys of
 d_k dimensions and random unit value codes of d_v dimensions, read with each stored key and decoded
 to the nearest of the task's value codes. Where it answers (nearly) all, a recall setting with N pairs
-does not put a single state's room to the test; what a trained model misses there, it misses in
-training or in keeping the pairs (decay), not for want of room.
+likely does not put a single state's room to the test. It is an estimate, not a bound: trained keys
+are not random, and a trained state also holds whatever else was written to it (filler, queries).
 
     python benchmarks/recall_room.py [--dk 64] [--dv 64] [--values 4095] [--trials 200]
 

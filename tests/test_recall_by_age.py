@@ -69,21 +69,27 @@ def test_the_table_scores_a_saved_run_as_the_run_did(ra, monkeypatch, capsys, tm
 
 
 def test_heads_sum_the_decay_between_a_pairs_write_and_its_query(ra, monkeypatch):
-    """With g = -0.1 a token in head 0 and 0 in head 1, the write of a pair's value at w + 1 undergoes
-    the transitions of tokens w + 2 .. p before the query at p reads it: -0.1 * (distance - 1); and
-    lam's mean per slot at the queries is read back slot by slot."""
+    """With g_t = -1e-3 * t in head 0 and 0 in head 1, the write of a pair's value at w + 1 undergoes
+    the transitions of tokens w + 2 .. p before the query at p reads it; lam, which differs from
+    position to position, is read at the queries."""
     T = 128
     x, y = ra.task("bursty", T, 8, 64)(4, torch.Generator().manual_seed(1))
     g = torch.zeros(4, T, 2)
-    g[..., 0] = -0.1
-    lam = torch.stack([torch.full((4, T, 3), 1.0), torch.tensor([0.5, 2.0, 4.0]).expand(4, T, 3)], 2)
+    g[..., 0] = -1e-3 * torch.arange(T, dtype=torch.float32)
+    # head 0: lam = the position, in each of 3 slots; head 1: slots weighted 0.5, 2 and 4
+    lam = torch.stack([torch.arange(T, dtype=torch.float32)[None, :, None].expand(4, T, 3),
+                       torch.tensor([0.5, 2.0, 4.0]).expand(4, T, 3)], 2)
     monkeypatch.setattr(ra, "mixer_features", lambda model, x: [(None, None, None, g, lam, None)])
     rows = ra.heads(None, x, y)
-    distance = ra.recall_distances(x, y)
+    scored, _ = ra.answer_targets(y)
+    _, positions = scored.nonzero(as_tuple=True)
+    value = positions - ra.recall_distances(x, y) + 1                     # the pair's value token, w + 1
+    expected = torch.tensor([-1e-3 * sum(range(v + 1, p + 1)) for v, p in zip(value.tolist(), positions.tolist())])
     assert [(r["layer"], r["head"]) for r in rows] == [(0, 0), (0, 1)]
-    assert rows[0]["kept"] == pytest.approx((-0.1 * (distance - 1).float()).median().item(), rel=1e-5)
+    assert rows[0]["kept"] == pytest.approx(expected.median().item(), rel=1e-5)
     assert rows[1]["kept"] == 0.0
-    assert rows[0]["lam"] == [1.0, 1.0, 1.0] and rows[1]["lam"] == pytest.approx([0.5, 2.0, 4.0])
+    assert rows[0]["lam"] == pytest.approx([positions.float().mean().item()] * 3)
+    assert rows[1]["lam"] == pytest.approx([0.5, 2.0, 4.0])
 
 
 def test_heads_are_listed_for_linear_models_only(ra, monkeypatch, capsys, tmp_path):

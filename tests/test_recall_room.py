@@ -17,6 +17,8 @@ def test_room_runs_out_past_the_key_dimension():
     assert few == 1.0 and many < 0.5
     # one pair alone is read back exactly, whatever the dimensions
     assert room.ideal_recall(1, 2, 2, 50, 20, gen) == 1.0
+    # the key dimension is what fills up: wide values do not make room for many keys in few dimensions
+    assert room.ideal_recall(32, 4, 64, 200, 20, gen) < 0.5 < room.ideal_recall(32, 64, 4, 20, 20, gen)
 
 
 def test_the_table_and_refusals(monkeypatch, capsys):
