@@ -130,9 +130,9 @@ def answer_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def recall_distances(inputs: Tensor, labels: Tensor) -> Tensor:
     """For mqar and bursty_mqar: how many tokens back each scored query's pair was written (from the
-    query's key to the pair's key), in ``answer_targets``' order. The query's key is the input at its scored position, and its first
-    occurrence is in its pair, since keys are distinct within a sequence and every pair comes before
-    the queries."""
+    query's key to the pair's key), in ``answer_targets``' order. The query's key is the input at its
+    scored position, and its first occurrence is in its pair, since keys are distinct within a
+    sequence and every pair comes before the queries."""
     scored, _ = answer_targets(labels)
     rows, positions = scored.nonzero(as_tuple=True)
     written = (inputs[rows] == inputs[rows, positions][:, None]).int().argmax(1)
