@@ -25,7 +25,7 @@ from dla_ops.models.demo import held_out
 from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import FILL, bursty_query_start
 from dla_ops.policies import starts_for
-from recall import FULL, MIXERS, model_config, task
+from recall import FULL, MIXERS, model_config, saved_model, task
 
 
 def mixer_features(model: DLAForCausalLM, x: Tensor) -> list[tuple]:
@@ -142,9 +142,11 @@ def main():
                    help="also list the states of the first sequence at this layer and head")
     a = p.parse_args()
     torch.manual_seed(a.seed)
-    model = DLAForCausalLM(model_config(dict(FULL, decay_init=a.decay_init), MIXERS["DLA (K=16)"])).eval()
+    grid = dict(FULL, decay_init=a.decay_init)
     if a.model:
-        model.load_state_dict(torch.load(a.model, map_location="cpu"))
+        model = saved_model(grid, "DLA (K=16)", a.model)
+    else:
+        model = DLAForCausalLM(model_config(grid, MIXERS["DLA (K=16)"])).eval()
     # the first of the recall benchmark's held-out sequences (train_recall's, at seed 0)
     x = held_out(task("bursty", a.T, a.N, FULL["vocab"]), seed=0)[0][:a.batch]
     layer_schedules = schedules(model, x)

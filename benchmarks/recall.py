@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from dla_ops.models import DLAConfig
+from dla_ops.models import DLAConfig, DLAForCausalLM
 from dla_ops.models.demo import train_recall
 from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import bursty_mqar, mqar, passkey
@@ -109,6 +109,26 @@ def model_config(grid: dict, overrides: dict) -> DLAConfig:
     """The model of the grid's runs with a mixer given by its overrides (a value of ``MIXERS``)."""
     return DLAConfig(vocab_size=grid["vocab"], hidden_size=grid["hidden"], num_hidden_layers=2, num_heads=2,
                      decay_init=grid["decay_init"], **overrides)
+
+
+def check_saved_models(parser: argparse.ArgumentParser, models: list[list[str]]) -> None:
+    """Refuse, before any scoring, a ``--model MIXER SEED PATH`` of an analysis script (recall_by_age.py,
+    recall_renamed.py) whose mixer is not the table's, whose seed is not a whole number or whose file
+    is missing."""
+    for mixer, seed, path in models:
+        if mixer not in MIXERS:
+            parser.error(f"unknown mixer {mixer!r}; the table's are {sorted(MIXERS)}")
+        if not seed.isdigit():
+            parser.error(f"a run's seed is a whole number, got {seed!r} (for {path})")
+        if not Path(path).is_file():
+            parser.error(f"no saved model at {path}")
+
+
+def saved_model(grid: dict, mixer: str, path) -> DLAForCausalLM:
+    """A model that ``--models`` saved, of the mixer named as in the table, on the CPU in eval mode."""
+    model = DLAForCausalLM(model_config(grid, MIXERS[mixer])).eval()
+    model.load_state_dict(torch.load(path, map_location="cpu"))
+    return model
 
 
 def budget(grid: dict) -> dict:

@@ -6,18 +6,22 @@ tokens should lose most on the far bins; a mixer whose memory is full everywhere
     python benchmarks/recall_by_age.py --task bursty --T 2048 --N 32 --decay-init spread \\
         --model "fenwick (K=16)" 1 MODELS/<run>.pt [--model MIXER SEED PATH ...]
 
-SEED is the run's seed: it picks the held-out set the run was scored on. ``--heads N`` also lists, per
+SEED is the run's seed: it picks the held-out set the run was scored on. Several ``--N`` (for example
+``--N 8 16 32 64 128``) score each model on the same seed's held-out draw with more or fewer pairs than
+it trained on, one table per N and then the accuracy and the right answers a sequence (accuracy times
+N queries) by N: whether a model answers a fixed share of its queries or a fixed number of them. Only the run's own N is
+its held-out set; the others are a probe outside its training. ``--heads N`` also lists, per
 linear model, layer and head, on the first N of those sequences: how much of a pair's write is left
 when its query reads it (the median over answers of the log-decay summed in between; 0 keeps it
 whole), and the readout weights at the queries (mean lam per slot, slot 0 the newest, open state),
-which tell whether the slots are read as one state (P1: all equal) or weighted apart. A slot that
+which tell whether the slots are read as one state (P1: all equal) or weighted apart (at the first
+``--N``). A slot that
 holds no state at the queries (fenwick fills 12 of 16 at T=2048) keeps lam's initial 1 and counts for
 nothing. A kept write is not yet a write read back: what else the state holds (filler, the query
 region's own pairs) is not measured here."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -26,7 +30,7 @@ from dla_ops.models.demo import EVAL_SIZE, answer_logits, held_out
 from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import answer_targets, recall_distances
 from bursty_schedule import mixer_features
-from recall import FULL, MIXERS, model_config, task
+from recall import FULL, MIXERS, check_saved_models, saved_model, task
 
 
 def by_age(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[tuple[float, int]]]:
@@ -67,7 +71,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--task", choices=["mqar", "bursty"], default="bursty")
     p.add_argument("--T", type=int, default=2048)
-    p.add_argument("--N", type=int, default=32)
+    p.add_argument("--N", type=int, nargs="+", default=[32], help="pairs per sequence; several: one table each")
     p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2", help="the runs' --decay-init")
     p.add_argument("--model", nargs=3, action="append", required=True, metavar=("MIXER", "SEED", "PATH"),
                    help="a saved model (recall.py --models), its mixer as named in the table and its run's seed")
@@ -78,33 +82,45 @@ def main():
         p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
     if a.heads is not None and not 1 <= a.heads <= EVAL_SIZE:
         p.error(f"--heads must be 1 to {EVAL_SIZE} sequences, got {a.heads}")
-    for mixer, seed, path in a.model:   # all checked before the first model's minutes of scoring
-        if mixer not in MIXERS:
-            p.error(f"unknown mixer {mixer!r}; the table's are {sorted(MIXERS)}")
-        if not seed.isdigit():
-            p.error(f"a run's seed is a whole number, got {seed!r} (for {path})")
-        if not Path(path).is_file():
-            p.error(f"no saved model at {path}")
+    check_saved_models(p, a.model)   # all checked before the first model's minutes of scoring
     grid = dict(FULL, decay_init=a.decay_init)
-    make = task(a.task, a.T, a.N, grid["vocab"])
+    makers = {}
+    for n in dict.fromkeys(a.N):
+        if n < 1:
+            p.error(f"--N counts pairs: 1 or more, got {n}")
+        makers[n] = task(a.task, a.T, n, grid["vocab"])
+        try:
+            makers[n](1, torch.Generator().manual_seed(0))
+        except ValueError as e:
+            p.error(f"--N {n} does not fit {a.task} at T={a.T}: {e}")
+    models = [(mixer, seed, saved_model(grid, mixer, path)) for mixer, seed, path in a.model]
     T = a.T
-    print(f"{a.task} T={a.T} N={a.N}: held-out answer accuracy by how far back the queried pair was written "
-          f"(answers in each bin)\n")
-    print(f"| mixer | seed | accuracy | < {T // 8} | {T // 8} to {T // 4} | {T // 4} to {T // 2} | >= {T // 2} |")
-    print("|---|---|---|---|---|---|---|")
-    listed = []
-    for mixer, seed, path in a.model:
-        model = DLAForCausalLM(model_config(grid, MIXERS[mixer])).eval()
-        model.load_state_dict(torch.load(path, map_location="cpu"))
-        x, y = held_out(make, int(seed))
-        accuracy, bins = by_age(model, x[:a.size], y[:a.size])
-        print(f"| {mixer} | {seed} | {accuracy:.3f} | " + " | ".join(f"{acc:.3f} ({n})" for acc, n in bins) + " |",
-              flush=True)
-        if a.heads and MIXERS[mixer].get("merge_policy") != "softmax":   # softmax has no decay or slots
-            listed += [dict(mixer=mixer, seed=seed, **row) for row in heads(model, x[:a.heads], y[:a.heads])]
+    listed, by_n = [], {}
+    for n, make in makers.items():
+        print(f"{a.task} T={a.T} N={n}: held-out answer accuracy by how far back the queried pair was written "
+              f"(answers in each bin)\n")
+        print(f"| mixer | seed | accuracy | < {T // 8} | {T // 8} to {T // 4} | {T // 4} to {T // 2} | >= {T // 2} |")
+        print("|---|---|---|---|---|---|---|")
+        for i, (mixer, seed, model) in enumerate(models):
+            x, y = held_out(make, int(seed))
+            accuracy, bins = by_age(model, x[:a.size], y[:a.size])
+            by_n[i, n] = accuracy
+            print(f"| {mixer} | {seed} | {accuracy:.3f} | " + " | ".join(f"{acc:.3f} ({k})" for acc, k in bins)
+                  + " |", flush=True)
+            # softmax has no decay or slots
+            if a.heads and n == a.N[0] and MIXERS[mixer].get("merge_policy") != "softmax":
+                listed += [dict(mixer=mixer, seed=seed, **row) for row in heads(model, x[:a.heads], y[:a.heads])]
+        print()
+    if len(makers) > 1:
+        print(f"{a.task} T={a.T}: accuracy, and right answers a sequence (accuracy times N queries), "
+              f"by the number of pairs N\n")
+        print("| mixer | seed | " + " | ".join(f"N={n}" for n in makers) + " |\n|---|---|" + "---|" * len(makers))
+        for i, (mixer, seed, _) in enumerate(models):
+            print(f"| {mixer} | {seed} | " + " | ".join(f"{by_n[i, n]:.3f} ({by_n[i, n] * n:.1f})" for n in makers)
+                  + " |")
     if listed:
-        print(f"\nper head, on {a.heads} sequences: the median log-decay from a pair's write to its query, and "
-              f"the mean lam per slot at the queries (slot 0 the open state)\n")
+        print(f"\nper head, on {a.heads} sequences at N={a.N[0]}: the median log-decay from a pair's write to its "
+              f"query, and the mean lam per slot at the queries (slot 0 the open state)\n")
         print("| mixer | seed | layer | head | log-decay, write to query | lam by slot |\n|---|---|---|---|---|---|")
         for r in listed:
             print(f"| {r['mixer']} | {r['seed']} | {r['layer']} | {r['head']} | {r['kept']:.3g} | "

@@ -21,7 +21,8 @@ ASK = 1
 IGNORE = -100
 
 
-def _halves(vocab: int) -> tuple[int, int, int]:
+def token_halves(vocab: int) -> tuple[int, int, int]:
+    """(first, mid, end): keys are the tokens first..mid-1, values mid..end-1."""
     if vocab < 8:
         raise ValueError(f"vocab must be at least 8, got {vocab}")
     first = 2
@@ -31,7 +32,7 @@ def _halves(vocab: int) -> tuple[int, int, int]:
 
 def _pairs(batch: int, n: int, vocab: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """n distinct keys per row and one value per key."""
-    first, mid, end = _halves(vocab)
+    first, mid, end = token_halves(vocab)
     if n > mid - first:
         raise ValueError(f"{n} distinct keys need a vocabulary of at least {2 * n + 2}, got {vocab}")
     keys = torch.stack([first + torch.randperm(mid - first, generator=gen)[:n] for _ in range(batch)])
@@ -106,7 +107,7 @@ def passkey(batch: int, seq_len: int, key_len: int = 4, vocab: int = 8192,
     if seq_len < 2 * key_len + 2:
         raise ValueError(f"a passkey of {key_len} tokens needs seq_len >= {2 * key_len + 2}, got {seq_len}")
     gen = gen or torch.Generator().manual_seed(0)
-    first, _, end = _halves(vocab)
+    first, _, end = token_halves(vocab)
     x = torch.full((batch, seq_len), FILL, dtype=torch.long)
     y = torch.full((batch, seq_len), IGNORE, dtype=torch.long)
     key = torch.randint(first, end, (batch, key_len), generator=gen)

@@ -56,11 +56,25 @@ def test_the_table_scores_a_saved_run_as_the_run_did(ra, monkeypatch, capsys, tm
     assert len(rows) == 1 and rows[0][:3] == ["DLA (K=8)", "1", f"{record['accuracy']:.3f}"]
     assert 0 < record["accuracy"] < 1   # so that another held-out set would most likely read otherwise
     assert sum(int(c.split("(")[1].rstrip(")")) for c in rows[0][3:]) == 256 * 4   # 4 queries a sequence
+    # several N: one table each, in order, then accuracy and right answers a sequence by N; the run's own
+    # N reads as the run did, and another N is another draw
+    monkeypatch.setattr(sys, "argv", ["recall_by_age.py", "--T", "64", "--N", "2", "4", "2", "--decay-init",
+                                      "spread", "--model", "DLA (K=8)", "1", saved])
+    ra.main()
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines() if line.startswith("bursty T=64 N=")] == \
+        ["bursty T=64 N=2", "bursty T=64 N=4"]
+    rows = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| DLA")]
+    assert len(rows) == 3 and rows[1][2] == f"{record['accuracy']:.3f}"
+    at_2, at_4 = float(rows[0][2]), record["accuracy"]
+    assert rows[2] == ["DLA (K=8)", "1", f"{at_2:.3f} ({at_2 * 2:.1f})", f"{at_4:.3f} ({at_4 * 4:.1f})"]
     for bad, says in ((["--model", "DLA", "0", saved], "unknown mixer"),
                       (["--model", "DLA (K=8)", "x", saved], "whole number"),
                       (["--model", "DLA (K=8)", "0", saved, "--model", "DLA (K=8)", "0", "nowhere.pt"], "no saved model"),
                       (["--size", "0", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256"),
-                      (["--size", "257", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256")):
+                      (["--size", "257", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256"),
+                      (["--T", "64", "--N", "4", "9", "--model", "DLA (K=8)", "0", saved], "--N 9 does not fit"),
+                      (["--T", "64", "--N", "0", "--model", "DLA (K=8)", "0", saved], "1 or more")):
         monkeypatch.setattr(sys, "argv", ["recall_by_age.py", *bad])
         with pytest.raises(SystemExit):
             ra.main()
@@ -93,8 +107,9 @@ def test_heads_sum_the_decay_between_a_pairs_write_and_its_query(ra, monkeypatch
 
 
 def test_heads_are_listed_for_linear_models_only(ra, monkeypatch, capsys, tmp_path):
+    import recall   # the module the script imported (benchmarks/ is on the path)
     for mixer in ("DLA (K=8)", "softmax"):
-        model = ra.DLAForCausalLM(ra.model_config(dict(ra.FULL, decay_init="spread"), ra.MIXERS[mixer]))
+        model = recall.DLAForCausalLM(recall.model_config(dict(ra.FULL, decay_init="spread"), ra.MIXERS[mixer]))
         torch.save(model.state_dict(), tmp_path / f"{mixer[:3]}.pt")
     monkeypatch.setattr(sys, "argv", ["recall_by_age.py", "--T", "64", "--N", "4", "--decay-init", "spread", "--size", "2",
                                       "--heads", "2", "--model", "DLA (K=8)", "0", str(tmp_path / "DLA.pt"),
