@@ -124,6 +124,16 @@ def check_saved_models(parser: argparse.ArgumentParser, models: list[list[str]])
             parser.error(f"no saved model at {path}")
 
 
+def check_setting(parser: argparse.ArgumentParser, name: str, T: int, N: int, vocab: int) -> None:
+    """Refuse, before any scoring, a pair count that the task cannot hold at length T."""
+    if N < 1:
+        parser.error(f"--N counts pairs: 1 or more, got {N}")
+    try:
+        task(name, T, N, vocab)(1, torch.Generator().manual_seed(0))
+    except ValueError as e:
+        parser.error(f"--N {N} does not fit {name} at T={T}: {e}")
+
+
 def saved_model(grid: dict, mixer: str, path) -> DLAForCausalLM:
     """A model that ``--models`` saved, of the mixer named as in the table, on the CPU in eval mode."""
     model = DLAForCausalLM(model_config(grid, MIXERS[mixer])).eval()

@@ -7,18 +7,18 @@ tokens should lose most on the far bins; a mixer whose memory is full everywhere
         --model "fenwick (K=16)" 1 MODELS/<run>.pt [--model MIXER SEED PATH ...]
 
 SEED is the run's seed: it picks the held-out set the run was scored on. Several ``--N`` (for example
-``--N 8 16 32 64 128``) score each model on the same seed's held-out draw with more or fewer pairs than
-it trained on, one table per N and then the accuracy and the right answers a sequence (accuracy times
-N queries) by N: whether a model answers a fixed share of its queries or a fixed number of them. Only the run's own N is
-its held-out set; the others are a probe outside its training. ``--heads N`` also lists, per
-linear model, layer and head, on the first N of those sequences: how much of a pair's write is left
-when its query reads it (the median over answers of the log-decay summed in between; 0 keeps it
-whole), and the readout weights at the queries (mean lam per slot, slot 0 the newest, open state),
-which tell whether the slots are read as one state (P1: all equal) or weighted apart (at the first
-``--N``). A slot that
-holds no state at the queries (fenwick fills 12 of 16 at T=2048) keeps lam's initial 1 and counts for
-nothing. A kept write is not yet a write read back: what else the state holds (filler, the query
-region's own pairs) is not measured here."""
+``--N 8 16 32 64 128``) score each model on a draw from the same seed at each N (other sequences;
+bursty also has N/4 bursts), one table per N, then the accuracy and the right answers a sequence
+(accuracy times N queries) by N: whether a model answers a fixed share of its queries or a fixed
+number of them. Only the run's own N is its held-out set; the others are a probe outside its training.
+
+``--heads N`` also lists, per linear model, layer and head, on the first N sequences of the first
+``--N``: how much of a pair's write is left when its query reads it (the median over answers of the
+log-decay summed in between; 0 keeps it whole), and the readout weights at the queries (mean lam per
+slot, slot 0 the newest, open state), which tell whether the slots are read as one state (P1: all
+equal) or weighted apart. A slot that holds no state at the queries (fenwick fills 12 of 16 at
+T=2048) keeps lam's initial 1 and counts for nothing. A kept write is not yet a write read back: what
+else the state holds (filler, the query region's own pairs) is not measured here."""
 from __future__ import annotations
 
 import argparse
@@ -30,7 +30,7 @@ from dla_ops.models.demo import EVAL_SIZE, answer_logits, held_out
 from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import answer_targets, recall_distances
 from bursty_schedule import mixer_features
-from recall import FULL, MIXERS, check_saved_models, saved_model, task
+from recall import FULL, MIXERS, check_saved_models, check_setting, saved_model, task
 
 
 def by_age(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[tuple[float, int]]]:
@@ -84,15 +84,9 @@ def main():
         p.error(f"--heads must be 1 to {EVAL_SIZE} sequences, got {a.heads}")
     check_saved_models(p, a.model)   # all checked before the first model's minutes of scoring
     grid = dict(FULL, decay_init=a.decay_init)
-    makers = {}
-    for n in dict.fromkeys(a.N):
-        if n < 1:
-            p.error(f"--N counts pairs: 1 or more, got {n}")
-        makers[n] = task(a.task, a.T, n, grid["vocab"])
-        try:
-            makers[n](1, torch.Generator().manual_seed(0))
-        except ValueError as e:
-            p.error(f"--N {n} does not fit {a.task} at T={a.T}: {e}")
+    for n in a.N:
+        check_setting(p, a.task, a.T, n, grid["vocab"])
+    makers = {n: task(a.task, a.T, n, grid["vocab"]) for n in dict.fromkeys(a.N)}
     models = [(mixer, seed, saved_model(grid, mixer, path)) for mixer, seed, path in a.model]
     T = a.T
     listed, by_n = [], {}

@@ -11,9 +11,9 @@ place, so the task is unchanged), and compares the answers one by one:
     python benchmarks/recall_renamed.py --task bursty --T 2048 --N 32 --decay-init spread \\
         --model "fenwick (K=16)" 1 MODELS/<run>.pt [--model MIXER SEED PATH ...]
 
-"kept" is the share of the answers right before that are right after. Were the outcomes set by the
-places alone it would be 1; were they independent of what was right before, it would equal the
-accuracy after."""
+"kept" is the share of the answers right before that are right after. Were the outcomes set by what
+a renaming leaves (the places, and the tokens not renamed) it would be 1; were they independent of
+what was right before, it would be the accuracy after, give or take the sampling error."""
 from __future__ import annotations
 
 import argparse
@@ -24,14 +24,15 @@ from torch import Tensor
 from dla_ops.models.demo import EVAL_SIZE, answer_logits, held_out
 from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import answer_targets, token_halves
-from recall import FULL, check_saved_models, saved_model, task
+from recall import FULL, check_saved_models, check_setting, saved_model, task
 
 
 def renaming(vocab: int, tokens: Tensor, gen: torch.Generator) -> Tensor:
-    """A table over the vocabulary that maps ``tokens`` to a random permutation of themselves and every
-    other token to itself."""
+    """A table over the vocabulary that maps ``tokens`` among themselves, each to another one (a random
+    cycle through all of them, so that none keeps its name), and every other token to itself."""
     table = torch.arange(vocab)
-    table[tokens] = tokens[torch.randperm(len(tokens), generator=gen)]
+    order = tokens[torch.randperm(len(tokens), generator=gen)]
+    table[order] = order.roll(1)
     return table
 
 
@@ -49,7 +50,8 @@ def outcomes(model, x: Tensor, y: Tensor) -> Tensor:
 
 def compare(model, x: Tensor, y: Tensor, vocab: int, seed: int) -> list[dict]:
     """The rows of the table for one model: accuracy before and after each renaming, and the share of
-    the answers right before that stay right ("kept"), over the answers of each row."""
+    the answers right before that stay right ("kept"; nan where none was right before), over the
+    answers of each row. The last two rows read one renamed copy, split by the query's own key."""
     first, mid, end = token_halves(vocab)
     gen = torch.Generator().manual_seed(seed)
     keys, values = torch.arange(first, mid), torch.arange(mid, end)
@@ -58,15 +60,14 @@ def compare(model, x: Tensor, y: Tensor, vocab: int, seed: int) -> list[dict]:
     scored, _ = answer_targets(y)
     own_key_stays = half[x[:, :-1][scored]]      # a query's key is the input at its scored position
     before = outcomes(model, x, y)
+    everyone = torch.ones_like(before)
+    after = {name: outcomes(model, *renamed(x, y, renaming(vocab, tokens, gen)))
+             for name, tokens in (("values", values), ("keys", keys), ("half", keys[~half[keys]]))}
     rows = []
-    for name, tokens, answers in (("values", values, None), ("keys", keys, None),
-                                  ("keys outside a half; own key stays", keys[~half[keys]], own_key_stays),
-                                  ("keys outside a half; own key renamed", keys[~half[keys]], ~own_key_stays)):
-        after = outcomes(model, *renamed(x, y, renaming(vocab, tokens, gen)))
-        if answers is not None:
-            b, a = before[answers], after[answers]
-        else:
-            b, a = before, after
+    for name, renamed_as, answers in (("values", "values", everyone), ("keys", "keys", everyone),
+                                      ("keys outside a half; own key stays", "half", own_key_stays),
+                                      ("keys outside a half; own key renamed", "half", ~own_key_stays)):
+        b, a = before[answers], after[renamed_as][answers]
         rows.append(dict(renamed=name, answers=len(b), before=b.float().mean().item(),
                          after=a.float().mean().item(), kept=((b & a).sum() / b.sum()).item()))
     return rows
@@ -87,6 +88,7 @@ def main():
         p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
     check_saved_models(p, a.model)   # all checked before the first model's minutes of scoring
     grid = dict(FULL, decay_init=a.decay_init)
+    check_setting(p, a.task, a.T, a.N, grid["vocab"])
     make = task(a.task, a.T, a.N, grid["vocab"])
     print(f"{a.task} T={a.T} N={a.N}, {a.size} held-out sequences: accuracy before and after renaming tokens, "
           f"and kept, the share of the answers right before that are right after (renaming seed {a.seed})\n")

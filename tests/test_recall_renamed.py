@@ -29,7 +29,7 @@ def test_renaming_keeps_the_task(rn):
     gen = torch.Generator().manual_seed(2)
     for tokens in (torch.arange(first, mid), torch.arange(mid, end)):
         table = rn.renaming(VOCAB, tokens, gen)
-        assert sorted(table[tokens].tolist()) == tokens.tolist() and not torch.equal(table[tokens], tokens)
+        assert sorted(table[tokens].tolist()) == tokens.tolist() and (table[tokens] != tokens).all()
         others = torch.ones(VOCAB, dtype=torch.bool)
         others[tokens] = False
         assert torch.equal(table[others], torch.arange(VOCAB)[others])
@@ -54,7 +54,8 @@ def stub_answers(rn, monkeypatch, right_if):
 
 def test_outcomes_set_by_the_own_key_or_by_the_place(rn, monkeypatch):
     """A model right only on even keys keeps every right answer when the values or the other keys are
-    renamed, and far from all when its own key is; one right only at some places keeps them all."""
+    renamed, and far from all when its own key is; one right only at some places keeps them all; one
+    right only on even keys of the very sequences it saw keeps none."""
     x, y = rn.task("bursty", 256, 16, VOCAB)(32, torch.Generator().manual_seed(3))   # 31 keys in VOCAB
     stub_answers(rn, monkeypatch, lambda key, position: key % 2 == 0)
     rows = {r["renamed"]: r for r in rn.compare(None, x, y, VOCAB, seed=0)}
@@ -68,6 +69,17 @@ def test_outcomes_set_by_the_own_key_or_by_the_place(rn, monkeypatch):
     assert rows["keys"]["kept"] < 0.8 and moved["kept"] < 0.8   # an even key renamed is often odd
     stub_answers(rn, monkeypatch, lambda key, position: position % 4 == 0)
     assert all(r["kept"] == 1 for r in rn.compare(None, x, y, VOCAB, seed=0))
+    stub_answers(rn, monkeypatch, lambda key, position: key % 2 == 0)
+    even_keys, seen = rn.answer_logits, x.clone()
+
+    def memorised(model, x, y):   # even keys, but wrong (token 0) in any sequence it did not see
+        logits, target = even_keys(model, x, y)
+        scored, _ = rn.answer_targets(y)
+        same = (x == seen).all(1, keepdim=True).expand_as(scored)[scored]
+        return torch.where(same[:, None], logits, torch.eye(VOCAB)[0]), target
+    monkeypatch.setattr(rn, "answer_logits", memorised)
+    rows = rn.compare(None, x, y, VOCAB, seed=0)
+    assert all(0.2 < r["before"] < 0.8 and r["after"] == 0 and r["kept"] == 0 for r in rows)
 
 
 def test_the_table_scores_a_saved_run_as_the_run_did(rn, monkeypatch, capsys, tmp_path):
@@ -85,7 +97,8 @@ def test_the_table_scores_a_saved_run_as_the_run_did(rn, monkeypatch, capsys, tm
     rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| DLA")]
     assert len(rows) == 4 and rows[0][:5] == ["DLA (K=8)", "1", "values", "1024", f"{record['accuracy']:.3f}"]
     for bad, says in ((["--model", "DLA", "0", saved], "unknown mixer"),
-                      (["--size", "0", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256")):
+                      (["--size", "0", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256"),
+                      (["--T", "64", "--N", "9", "--model", "DLA (K=8)", "0", saved], "--N 9 does not fit")):
         monkeypatch.setattr(sys, "argv", ["recall_renamed.py", *bad])
         with pytest.raises(SystemExit):
             rn.main()
