@@ -1,10 +1,12 @@
-"""Shared test helpers: structured random inputs, an independent single-state base model, and a
-relative-error assertion against float64."""
+"""Shared test helpers: structured random inputs, an independent single-state base model, a
+relative-error assertion against float64, and a tiny saved recall run for the analysis scripts."""
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -117,3 +119,23 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def saved_tiny_run(recall, script, monkeypatch, folder: Path) -> tuple[dict, str]:
+    """A tiny bursty recall run (T=64, N=4, DLA K=8, seed 1, spread init) trained and saved with
+    ``--models`` into folder, for an analysis script (loaded by ``load_benchmark``; it scores on its
+    ``FULL`` grid's size, set here to the tiny one's). Returns the run's record and the model's path."""
+    grid = dict(recall.TINY, settings=[("bursty", 64, 4)], seeds=(1,), decay_init="spread")
+    record = next(recall.sweep(grid, "cpu", {"DLA (K=8)": recall.MIXERS["DLA (K=8)"]}, progress=False,
+                               models=folder))
+    monkeypatch.setattr(script, "FULL", dict(script.FULL, vocab=grid["vocab"], hidden=grid["hidden"]))
+    return record, str(folder / f"{recall.checkpoint_name(record)}.pt")
+
+
+def refuses(script, monkeypatch, capsys, argv: list, says: str):
+    """The script's main, run with argv, exits with ``says`` in its error before printing a table row."""
+    monkeypatch.setattr(sys, "argv", ["script", *argv])
+    with pytest.raises(SystemExit):
+        script.main()
+    captured = capsys.readouterr()
+    assert says in captured.err and "| DLA" not in captured.out

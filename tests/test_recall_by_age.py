@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import load_benchmark
+from helpers import load_benchmark, refuses, saved_tiny_run
 
 
 @pytest.fixture
@@ -44,11 +44,7 @@ def test_the_table_scores_a_saved_run_as_the_run_did(ra, monkeypatch, capsys, tm
     accuracy (the same model, held-out set and seed), its bins count every answer, and bad arguments
     are refused before any scoring."""
     import recall   # the module the script imported (benchmarks/ is on the path)
-    grid = dict(recall.TINY, settings=[("bursty", 64, 4)], seeds=(1,), decay_init="spread")
-    record = next(recall.sweep(grid, "cpu", {"DLA (K=8)": recall.MIXERS["DLA (K=8)"]}, progress=False,
-                               models=tmp_path))
-    saved = str(tmp_path / f"{recall.checkpoint_name(record)}.pt")
-    monkeypatch.setattr(ra, "FULL", dict(ra.FULL, vocab=grid["vocab"], hidden=grid["hidden"]))
+    record, saved = saved_tiny_run(recall, ra, monkeypatch, tmp_path)
     monkeypatch.setattr(sys, "argv", ["recall_by_age.py", "--T", "64", "--N", "4", "--decay-init", "spread",
                                       "--model", "DLA (K=8)", "1", saved])
     ra.main()
@@ -75,11 +71,7 @@ def test_the_table_scores_a_saved_run_as_the_run_did(ra, monkeypatch, capsys, tm
                       (["--size", "257", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256"),
                       (["--T", "64", "--N", "4", "9", "--model", "DLA (K=8)", "0", saved], "--N 9 does not fit"),
                       (["--T", "64", "--N", "0", "--model", "DLA (K=8)", "0", saved], "1 or more")):
-        monkeypatch.setattr(sys, "argv", ["recall_by_age.py", *bad])
-        with pytest.raises(SystemExit):
-            ra.main()
-        captured = capsys.readouterr()
-        assert says in captured.err and "| DLA" not in captured.out
+        refuses(ra, monkeypatch, capsys, bad, says)
 
 
 def test_heads_sum_the_decay_between_a_pairs_write_and_its_query(ra, monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dla_ops.models.tasks import recall_distances
-from helpers import load_benchmark
+from helpers import load_benchmark, refuses, saved_tiny_run
 
 
 @pytest.fixture
@@ -86,11 +86,7 @@ def test_the_table_scores_a_saved_run_as_the_run_did(rn, monkeypatch, capsys, tm
     """A tiny recall run saved with --models: every row's accuracy before is the run's own held-out
     accuracy (same model, held-out set and seed); bad arguments are refused before any scoring."""
     import recall   # the module the script imported (benchmarks/ is on the path)
-    grid = dict(recall.TINY, settings=[("bursty", 64, 4)], seeds=(1,), decay_init="spread")
-    record = next(recall.sweep(grid, "cpu", {"DLA (K=8)": recall.MIXERS["DLA (K=8)"]}, progress=False,
-                               models=tmp_path))
-    saved = str(tmp_path / f"{recall.checkpoint_name(record)}.pt")
-    monkeypatch.setattr(rn, "FULL", dict(rn.FULL, vocab=grid["vocab"], hidden=grid["hidden"]))
+    record, saved = saved_tiny_run(recall, rn, monkeypatch, tmp_path)
     monkeypatch.setattr(sys, "argv", ["recall_renamed.py", "--T", "64", "--N", "4", "--decay-init", "spread",
                                       "--size", "256", "--model", "DLA (K=8)", "1", saved])
     rn.main()
@@ -99,8 +95,4 @@ def test_the_table_scores_a_saved_run_as_the_run_did(rn, monkeypatch, capsys, tm
     for bad, says in ((["--model", "DLA", "0", saved], "unknown mixer"),
                       (["--size", "0", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256"),
                       (["--T", "64", "--N", "9", "--model", "DLA (K=8)", "0", saved], "--N 9 does not fit")):
-        monkeypatch.setattr(sys, "argv", ["recall_renamed.py", *bad])
-        with pytest.raises(SystemExit):
-            rn.main()
-        captured = capsys.readouterr()
-        assert says in captured.err and "| DLA" not in captured.out
+        refuses(rn, monkeypatch, capsys, bad, says)
