@@ -8,6 +8,10 @@ place, so the task is unchanged), and compares the answers one by one:
 - the keys outside a fixed random half renamed, read apart for the answers whose own key stays and
   those whose own key is renamed: the own key against the other keys in the sequence.
 
+A second table splits the answers (before renaming) by how close the query key's input embedding
+lies to the nearest other key of its sequence (cosine), in quartiles: whether the keys a model
+misses are the ones it has not told apart from their neighbours.
+
     python benchmarks/recall_renamed.py --task bursty --T 2048 --N 32 --decay-init spread \\
         --model "fenwick (K=16)" 1 MODELS/<run>.pt [--model MIXER SEED PATH ...]
 
@@ -48,10 +52,11 @@ def outcomes(model, x: Tensor, y: Tensor) -> Tensor:
     return logits.argmax(-1) == target
 
 
-def compare(model, x: Tensor, y: Tensor, vocab: int, seed: int) -> list[dict]:
+def compare(model, x: Tensor, y: Tensor, vocab: int, seed: int, before: Tensor | None = None) -> list[dict]:
     """The rows of the table for one model: accuracy before and after each renaming, and the share of
     the answers right before that stay right ("kept"; nan where none was right before), over the
-    answers of each row. The last two rows read one renamed copy, split by the query's own key."""
+    answers of each row. The last two rows read one renamed copy, split by the query's own key.
+    ``before``: the model's outcomes on (x, y), where already scored."""
     first, mid, end = token_halves(vocab)
     gen = torch.Generator().manual_seed(seed)
     keys, values = torch.arange(first, mid), torch.arange(mid, end)
@@ -59,7 +64,7 @@ def compare(model, x: Tensor, y: Tensor, vocab: int, seed: int) -> list[dict]:
     half[keys[torch.randperm(len(keys), generator=gen)[:len(keys) // 2]]] = True
     scored, _ = answer_targets(y)
     own_key_stays = half[x[:, :-1][scored]]      # a query's key is the input at its scored position
-    before = outcomes(model, x, y)
+    before = outcomes(model, x, y) if before is None else before
     everyone = torch.ones_like(before)
     after = {name: outcomes(model, *renamed(x, y, renaming(vocab, tokens, gen)))
              for name, tokens in (("values", values), ("keys", keys), ("half", keys[~half[keys]]))}
@@ -71,6 +76,31 @@ def compare(model, x: Tensor, y: Tensor, vocab: int, seed: int) -> list[dict]:
         rows.append(dict(renamed=name, answers=len(b), before=b.float().mean().item(),
                          after=a.float().mean().item(), kept=((b & a).sum() / b.sum()).item()))
     return rows
+
+
+def nearest_key(embedding: Tensor, x: Tensor, y: Tensor, vocab: int) -> Tensor:
+    """Per scored answer, in ``answer_targets``' order: the largest cosine between the input embedding
+    of the query's key and that of any other key in its sequence (values and filler left out)."""
+    first, mid, _ = token_halves(vocab)
+    unit = torch.nn.functional.normalize(embedding.detach().float(), dim=-1)
+    scored, _ = answer_targets(y)
+    rows, positions = scored.nonzero(as_tuple=True)
+    nearest = torch.empty(len(rows))
+    for r in rows.unique().tolist():
+        keys = x[r].unique()
+        keys = keys[(keys >= first) & (keys < mid)]
+        cosine = unit[keys] @ unit[keys].T
+        cosine.fill_diagonal_(-float("inf"))
+        answers = (rows == r).nonzero().flatten()
+        nearest[answers] = cosine.max(1).values[torch.searchsorted(keys, x[r, positions[answers]])]
+    return nearest
+
+
+def by_quartile(values: Tensor, right: Tensor) -> tuple[list[float], list[float]]:
+    """The quartile edges of ``values`` and the share of ``right`` in each quarter, lowest first."""
+    edges = torch.quantile(values, torch.tensor([0.25, 0.5, 0.75]))
+    quarter = torch.bucketize(values, edges)
+    return edges.tolist(), [right[quarter == q].float().mean().item() for q in range(4)]
 
 
 def main():
@@ -93,11 +123,22 @@ def main():
     print(f"{a.task} T={a.T} N={a.N}, {a.size} held-out sequences: accuracy before and after renaming tokens, "
           f"and kept, the share of the answers right before that are right after (renaming seed {a.seed})\n")
     print("| mixer | seed | renamed | answers | accuracy before | after | kept |\n|---|---|---|---|---|---|---|")
+    nearest = []
     for mixer, seed, path in a.model:
-        x, y = held_out(make, int(seed))
-        for r in compare(saved_model(grid, mixer, path), x[:a.size], y[:a.size], grid["vocab"], a.seed):
+        model = saved_model(grid, mixer, path)
+        x, y = (t[:a.size] for t in held_out(make, int(seed)))
+        before = outcomes(model, x, y)
+        for r in compare(model, x, y, grid["vocab"], a.seed, before):
             print(f"| {mixer} | {seed} | {r['renamed']} | {r['answers']} | {r['before']:.3f} | {r['after']:.3f} | "
                   f"{r['kept']:.3f} |", flush=True)
+        edges, accuracy = by_quartile(nearest_key(model.get_input_embeddings().weight, x, y, grid["vocab"]), before)
+        nearest.append((mixer, seed, edges, accuracy))
+    print("\naccuracy by quartile of the cosine between the query key's input embedding and the nearest other "
+          "key's in its sequence (lowest first)\n")
+    print("| mixer | seed | quartile edges | accuracy by quartile |\n|---|---|---|---|")
+    for mixer, seed, edges, accuracy in nearest:
+        print(f"| {mixer} | {seed} | " + " ".join(f"{e:.2f}" for e in edges) + " | "
+              + " ".join(f"{v:.3f}" for v in accuracy) + " |")
 
 
 if __name__ == "__main__":

@@ -82,6 +82,22 @@ def test_outcomes_set_by_the_own_key_or_by_the_place(rn, monkeypatch):
     assert all(0.2 < r["before"] < 0.8 and r["after"] == 0 and r["kept"] == 0 for r in rows)
 
 
+def test_nearest_key_reads_the_other_keys_of_the_sequence_only(rn):
+    """Vocab 16: keys 2..8, values 9..15. Keys 2 and 3 point the same way, key 4 and every value at
+    right angles to them, and key 5 (in the other sequence) the same way as key 4: the nearest other
+    key of 2 is 3 (cosine 1); of 4 it is 2 or 3 (0), not a value nor key 5 of another sequence."""
+    embedding = torch.zeros(16, 2)
+    embedding[[2, 3], 0] = torch.tensor([1.0, 3.0])
+    embedding[[4, 5, *range(9, 16)], 1] = 2.0
+    x = torch.tensor([[2, 9, 3, 10, 4, 11, 0, 2, 9, 4, 11],
+                      [5, 12, 3, 13, 0, 0, 0, 3, 13, 5, 12]])
+    y = torch.full_like(x, -100)
+    y[:, [8, 10]] = x[:, [8, 10]]
+    assert rn.nearest_key(embedding, x, y, 16).tolist() == [1.0, 0.0, 0.0, 0.0]
+    edges, accuracy = rn.by_quartile(torch.arange(8.0), torch.tensor([1, 1, 0, 0, 1, 0, 0, 0]).bool())
+    assert edges == [1.75, 3.5, 5.25] and accuracy == [1.0, 0.0, 0.5, 0.0]
+
+
 def test_the_table_scores_a_saved_run_as_the_run_did(rn, monkeypatch, capsys, tmp_path):
     """A tiny recall run saved with --models: every row's accuracy before is the run's own held-out
     accuracy (same model, held-out set and seed); bad arguments are refused before any scoring."""
@@ -91,7 +107,10 @@ def test_the_table_scores_a_saved_run_as_the_run_did(rn, monkeypatch, capsys, tm
                                       "--size", "256", "--model", "DLA (K=8)", "1", saved])
     rn.main()
     rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| DLA")]
-    assert len(rows) == 4 and rows[0][:5] == ["DLA (K=8)", "1", "values", "1024", f"{record['accuracy']:.3f}"]
+    assert len(rows) == 5 and rows[0][:5] == ["DLA (K=8)", "1", "values", "1024", f"{record['accuracy']:.3f}"]
+    # then the accuracy by quartile of the nearest other key: three edges (cosines), four shares
+    assert rows[4][:2] == ["DLA (K=8)", "1"] and len(rows[4][2].split()) == 3 and len(rows[4][3].split()) == 4
+    assert all(-1 <= float(e) <= 1 for e in rows[4][2].split())
     for bad, says in ((["--model", "DLA", "0", saved], "unknown mixer"),
                       (["--size", "0", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256"),
                       (["--T", "64", "--N", "9", "--model", "DLA (K=8)", "0", saved], "--N 9 does not fit")):
