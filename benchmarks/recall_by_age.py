@@ -26,20 +26,19 @@ import argparse
 import torch
 
 from dla_ops.models import DLAForCausalLM
-from dla_ops.models.demo import EVAL_SIZE, answer_logits, held_out
+from dla_ops.models.demo import EVAL_SIZE, held_out
 from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import answer_targets, recall_distances
 from bursty_schedule import mixer_features
 from recall import FULL, MIXERS, check_saved_models, check_setting, saved_model, task
+from recall_renamed import outcomes
 
 
 def by_age(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> tuple[float, list[tuple[float, int]]]:
     """The model's answer accuracy on (x, y), and per bin of distance back to the queried pair
     ([0, T/8), [T/8, T/4), [T/4, T/2), [T/2, T)) its accuracy and number of answers (nan where none)."""
     T = x.shape[1]
-    with torch.no_grad():
-        logits, target = answer_logits(model, x, y)
-    right = (logits.argmax(-1) == target).float()
+    right = outcomes(model, x, y).float()
     distance = recall_distances(x, y)
     edges = (0, T // 8, T // 4, T // 2, T)
     bins = []

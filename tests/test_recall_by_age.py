@@ -19,7 +19,7 @@ def ra(monkeypatch):
 
 
 def test_each_answer_lands_in_the_bin_of_its_distance(ra, monkeypatch):
-    """Distances on and beside each bin edge (T = 128: edges 16, 32, 64), with logits right exactly in
+    """Distances on and beside each bin edge (T = 128: edges 16, 32, 64), with answers right exactly in
     the second and fourth bins: the bins read 0, 1, 0, 1 with their counts, and the total is the
     share of right answers."""
     T = 128
@@ -27,10 +27,8 @@ def test_each_answer_lands_in_the_bin_of_its_distance(ra, monkeypatch):
     x, y = torch.zeros(1, T, dtype=torch.long), torch.full((1, T), -100)
     y[0, T - len(distance):] = 7                       # ten scored answers at the end
     right = torch.tensor([0, 0, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
-    target = torch.full((len(distance),), 7)
     monkeypatch.setattr(ra, "recall_distances", lambda x, y: distance)
-    monkeypatch.setattr(ra, "answer_logits", lambda model, x, y: (
-        torch.nn.functional.one_hot(torch.where(right, target, 3), 8).float(), target))
+    monkeypatch.setattr(ra, "outcomes", lambda model, x, y: right)
     accuracy, bins = ra.by_age(None, x, y)
     assert bins == [(0.0, 3), (1.0, 2), (0.0, 2), (1.0, 3)]
     assert accuracy == pytest.approx(0.5)
