@@ -209,8 +209,9 @@ def best(records: list[dict], grid: dict, mixers) -> list[dict]:
     """Per (setting, mixer) of the grid, among ``records`` (those of ``of_grid``): the learning rate of
     highest mean accuracy over its seeds (on a tie, the first of the sweep). A row holds the cell's
     task, T, N and mixer, that ``lr``, its seeds' mean ``accuracy``, ``loss`` and ``seconds``,
-    ``by_seed`` ({seed: accuracy}), ``curves`` ({seed: curve}, the runs that have one) and ``runs``
-    (how many of the cell's lrs x seeds are done)."""
+    ``by_seed`` ({seed: accuracy}), ``curves`` ({seed: curve}, the runs that have one), ``by_lr``
+    ({lr: (mean accuracy, seeds done)}, every lr with a run) and ``runs`` (how many of the cell's
+    lrs x seeds are done)."""
     records = of_grid(records, grid, mixers)
     seed_of = lambda r: r.get("seed", LATER_FIELDS["seed"])
     rows = []
@@ -227,6 +228,7 @@ def best(records: list[dict], grid: dict, mixers) -> list[dict]:
                              loss=mean(seeds, "loss"), seconds=mean(seeds, "seconds"),
                              by_seed={seed_of(r): r["accuracy"] for r in seeds},
                              curves={seed_of(r): r["curve"] for r in seeds if "curve" in r},
+                             by_lr={lr: (mean(s, "accuracy"), len(s)) for lr, s in by_lr.items()},
                              runs=f"{len(runs)}/{len(grid['lrs']) * len(grid['seeds'])}"))
     return rows
 
@@ -238,6 +240,12 @@ def run(grid: dict, device: str, mixers=MIXERS, progress: bool = True) -> list[d
 
 FIXED_POLICIES = ("fenwick (K=16)", "blocks (K=16)", FLA[0])
 SOFTMAX_MARGIN = 0.05   # how far above the single state softmax must be for "the gap to softmax" to mean anything
+
+
+def complete(row: dict) -> bool:
+    """Whether all of a table row's lrs x seeds are done (its ``runs``, "done/all")."""
+    done, wanted = row["runs"].split("/")
+    return done == wanted
 
 
 def target(rows: list[dict]) -> str:
@@ -261,7 +269,13 @@ def target(rows: list[dict]) -> str:
         n = len(r["by_seed"])
         return f"{r['accuracy']:.3f} ({n} seed{'s' if n > 1 else ''})"
 
+    compared = [r for r in (dla, single, softmax, *fixed) if r is not None]
+    # a cell's best lr can change until all its lrs x seeds are in, and a lucky lone seed can win it
+    unfinished = [f"{r['mixer']} {r['runs']}" for r in compared if not complete(r)]
+
     def verdict(value: float, need: float) -> str:   # accuracies are counts over the held-out set: ties happen
+        if unfinished:
+            return "undecided"
         return "met" if value >= need - 1e-9 else "not met"
     if fixed:
         top = max(fixed, key=lambda r: r["accuracy"])
@@ -281,19 +295,19 @@ def target(rows: list[dict]) -> str:
         elif softmax is not None:
             lines.append(f"- the gap to softmax is not defined: softmax {said(softmax)} is not above DLA and "
                          f"{100 * SOFTMAX_MARGIN:.0f} points above the single state here")
-    compared = [r for r in (dla, single, softmax, *fixed) if r is not None]
-    if len({len(r["by_seed"]) for r in compared}) > 1:
-        lines.append("- partial: the mixers compared have different numbers of seeds")
+    if unfinished:
+        lines.append(f"- undecided until every run of the cells compared is in; runs done: {', '.join(unfinished)}")
     if missing:
         lines.append(f"- not run here: {', '.join(missing)}")
     return "\n".join(lines) + "\n"
 
 
 def write(rows: list[dict], out: Path, header: str) -> str:
-    lines = [header, "", "| task | T | N | mixer | accuracy | by seed | best lr | runs | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| task | T | N | mixer | accuracy | by seed | best lr | mean by lr (seeds done) | runs "
+                         "| seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['task']} | {r['T']} | {r['N']} | {r['mixer']} | {r['accuracy']:.3f} | "
               f"{', '.join(f'{a:.3f} (seed {s})' for s, a in r['by_seed'].items())} | {r['lr']:g} | "
+              f"{', '.join(f'{lr:g}: {a:.3f} ({n})' for lr, (a, n) in r['by_lr'].items())} | "
               f"{r['runs']} | {r['seconds']:.0f} |" for r in rows]
     text = "\n".join(lines) + "\n"
     verdict = target(rows)
