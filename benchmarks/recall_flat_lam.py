@@ -1,0 +1,108 @@
+"""Does a trained recall model read its states apart? Scores models saved by ``recall.py --models`` on
+their run's held-out set as trained, and again with each token's readout weights lam replaced by their
+mean over the slots, in every layer and in each layer alone. With lam equal across the slots, a
+mixer's output is that weight times the single state's (spec P1: the states sum to the single state),
+whatever its merge policy kept apart; so the drop is what reading the states with different weights
+is worth to the model. A second table gives lam's mean per slot at the scored positions.
+
+    python benchmarks/recall_flat_lam.py --task bursty --T 2048 --N 32 --decay-init spread \\
+        --model "DLA (K=16)" 0 MODELS/<run>.pt [--model MIXER SEED PATH ...]
+
+Slots are the cache's in chronological order for DLA (oldest first) and the levels for fenwick;
+softmax has no lam to flatten (its rows stay as trained)."""
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor
+
+from dla_ops.models import DLAForCausalLM
+from dla_ops.models.demo import EVAL_SIZE, held_out
+from dla_ops.models.layers import DECAY_INITS
+from dla_ops.models.tasks import answer_targets
+from recall import FULL, MIXERS, check_saved_models, check_setting, model_config, saved_model, task
+from recall_renamed import outcomes
+
+
+@contextmanager
+def flat_lam(model: DLAForCausalLM, layers):
+    """Within, the mixers of ``layers`` (indices) read every slot with one weight per token and head:
+    lam's mean over its slots."""
+    mixers = [model.model.layers[i].mixer for i in layers]
+
+    def flattened(features):
+        def wrapped(*args, **kwargs):
+            q, k, v, g, lam, *rest = features(*args, **kwargs)
+            return (q, k, v, g, lam.mean(-1, keepdim=True).expand_as(lam).contiguous(), *rest)
+        return wrapped
+
+    for mixer in mixers:
+        mixer._features = flattened(mixer._features)   # an instance attribute over the class's method
+    try:
+        yield
+    finally:
+        for mixer in mixers:
+            del mixer._features
+
+
+def lam_by_slot(model: DLAForCausalLM, x: Tensor, y: Tensor) -> list[Tensor]:
+    """Per layer, lam's mean over the scored positions ([H, K]): what each head weighs each slot by
+    where an answer is predicted."""
+    scored, _ = answer_targets(y)
+    seen = []
+    hooks = [layer.mixer.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model.model(x, use_cache=False)
+            lams = [layer.mixer._features(h, None)[4] for layer, h in zip(model.model.layers, seen)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [lam[:, :-1][scored].mean(0) for lam in lams]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task", choices=["mqar", "bursty"], default="bursty")
+    p.add_argument("--T", type=int, default=2048)
+    p.add_argument("--N", type=int, default=32)
+    p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2", help="the runs' --decay-init")
+    p.add_argument("--model", nargs=3, action="append", required=True, metavar=("MIXER", "SEED", "PATH"),
+                   help="a saved model (recall.py --models), its mixer as named in the table and its run's seed")
+    p.add_argument("--size", type=int, default=64, help="score the first SIZE of the held-out sequences")
+    a = p.parse_args()
+    if not 1 <= a.size <= EVAL_SIZE:
+        p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
+    check_saved_models(p, a.model)   # all checked before the first model's minutes of scoring
+    grid = dict(FULL, decay_init=a.decay_init)
+    check_setting(p, a.task, a.T, a.N, grid["vocab"])
+    make = task(a.task, a.T, a.N, grid["vocab"])
+    layers = range(model_config(grid, MIXERS["DLA (K=16)"]).num_hidden_layers)   # every mixer's model has these
+    print(f"{a.task} T={a.T} N={a.N}, {a.size} held-out sequences: accuracy as trained and with lam flat "
+          f"(its mean over the slots) in the layers named\n")
+    print("| mixer | seed | as trained | flat in every layer | " + " | ".join(f"layer {i} flat" for i in layers)
+          + " |\n|---|---|---|---|" + "---|" * len(layers))
+    weights = []
+    for mixer, seed, path in a.model:
+        model = saved_model(grid, mixer, path)
+        x, y = (t[:a.size] for t in held_out(make, int(seed)))
+        row = [outcomes(model, x, y).float().mean().item()]
+        for flat in (layers, *([i] for i in layers)):
+            with flat_lam(model, flat):
+                row.append(outcomes(model, x, y).float().mean().item())
+        print(f"| {mixer} | {seed} | " + " | ".join(f"{v:.3f}" for v in row) + " |", flush=True)
+        if MIXERS[mixer].get("merge_policy") != "softmax":
+            weights.append((mixer, seed, lam_by_slot(model, x, y)))
+    print("\nlam's mean per slot at the scored positions (DLA: the cache's slots, oldest first; fenwick: the "
+          "levels)\n\n| mixer | seed | layer | head | lam by slot |\n|---|---|---|---|---|")
+    for mixer, seed, lams in weights:
+        for i, lam in enumerate(lams):
+            for h, row in enumerate(lam.tolist()):
+                print(f"| {mixer} | {seed} | {i} | {h} | " + " ".join(f"{v:.2f}" for v in row) + " |")
+
+
+if __name__ == "__main__":
+    main()
