@@ -8,8 +8,8 @@ is worth to the model. A second table gives lam's mean per slot at the scored po
     python benchmarks/recall_flat_lam.py --task bursty --T 2048 --N 32 --decay-init spread \\
         --model "DLA (K=16)" 0 MODELS/<run>.pt [--model MIXER SEED PATH ...]
 
-Slots are the cache's in chronological order for DLA (oldest first) and the levels for fenwick;
-softmax has no lam to flatten (its rows stay as trained)."""
+Slot 0 is the newest state (DLA's open state; fenwick's group of the token alone) and slot j the j-th
+next older, for every policy (spec: slots); softmax has no lam to flatten (its rows stay as trained)."""
 from __future__ import annotations
 
 import argparse
@@ -96,8 +96,8 @@ def main():
         print(f"| {mixer} | {seed} | " + " | ".join(f"{v:.3f}" for v in row) + " |", flush=True)
         if MIXERS[mixer].get("merge_policy") != "softmax":
             weights.append((mixer, seed, lam_by_slot(model, x, y)))
-    print("\nlam's mean per slot at the scored positions (DLA: the cache's slots, oldest first; fenwick: the "
-          "levels)\n\n| mixer | seed | layer | head | lam by slot |\n|---|---|---|---|---|")
+    print("\nlam's mean per slot at the scored positions (newest state first)\n\n"
+          "| mixer | seed | layer | head | lam by slot |\n|---|---|---|---|---|")
     for mixer, seed, lams in weights:
         for i, lam in enumerate(lams):
             for h, row in enumerate(lam.tolist()):
