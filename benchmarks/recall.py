@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from dla_ops.models import DLAConfig, DLAForCausalLM
-from dla_ops.models.demo import train_recall
+from dla_ops.models.demo import EVAL_SIZE, train_recall
 from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import bursty_mqar, mqar, passkey
 
@@ -109,6 +109,27 @@ def model_config(grid: dict, overrides: dict) -> DLAConfig:
     """The model of the grid's runs with a mixer given by its overrides (a value of ``MIXERS``)."""
     return DLAConfig(vocab_size=grid["vocab"], hidden_size=grid["hidden"], num_hidden_layers=2, num_heads=2,
                      decay_init=grid["decay_init"], **overrides)
+
+
+def analysis_arguments(parser: argparse.ArgumentParser, size: int) -> None:
+    """The arguments of every analysis of saved models (recall_by_age.py, recall_renamed.py,
+    recall_flat_lam.py) but ``--N``, each script's own: the setting's task and T, the runs'
+    ``--decay-init``, the saved models, and how many held-out sequences to score (default ``size``)."""
+    parser.add_argument("--task", choices=["mqar", "bursty"], default="bursty")
+    parser.add_argument("--T", type=int, default=2048)
+    parser.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2", help="the runs' --decay-init")
+    parser.add_argument("--model", nargs=3, action="append", required=True, metavar=("MIXER", "SEED", "PATH"),
+                        help="a saved model (recall.py --models), its mixer as named in the table and its run's seed")
+    parser.add_argument("--size", type=int, default=size, help="score the first SIZE of the held-out sequences")
+
+
+def checked_analysis(parser: argparse.ArgumentParser, args: argparse.Namespace, full: dict) -> dict:
+    """Refuse, before any scoring, a ``--size`` beyond the held-out set and a bad ``--model``; returns
+    the grid of the saved models' runs (the script's ``full`` grid with the runs' decay init)."""
+    if not 1 <= args.size <= EVAL_SIZE:
+        parser.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {args.size}")
+    check_saved_models(parser, args.model)
+    return dict(full, decay_init=args.decay_init)
 
 
 def check_saved_models(parser: argparse.ArgumentParser, models: list[list[str]]) -> None:

@@ -27,10 +27,9 @@ import torch
 
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import EVAL_SIZE, held_out
-from dla_ops.models.layers import DECAY_INITS
 from dla_ops.models.tasks import answer_targets, recall_distances
 from bursty_schedule import mixer_features
-from recall import FULL, MIXERS, check_saved_models, check_setting, saved_model, task
+from recall import FULL, MIXERS, analysis_arguments, check_setting, checked_analysis, saved_model, task
 from recall_renamed import outcomes
 
 
@@ -68,21 +67,13 @@ def heads(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> list[dict]
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=["mqar", "bursty"], default="bursty")
-    p.add_argument("--T", type=int, default=2048)
+    analysis_arguments(p, size=EVAL_SIZE)
     p.add_argument("--N", type=int, nargs="+", default=[32], help="pairs per sequence; several: one table each")
-    p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2", help="the runs' --decay-init")
-    p.add_argument("--model", nargs=3, action="append", required=True, metavar=("MIXER", "SEED", "PATH"),
-                   help="a saved model (recall.py --models), its mixer as named in the table and its run's seed")
-    p.add_argument("--size", type=int, default=EVAL_SIZE, help="score the first SIZE of the held-out sequences")
     p.add_argument("--heads", type=int, metavar="N", help="also each head's decay and readout weights, on N sequences")
     a = p.parse_args()
-    if not 1 <= a.size <= EVAL_SIZE:
-        p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
     if a.heads is not None and not 1 <= a.heads <= EVAL_SIZE:
         p.error(f"--heads must be 1 to {EVAL_SIZE} sequences, got {a.heads}")
-    check_saved_models(p, a.model)   # all checked before the first model's minutes of scoring
-    grid = dict(FULL, decay_init=a.decay_init)
+    grid = checked_analysis(p, a, FULL)   # all checked before the first model's minutes of scoring
     for n in a.N:
         check_setting(p, a.task, a.T, n, grid["vocab"])
     makers = {n: task(a.task, a.T, n, grid["vocab"]) for n in dict.fromkeys(a.N)}

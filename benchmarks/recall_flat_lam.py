@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 from contextlib import contextmanager
 
-import torch
 from torch import Tensor
 
 from dla_ops.models import DLAForCausalLM
-from dla_ops.models.demo import EVAL_SIZE, held_out
-from dla_ops.models.layers import DECAY_INITS
+from dla_ops.models.demo import held_out
 from dla_ops.models.tasks import answer_targets
-from recall import FULL, MIXERS, check_saved_models, check_setting, model_config, saved_model, task
+from bursty_schedule import mixer_features
+from recall import FULL, MIXERS, analysis_arguments, check_setting, checked_analysis, model_config, saved_model, task
 from recall_renamed import outcomes
 
 
@@ -51,33 +50,16 @@ def lam_by_slot(model: DLAForCausalLM, x: Tensor, y: Tensor) -> list[Tensor]:
     """Per layer, lam's mean over the scored positions ([H, K]): what each head weighs each slot by
     where an answer is predicted."""
     scored, _ = answer_targets(y)
-    seen = []
-    hooks = [layer.mixer.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
-             for layer in model.model.layers]
-    try:
-        with torch.no_grad():
-            model.model(x, use_cache=False)
-            lams = [layer.mixer._features(h, None)[4] for layer, h in zip(model.model.layers, seen)]
-    finally:
-        for hook in hooks:
-            hook.remove()
+    lams = [features[4] for features in mixer_features(model, x)]
     return [lam[:, :-1][scored].mean(0) for lam in lams]
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=["mqar", "bursty"], default="bursty")
-    p.add_argument("--T", type=int, default=2048)
+    analysis_arguments(p, size=64)
     p.add_argument("--N", type=int, default=32)
-    p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2", help="the runs' --decay-init")
-    p.add_argument("--model", nargs=3, action="append", required=True, metavar=("MIXER", "SEED", "PATH"),
-                   help="a saved model (recall.py --models), its mixer as named in the table and its run's seed")
-    p.add_argument("--size", type=int, default=64, help="score the first SIZE of the held-out sequences")
     a = p.parse_args()
-    if not 1 <= a.size <= EVAL_SIZE:
-        p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
-    check_saved_models(p, a.model)   # all checked before the first model's minutes of scoring
-    grid = dict(FULL, decay_init=a.decay_init)
+    grid = checked_analysis(p, a, FULL)   # all checked before the first model's minutes of scoring
     check_setting(p, a.task, a.T, a.N, grid["vocab"])
     make = task(a.task, a.T, a.N, grid["vocab"])
     layers = range(model_config(grid, MIXERS["DLA (K=16)"]).num_hidden_layers)   # every mixer's model has these

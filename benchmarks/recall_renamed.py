@@ -25,10 +25,9 @@ import argparse
 import torch
 from torch import Tensor
 
-from dla_ops.models.demo import EVAL_SIZE, answer_logits, held_out
-from dla_ops.models.layers import DECAY_INITS
+from dla_ops.models.demo import answer_logits, held_out
 from dla_ops.models.tasks import answer_targets, token_halves
-from recall import FULL, check_saved_models, check_setting, saved_model, task
+from recall import FULL, analysis_arguments, check_setting, checked_analysis, saved_model, task
 
 
 def renaming(vocab: int, tokens: Tensor, gen: torch.Generator) -> Tensor:
@@ -105,19 +104,11 @@ def by_quartile(values: Tensor, right: Tensor) -> tuple[list[float], list[float]
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--task", choices=["mqar", "bursty"], default="bursty")
-    p.add_argument("--T", type=int, default=2048)
+    analysis_arguments(p, size=64)
     p.add_argument("--N", type=int, default=32)
-    p.add_argument("--decay-init", choices=DECAY_INITS, default="mamba2", help="the runs' --decay-init")
-    p.add_argument("--model", nargs=3, action="append", required=True, metavar=("MIXER", "SEED", "PATH"),
-                   help="a saved model (recall.py --models), its mixer as named in the table and its run's seed")
-    p.add_argument("--size", type=int, default=64, help="score the first SIZE of the held-out sequences")
     p.add_argument("--seed", type=int, default=0, help="the seed of the renamings")
     a = p.parse_args()
-    if not 1 <= a.size <= EVAL_SIZE:
-        p.error(f"--size must be 1 to {EVAL_SIZE} (the held-out set's size), got {a.size}")
-    check_saved_models(p, a.model)   # all checked before the first model's minutes of scoring
-    grid = dict(FULL, decay_init=a.decay_init)
+    grid = checked_analysis(p, a, FULL)   # all checked before the first model's minutes of scoring
     check_setting(p, a.task, a.T, a.N, grid["vocab"])
     make = task(a.task, a.T, a.N, grid["vocab"])
     print(f"{a.task} T={a.T} N={a.N}, {a.size} held-out sequences: accuracy before and after renaming tokens, "
