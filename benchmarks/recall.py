@@ -133,9 +133,9 @@ def checked_analysis(parser: argparse.ArgumentParser, args: argparse.Namespace, 
 
 
 def check_saved_models(parser: argparse.ArgumentParser, models: list[list[str]]) -> None:
-    """Refuse, before any scoring, a ``--model MIXER SEED PATH`` of an analysis script (recall_by_age.py,
-    recall_renamed.py) whose mixer is not the table's, whose seed is not a whole number or whose file
-    is missing."""
+    """Refuse, before any scoring, a ``--model MIXER SEED PATH`` of an analysis script (through
+    ``checked_analysis``) whose mixer is not the table's, whose seed is not a whole number or whose
+    file is missing."""
     for mixer, seed, path in models:
         if mixer not in MIXERS:
             parser.error(f"unknown mixer {mixer!r}; the table's are {sorted(MIXERS)}")

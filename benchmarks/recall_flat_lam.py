@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 from contextlib import contextmanager
 
+import torch
 from torch import Tensor
 
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import held_out
 from dla_ops.models.tasks import answer_targets
-from bursty_schedule import mixer_features
+from dla_ops.policies import starts_for
+from bursty_schedule import mixer_features, schedules
 from recall import FULL, MIXERS, analysis_arguments, check_setting, checked_analysis, model_config, saved_model, task
 from recall_renamed import outcomes
 
@@ -46,12 +48,35 @@ def flat_lam(model: DLAForCausalLM, layers):
             del mixer._features
 
 
-def lam_by_slot(model: DLAForCausalLM, x: Tensor, y: Tensor) -> list[Tensor]:
-    """Per layer, lam's mean over the scored positions ([H, K]): what each head weighs each slot by
-    where an answer is predicted."""
+def states_held(model: DLAForCausalLM, x: Tensor) -> list[Tensor]:
+    """Per layer, how many states each head holds at each token's readout ([B, T, H]): slots 0 to
+    that number - 1 hold a state, the others contribute nothing (spec). DLA: the open state plus each
+    close less each merge of its schedule (a raw boundary at t = 0 closes nothing); a fixed policy:
+    its groups alive at t."""
+    config = model.config
+    B, T = x.shape
+    if config.merge_policy == "dla":
+        held = []
+        for schedule, _ in schedules(model, x):
+            closes = schedule.boundary.clone() if config.capacity > 1 else torch.zeros_like(schedule.boundary)
+            closes[:, 0] = False
+            held.append(1 + (closes.long() - (schedule.merge >= 0).long()).cumsum(1))
+        return held
+    starts = starts_for(config.merge_policy, T, config.capacity, config.policy_block)
+    alive = (starts >= 0).sum(-1)                                                  # [T]
+    return [alive[None, :, None].expand(B, T, config.num_heads) for _ in model.model.layers]
+
+
+def lam_by_slot(model: DLAForCausalLM, x: Tensor, y: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, at the scored positions: lam's mean per head and slot over the positions where that
+    slot holds a state ([H, K], nan where it never does), and the mean number of states held ([H])."""
     scored, _ = answer_targets(y)
-    lams = [features[4] for features in mixer_features(model, x)]
-    return [lam[:, :-1][scored].mean(0) for lam in lams]
+    out = []
+    for features, held in zip(mixer_features(model, x), states_held(model, x)):
+        lam, held = features[4][:, :-1][scored], held[:, :-1][scored]              # [n, H, K], [n, H]
+        occupied = torch.arange(lam.shape[-1]) < held[..., None]
+        out.append(((lam * occupied).sum(0) / occupied.sum(0), held.float().mean(0)))
+    return out
 
 
 def main():
@@ -78,12 +103,14 @@ def main():
         print(f"| {mixer} | {seed} | " + " | ".join(f"{v:.3f}" for v in row) + " |", flush=True)
         if MIXERS[mixer].get("merge_policy") != "softmax":
             weights.append((mixer, seed, lam_by_slot(model, x, y)))
-    print("\nlam's mean per slot at the scored positions (newest state first)\n\n"
-          "| mixer | seed | layer | head | lam by slot |\n|---|---|---|---|---|")
-    for mixer, seed, lams in weights:
-        for i, lam in enumerate(lams):
+    print("\nlam's mean per slot at the scored positions where the slot holds a state (newest state first; "
+          "-: never), and the states held there on average\n\n"
+          "| mixer | seed | layer | head | states held | lam by slot |\n|---|---|---|---|---|---|")
+    for mixer, seed, layers in weights:
+        for i, (lam, held) in enumerate(layers):
             for h, row in enumerate(lam.tolist()):
-                print(f"| {mixer} | {seed} | {i} | {h} | " + " ".join(f"{v:.2f}" for v in row) + " |")
+                print(f"| {mixer} | {seed} | {i} | {h} | {held[h]:.1f} | "
+                      + " ".join("-" if v != v else f"{v:.2f}" for v in row) + " |")
 
 
 if __name__ == "__main__":

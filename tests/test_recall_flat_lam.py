@@ -55,17 +55,46 @@ def test_flat_lam_reads_the_single_state_whatever_the_policy(fl):
     assert torch.equal(logits(dla, x) - logits(fenwick, x), apart)
 
 
-def test_lam_by_slot_keeps_the_heads_and_slots_apart(fl):
-    """With a zero lam projection, lam is softplus of its bias at every position: the per-layer mean
-    is that bias laid out as [heads, slots]."""
-    dla, _, x = tiny_models(fl)
+def test_states_held_follow_the_schedule_and_the_fixed_groups(fl):
+    """DLA: the states held at each readout are those of the spec's step 2 replayed from the schedule
+    (bursty_schedule.replay_groups, which checks the merges too); fenwick: 1 + popcount(t) groups."""
+    import bursty_schedule
+    dla, fenwick, x = tiny_models(fl)
+    for layer, ((schedule, _), held) in enumerate(zip(bursty_schedule.schedules(dla, x), fl.states_held(dla, x))):
+        assert held.shape == (2, 128, 2)
+        for b in range(2):
+            for h in range(2):
+                boundary, merge = schedule.boundary[b, :, h].tolist(), schedule.merge[b, :, h].tolist()
+                want = [len(bursty_schedule.replay_groups(boundary, merge, 8, t + 1)) for t in range(128)]
+                assert held[b, :, h].tolist() == want
+        assert held.max() == 8 and held.min() == 1   # the cache fills, so the merges are exercised
+    popcount = torch.tensor([1 + bin(t).count("1") for t in range(128)])
+    assert all(torch.equal(held, popcount[None, :, None].expand(2, 128, 2)) for held in fl.states_held(fenwick, x))
+
+
+def test_lam_by_slot_averages_where_a_slot_holds_a_state(fl):
+    """lam's mean per head and slot over the scored positions at which that slot holds a state, by hand
+    from the features and the states held; nan for a slot that never does."""
+    import bursty_schedule
+    dla, fenwick, x = tiny_models(fl)
     y = fl.task("bursty", 128, 4, 24)(2, torch.Generator().manual_seed(0))[1]
-    for layer in dla.model.layers:
-        torch.nn.init.zeros_(layer.mixer.lam_proj.weight)
-    by_slot = fl.lam_by_slot(dla, x, y)
-    for layer, lam in zip(dla.model.layers, by_slot):
-        assert lam.shape == (2, 8)
-        torch.testing.assert_close(lam, F.softplus(layer.mixer.lam_proj.bias.detach()).view(2, 8))
+    for model in (dla, fenwick):
+        scored, _ = fl.answer_targets(y)
+        features = bursty_schedule.mixer_features(model, x)
+        for layer, ((lam, held), held_all) in enumerate(zip(fl.lam_by_slot(model, x, y), fl.states_held(model, x))):
+            want = torch.full((2, 8), float("nan"))
+            counts = held_all[:, :-1][scored]                                      # [n, H]
+            every = features[layer][4][:, :-1][scored]                             # [n, H, K]
+            for h in range(2):
+                for j in range(8):
+                    rows = counts[:, h] > j
+                    if rows.any():
+                        want[h, j] = every[rows, h, j].mean()
+            torch.testing.assert_close(lam, want, equal_nan=True)
+            torch.testing.assert_close(held, counts.float().mean(0))
+    # at T=128 fenwick holds at most 1 + popcount(t) <= 8 groups, and slot 7 only at t = 127, which
+    # predicts nothing: never held at a scored position
+    assert fl.lam_by_slot(fenwick, x, y)[0][0][:, 7].isnan().all()
 
 
 def test_the_table_scores_a_saved_run_as_the_run_did(fl, monkeypatch, capsys, tmp_path):
@@ -79,9 +108,9 @@ def test_the_table_scores_a_saved_run_as_the_run_did(fl, monkeypatch, capsys, tm
     rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| DLA")]
     assert rows[0][:3] == ["DLA (K=8)", "1", f"{record['accuracy']:.3f}"] and len(rows[0]) == 6
     assert all(0 <= float(v) <= 1 for v in rows[0][2:])
-    # then lam by slot: a row per layer and head, eight slots each
+    # then lam by slot: a row per layer and head, the states held there and eight slots each
     assert [r[2:4] for r in rows[1:]] == [["0", "0"], ["0", "1"], ["1", "0"], ["1", "1"]]
-    assert all(len(r[4].split()) == 8 for r in rows[1:])
+    assert all(1 <= float(r[4]) <= 8 and len(r[5].split()) == 8 for r in rows[1:])
     for bad, says in ((["--model", "DLA", "0", saved], "unknown mixer"),
                       (["--size", "0", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256")):
         refuses(fl, monkeypatch, capsys, bad, says)
