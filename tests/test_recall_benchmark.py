@@ -275,9 +275,9 @@ def test_the_target_is_checked_on_the_longest_bursty_setting():
     names = {"dla": "DLA (K=16)", "single": "single state (K=1)", "fenwick": "fenwick (K=16)",
              "blocks": "blocks (K=16)", "fla": recall.FLA[0], "softmax": "softmax"}
 
-    def rows(T, seeds=1, runs=None, **accuracy):
+    def rows(T, seeds=1, runs=None, bounds=None, **accuracy):
         return [dict(task="bursty", T=T, mixer=names[m], accuracy=a, by_seed=dict.fromkeys(range(seeds), a),
-                     runs=runs or f"{seeds}/{seeds}") for m, a in accuracy.items()]
+                     runs=runs or f"{seeds}/{seeds}", bounds=bounds or (a, a)) for m, a in accuracy.items()]
 
     # the shorter setting, where DLA would meet every part, is not the one checked
     text = recall.target(rows(1024, dla=1.0, single=0.0, fenwick=0.0, blocks=0.0, softmax=1.0)
@@ -297,13 +297,24 @@ def test_the_target_is_checked_on_the_longest_bursty_setting():
     assert "fla log-linear (K=16) 0.500" in recall.target(rows(2048, dla=0.6, fla=0.5, fenwick=0.1))
     # softmax a hair above chance bounds nothing, even with DLA at or below it
     assert "not defined" in recall.target(rows(2048, dla=0.0002, single=0.0001, softmax=0.0003))
-    # until every run of the cells compared is in, a lead is shown but judged neither way: one lucky
-    # seed of an lr can win a cell, and a fixed policy's lr not yet run can overtake DLA
-    text = recall.target(rows(2048, dla=0.7, runs="4/6") + rows(2048, seeds=3, runs="3/6", fenwick=0.3, single=0.1)
+    # while runs are missing, a lead is shown but judged only where the missing runs, whatever they
+    # score (each cell's bounds), cannot change the verdict: one lucky seed of an lr can win a cell, and
+    # a fixed policy's lr not yet run can overtake DLA
+    text = recall.target(rows(2048, dla=0.7, runs="4/6", bounds=(0.35, 0.9))
+                         + rows(2048, seeds=3, runs="3/6", fenwick=0.3, bounds=(0.15, 0.65))
+                         + rows(2048, seeds=3, runs="3/6", single=0.1, bounds=(0.05, 0.55))
                          + rows(2048, seeds=3, blocks=0.0, softmax=1.0, runs="6/6"))
     assert "+40.0 points (target +10: undecided)" in text and "+60.0 points (target +20: undecided)" in text
     assert "DLA closes 67% (target 50%: undecided)" in text and " met" not in text
-    assert "runs done: DLA (K=16) 4/6, single state (K=1) 3/6, fenwick (K=16) 3/6\n" in text
+    assert "runs done: DLA (K=16) 4/6, single state (K=1) 3/6, fenwick (K=16) 3/6;" in text
+    # decided although runs are missing: DLA cannot reach a complete fenwick + 10, nor fail to stay 20
+    # above the single state, whose best end is 0.3; softmax's missing lr cannot lower its 1.0
+    text = recall.target(rows(2048, dla=0.6, runs="4/6", bounds=(0.55, 0.65)) + rows(2048, fenwick=0.9)
+                         + rows(2048, single=0.2, runs="3/6", bounds=(0.1, 0.3))
+                         + rows(2048, softmax=1.0, runs="3/6", bounds=(1.0, 1.0)))
+    assert "-30.0 points (target +10: not met)" in text and "+40.0 points (target +20: met)" in text
+    # the gap: 50% at the means, 36% at DLA's worst end (0.55 - 0.3) / (1 - 0.3): undecided
+    assert "DLA closes 50% (target 50%: undecided)" in text
     assert "no run" in recall.target(rows(2048, single=0.2)) and recall.target(
         [dict(task="mqar", T=256, mixer="softmax", accuracy=1.0, by_seed={0: 1.0})]) == ""
 
@@ -314,3 +325,19 @@ def test_a_tie_between_lrs_goes_to_the_first_of_the_sweep_whatever_the_records_o
     records = [dict(task="mqar", T=32, N=4, mixer="softmax", lr=lr, seed=0, accuracy=0.5, loss=1.0, seconds=1.0,
                     **recall.budget(grid)) for lr in (0.03, 0.01)]
     assert [r["lr"] for r in recall.best(records, grid, {"softmax": {}})] == [0.01]
+
+
+def test_a_cells_bounds_are_its_best_lr_with_the_missing_runs_at_zero_and_at_one():
+    """lr 0.01 has seeds 0 and 1 (0.4, 0.6) and lr 0.03 seed 0 (0.9) of three: the cell reads 0.9 (lr
+    0.03's mean so far) but can end anywhere from max(1.0 / 3, 0.9 / 3) to max(2.0 / 3, 2.9 / 3)."""
+    recall = load_benchmark("recall")
+    grid = dict(recall.TINY, settings=[("mqar", 32, 4)], lrs=(0.01, 0.03), seeds=(0, 1, 2))
+    done = {(0.01, 0): 0.4, (0.01, 1): 0.6, (0.03, 0): 0.9}
+    records = [dict(task="mqar", T=32, N=4, mixer="softmax", lr=lr, seed=seed, accuracy=a, loss=1.0, seconds=1.0,
+                    **recall.budget(grid)) for (lr, seed), a in done.items()]
+    [row] = recall.best(records, grid, {"softmax": {}})
+    assert row["accuracy"] == 0.9 and row["runs"] == "3/6"
+    assert row["bounds"] == pytest.approx((1.0 / 3, 2.9 / 3))
+    records += [dict(records[0], seed=2, accuracy=0.5)] + [dict(records[2], seed=s, accuracy=0.0) for s in (1, 2)]
+    [row] = recall.best(records, grid, {"softmax": {}})
+    assert row["bounds"] == pytest.approx((0.5, 0.5)) and row["accuracy"] == pytest.approx(0.5)
