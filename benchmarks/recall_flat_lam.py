@@ -3,7 +3,10 @@ their run's held-out set as trained, and again with each token's readout weights
 mean over the slots, in every layer and in each layer alone. With lam equal across the slots, a
 mixer's output is that weight times the single state's (spec P1: the states sum to the single state),
 whatever its merge policy kept apart; so the drop is what reading the states with different weights
-is worth to the model. A second table gives lam's mean per slot at the scored positions.
+is worth to the model. A second table gives lam's mean per slot at the scored positions. A third
+puts, at the scored positions, all of one head's lam on the state that holds the queried pair's value
+token (the write that carries the association), and as a control on another pair's: what the states a
+policy keeps apart would give a readout that could pick the right one (the other heads as trained).
 
     python benchmarks/recall_flat_lam.py --task bursty --T 2048 --N 32 --decay-init spread \\
         --model "DLA (K=16)" 0 MODELS/<run>.pt [--model MIXER SEED PATH ...]
@@ -20,7 +23,7 @@ from torch import Tensor
 
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import held_out
-from dla_ops.models.tasks import answer_targets
+from dla_ops.models.tasks import answer_targets, recall_distances
 from dla_ops.policies import starts_for
 from bursty_schedule import mixer_features, schedules
 from recall import FULL, MIXERS, analysis_arguments, check_setting, checked_analysis, model_config, saved_model, task
@@ -46,6 +49,76 @@ def flat_lam(model: DLAForCausalLM, layers):
     finally:
         for mixer in mixers:
             del mixer._features
+
+
+@contextmanager
+def one_slot(model: DLAForCausalLM, layer: int, head: int, b: Tensor, t: Tensor, slot: Tensor):
+    """Within, at the positions (b[i], t[i]), head ``head`` of ``layer`` reads only slot ``slot[i]``, with
+    the whole of its lam's weight there; the other positions and heads keep their lam."""
+    mixer = model.model.layers[layer].mixer
+    features = mixer._features
+
+    def wrapped(*args, **kwargs):
+        q, k, v, g, lam, *rest = features(*args, **kwargs)
+        lam = lam.clone()
+        picked = lam[b, t, head]                                                    # [n, K]
+        lam[b, t, head] = torch.zeros_like(picked).scatter_(-1, slot[:, None], picked.sum(-1, keepdim=True))
+        return (q, k, v, g, lam, *rest)
+
+    mixer._features = wrapped
+    try:
+        yield
+    finally:
+        del mixer._features
+
+
+def token_slots(model: DLAForCausalLM, x: Tensor, b: Tensor, t: Tensor, s: Tensor) -> list[Tensor]:
+    """Per layer ([n, H]): the slot holding token s[i] at the readout of token t[i] of sequence b[i]
+    (s <= t). DLA: its schedule replayed (states are runs of tokens; a merge joins neighbours); a
+    fixed policy: the number of its groups alive at t that start after s."""
+    config = model.config
+    if config.merge_policy != "dla":
+        starts = starts_for(config.merge_policy, x.shape[1], config.capacity, config.policy_block)
+        slot = (starts[t] > s[:, None]).sum(-1)
+        return [slot[:, None].expand(-1, config.num_heads) for _ in model.model.layers]
+    out = []
+    for schedule, _ in schedules(model, x):
+        slots = torch.zeros(len(t), config.num_heads, dtype=torch.long)
+        for seq in b.unique().tolist():
+            rows = (b == seq).nonzero().flatten().tolist()
+            asked = {}
+            for r in rows:
+                asked.setdefault(int(t[r]), []).append(r)
+            for h in range(config.num_heads):
+                boundary, merge = schedule.boundary[seq, :, h].tolist(), schedule.merge[seq, :, h].tolist()
+                closed, open_start = [], 0   # the closed states' first tokens, oldest first
+                for now in range(max(asked) + 1):
+                    if boundary[now] and now > open_start and config.capacity > 1:
+                        closed.append(open_start)
+                        open_start = now
+                    if merge[now] >= 0:
+                        del closed[merge[now] + 1]
+                    for r in asked.get(now, []):
+                        first = int(s[r])
+                        # slot 0 the open state; the closed state holding s has one slot per more recent one
+                        slots[r, h] = 0 if first >= open_start else 1 + sum(a > first for a in closed)
+        out.append(slots)
+    return out
+
+
+def pair_and_decoy(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For every scored answer (``answer_targets``' order): its sequence b, its position t, the position
+    of its pair's value token, and a control: the value token of a pair far from it, half-way round (by
+    position, cyclically) the pairs queried in the same sequence, so seldom in its burst."""
+    scored, _ = answer_targets(y)
+    b, t = scored.nonzero(as_tuple=True)
+    value = t - recall_distances(x, y) + 1
+    decoy = value.clone()
+    for seq in b.unique():
+        rows = b == seq
+        pairs = value[rows].unique()   # sorted
+        decoy[rows] = pairs[(torch.searchsorted(pairs, value[rows]) + max(1, len(pairs) // 2)) % len(pairs)]
+    return b, t, value, decoy
 
 
 def states_held(model: DLAForCausalLM, x: Tensor) -> list[Tensor]:
@@ -92,7 +165,7 @@ def main():
           f"(its mean over the slots) in the layers named\n")
     print("| mixer | seed | as trained | flat in every layer | " + " | ".join(f"layer {i} flat" for i in layers)
           + " |\n|---|---|---|---|" + "---|" * len(layers))
-    weights = []
+    weights, picked = [], []
     for mixer, seed, path in a.model:
         model = saved_model(grid, mixer, path)
         x, y = (t[:a.size] for t in held_out(make, int(seed)))
@@ -103,14 +176,28 @@ def main():
         print(f"| {mixer} | {seed} | " + " | ".join(f"{v:.3f}" for v in row) + " |", flush=True)
         if MIXERS[mixer].get("merge_policy") != "softmax":
             weights.append((mixer, seed, lam_by_slot(model, x, y)))
+            b, t, value, decoy = pair_and_decoy(x, y)
+            slots = {which: token_slots(model, x, b, t, s) for which, s in (("pair", value), ("decoy", decoy))}
+            for i in layers:
+                for h in range(model.config.num_heads):
+                    row = []
+                    for which in ("pair", "decoy"):
+                        with one_slot(model, i, h, b, t, slots[which][i][:, h]):
+                            row.append(outcomes(model, x, y).float().mean().item())
+                    picked.append((mixer, seed, i, h, *row))
     print("\nlam's mean per slot at the scored positions where the slot holds a state (newest state first; "
           "-: never), and the states held there on average\n\n"
           "| mixer | seed | layer | head | states held | lam by slot |\n|---|---|---|---|---|---|")
-    for mixer, seed, layers in weights:
-        for i, (lam, held) in enumerate(layers):
+    for mixer, seed, per_layer in weights:
+        for i, (lam, held) in enumerate(per_layer):
             for h, row in enumerate(lam.tolist()):
                 print(f"| {mixer} | {seed} | {i} | {h} | {held[h]:.1f} | "
                       + " ".join("-" if v != v else f"{v:.2f}" for v in row) + " |")
+    print("\naccuracy with one head's lam, at the scored positions, all on the state holding the queried pair's "
+          "value token, or on another queried pair's (the other heads as trained)\n\n"
+          "| mixer | seed | layer | head | the pair's state | another pair's state |\n|---|---|---|---|---|---|")
+    for mixer, seed, i, h, pair, decoy in picked:
+        print(f"| {mixer} | {seed} | {i} | {h} | {pair:.3f} | {decoy:.3f} |")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,55 @@ def test_lam_by_slot_averages_where_a_slot_holds_a_state(fl):
     assert fl.lam_by_slot(fenwick, x, y)[0][0][:, 7].isnan().all()
 
 
+def test_token_slots_follow_the_schedule_and_the_fixed_groups(fl):
+    """The slot of token s at token t's readout: DLA's from the spec's step 2 replayed
+    (bursty_schedule.replay_groups: closed states oldest first, then the open one), fenwick's from its
+    groups alive at t."""
+    import bursty_schedule
+    dla, fenwick, x = tiny_models(fl)
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randint(2, (40,), generator=gen)
+    t = torch.randint(1, 128, (40,), generator=gen)
+    s = (torch.rand(40, generator=gen) * (t + 1)).long()
+    for layer, ((schedule, _), slots) in enumerate(zip(bursty_schedule.schedules(dla, x),
+                                                       fl.token_slots(dla, x, b, t, s))):
+        for r in range(40):
+            for h in range(2):
+                groups = bursty_schedule.replay_groups(schedule.boundary[b[r], :, h].tolist(),
+                                                       schedule.merge[b[r], :, h].tolist(), 8, int(t[r]) + 1)
+                held = next(j for j, g in enumerate(groups) if int(s[r]) in g)
+                assert slots[r, h] == len(groups) - 1 - held
+        assert slots.max() > 1   # older closed states are reached, not only the open one
+    starts = fl.starts_for("fenwick", 128, 8)
+    for slots in fl.token_slots(fenwick, x, b, t, s):
+        assert slots.tolist() == [[int((starts[t[r]] > s[r]).sum())] * 2 for r in range(40)]
+
+
+def test_one_slot_puts_one_heads_weight_on_one_slot_at_the_positions_named(fl):
+    dla, _, x = tiny_models(fl)
+    mixer = dla.model.layers[1].mixer
+    h = torch.randn(2, 128, 32, generator=torch.Generator().manual_seed(0))
+    before = mixer._features(h, None)[4]
+    b, t, slot = torch.tensor([0, 1, 1]), torch.tensor([5, 7, 100]), torch.tensor([2, 0, 7])
+    with fl.one_slot(dla, 1, 1, b, t, slot):
+        after = mixer._features(h, None)[4]
+    want = before.clone()
+    want[b, t, 1] = 0.0
+    want[b, t, 1, slot] = before[b, t, 1].sum(-1)
+    torch.testing.assert_close(after, want)
+    assert "_features" not in vars(mixer)
+
+
+def test_the_control_is_another_pair_of_the_same_sequence(fl):
+    """pair_and_decoy: the value token follows the pair's key (the query's key at t), and the control is
+    the value token of another queried pair of the sequence."""
+    x, y = fl.task("bursty", 128, 4, 24)(3, torch.Generator().manual_seed(5))
+    b, t, value, decoy = fl.pair_and_decoy(x, y)
+    assert torch.equal(x[b, value - 1], x[b, t]) and (decoy != value).all()
+    for r in range(len(b)):
+        assert decoy[r] in value[b == b[r]]
+
+
 def test_the_table_scores_a_saved_run_as_the_run_did(fl, monkeypatch, capsys, tmp_path):
     """A tiny recall run saved with --models: the as-trained column is the run's own held-out accuracy,
     every column is an accuracy, and bad arguments are refused before any scoring."""
@@ -109,8 +158,11 @@ def test_the_table_scores_a_saved_run_as_the_run_did(fl, monkeypatch, capsys, tm
     assert rows[0][:3] == ["DLA (K=8)", "1", f"{record['accuracy']:.3f}"] and len(rows[0]) == 6
     assert all(0 <= float(v) <= 1 for v in rows[0][2:])
     # then lam by slot: a row per layer and head, the states held there and eight slots each
-    assert [r[2:4] for r in rows[1:]] == [["0", "0"], ["0", "1"], ["1", "0"], ["1", "1"]]
-    assert all(1 <= float(r[4]) <= 8 and len(r[5].split()) == 8 for r in rows[1:])
+    assert [r[2:4] for r in rows[1:5]] == [["0", "0"], ["0", "1"], ["1", "0"], ["1", "1"]]
+    assert all(1 <= float(r[4]) <= 8 and len(r[5].split()) == 8 for r in rows[1:5])
+    # then one head on the pair's state, or another pair's: a row per layer and head, two accuracies
+    assert [r[2:4] for r in rows[5:]] == [["0", "0"], ["0", "1"], ["1", "0"], ["1", "1"]]
+    assert all(0 <= float(v) <= 1 for r in rows[5:] for v in r[4:6])
     for bad, says in ((["--model", "DLA", "0", saved], "unknown mixer"),
                       (["--size", "0", "--model", "DLA (K=8)", "0", saved], "--size must be 1 to 256")):
         refuses(fl, monkeypatch, capsys, bad, says)
