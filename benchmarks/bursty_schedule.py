@@ -53,11 +53,12 @@ def schedules(model: DLAForCausalLM, x: Tensor) -> list:
     return out
 
 
-def replay_groups(boundary: list, merge: list, K: int, until: int) -> list[list[int]]:
-    """The tokens each state holds before token ``until`` is read, oldest closed state first and the
-    open state last: the spec's step 2 replayed from one sequence's schedule of one head (boundary:
-    the raw decision, which closes nothing while the open state is empty or K == 1; merge: the index
-    of the closed pair merged at t, or -1)."""
+def replay(boundary: list, merge: list, K: int, until: int):
+    """The spec's step 2 replayed from one sequence's schedule of one head (boundary: the raw decision,
+    which closes nothing while the open state is empty or K == 1; merge: the index of the closed pair
+    merged at t, or -1): after each token t < ``until`` is written, yields t and the tokens each state
+    holds, oldest closed state first and the open state last (the lists are the replay's own: read
+    them before the next step)."""
     closed, open_ = [], []
     for t in range(until):
         closes = bool(boundary[t]) and bool(open_) and K > 1
@@ -71,7 +72,15 @@ def replay_groups(boundary: list, merge: list, K: int, until: int) -> list[list[
             i = merge[t]
             closed[i:i + 2] = [closed[i] + closed[i + 1]]
         open_.append(t)
-    return closed + [open_]
+        yield t, closed + [open_]
+
+
+def replay_groups(boundary: list, merge: list, K: int, until: int) -> list[list[int]]:
+    """The tokens each state holds before token ``until`` is read (``replay``'s last step)."""
+    groups = [[]]   # no token yet: the open state, empty
+    for _, groups in replay(boundary, merge, K, until):
+        pass
+    return groups
 
 
 def burst_ids(x: Tensor, body: int) -> Tensor:

@@ -25,25 +25,25 @@ from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import held_out
 from dla_ops.models.tasks import answer_targets, recall_distances
 from dla_ops.policies import starts_for
-from bursty_schedule import mixer_features, schedules
+from bursty_schedule import mixer_features, replay, schedules
 from recall import FULL, MIXERS, analysis_arguments, check_setting, checked_analysis, model_config, saved_model, task
 from recall_renamed import outcomes
 
 
 @contextmanager
-def flat_lam(model: DLAForCausalLM, layers):
-    """Within, the mixers of ``layers`` (indices) read every slot with one weight per token and head:
-    lam's mean over its slots."""
+def lam_changed(model: DLAForCausalLM, layers, change):
+    """Within, the mixers of ``layers`` (indices) read with ``change(lam)`` ([B, T, H, K], a new tensor)
+    in place of the readout weights their features give."""
     mixers = [model.model.layers[i].mixer for i in layers]
 
-    def flattened(features):
+    def changed(features):
         def wrapped(*args, **kwargs):
             q, k, v, g, lam, *rest = features(*args, **kwargs)
-            return (q, k, v, g, lam.mean(-1, keepdim=True).expand_as(lam).contiguous(), *rest)
+            return (q, k, v, g, change(lam), *rest)
         return wrapped
 
     for mixer in mixers:
-        mixer._features = flattened(mixer._features)   # an instance attribute over the class's method
+        mixer._features = changed(mixer._features)   # an instance attribute over the class's method
     try:
         yield
     finally:
@@ -51,31 +51,27 @@ def flat_lam(model: DLAForCausalLM, layers):
             del mixer._features
 
 
-@contextmanager
+def flat_lam(model: DLAForCausalLM, layers):
+    """Within, the mixers of ``layers`` (indices) read every slot with one weight per token and head:
+    lam's mean over its slots."""
+    return lam_changed(model, layers, lambda lam: lam.mean(-1, keepdim=True).expand_as(lam).contiguous())
+
+
 def one_slot(model: DLAForCausalLM, layer: int, head: int, b: Tensor, t: Tensor, slot: Tensor):
     """Within, at the positions (b[i], t[i]), head ``head`` of ``layer`` reads only slot ``slot[i]``, with
     the whole of its lam's weight there; the other positions and heads keep their lam."""
-    mixer = model.model.layers[layer].mixer
-    features = mixer._features
-
-    def wrapped(*args, **kwargs):
-        q, k, v, g, lam, *rest = features(*args, **kwargs)
+    def on_one_slot(lam: Tensor) -> Tensor:
         lam = lam.clone()
         picked = lam[b, t, head]                                                    # [n, K]
         lam[b, t, head] = torch.zeros_like(picked).scatter_(-1, slot[:, None], picked.sum(-1, keepdim=True))
-        return (q, k, v, g, lam, *rest)
-
-    mixer._features = wrapped
-    try:
-        yield
-    finally:
-        del mixer._features
+        return lam
+    return lam_changed(model, [layer], on_one_slot)
 
 
 def token_slots(model: DLAForCausalLM, x: Tensor, b: Tensor, t: Tensor, s: Tensor) -> list[Tensor]:
     """Per layer ([n, H]): the slot holding token s[i] at the readout of token t[i] of sequence b[i]
-    (s <= t). DLA: its schedule replayed (states are runs of tokens; a merge joins neighbours); a
-    fixed policy: the number of its groups alive at t that start after s."""
+    (s <= t). DLA: its schedule replayed (``bursty_schedule.replay``); a fixed policy: the number of
+    its groups alive at t that start after s."""
     config = model.config
     if config.merge_policy != "dla":
         starts = starts_for(config.merge_policy, x.shape[1], config.capacity, config.policy_block)
@@ -85,23 +81,15 @@ def token_slots(model: DLAForCausalLM, x: Tensor, b: Tensor, t: Tensor, s: Tenso
     for schedule, _ in schedules(model, x):
         slots = torch.zeros(len(t), config.num_heads, dtype=torch.long)
         for seq in b.unique().tolist():
-            rows = (b == seq).nonzero().flatten().tolist()
             asked = {}
-            for r in rows:
+            for r in (b == seq).nonzero().flatten().tolist():
                 asked.setdefault(int(t[r]), []).append(r)
             for h in range(config.num_heads):
-                boundary, merge = schedule.boundary[seq, :, h].tolist(), schedule.merge[seq, :, h].tolist()
-                closed, open_start = [], 0   # the closed states' first tokens, oldest first
-                for now in range(max(asked) + 1):
-                    if boundary[now] and now > open_start and config.capacity > 1:
-                        closed.append(open_start)
-                        open_start = now
-                    if merge[now] >= 0:
-                        del closed[merge[now] + 1]
+                for now, groups in replay(schedule.boundary[seq, :, h].tolist(), schedule.merge[seq, :, h].tolist(),
+                                          config.capacity, max(asked) + 1):
                     for r in asked.get(now, []):
-                        first = int(s[r])
-                        # slot 0 the open state; the closed state holding s has one slot per more recent one
-                        slots[r, h] = 0 if first >= open_start else 1 + sum(a > first for a in closed)
+                        held = next(j for j, group in enumerate(groups) if int(s[r]) in group)
+                        slots[r, h] = len(groups) - 1 - held   # slot 0 the open state, the last group
         out.append(slots)
     return out
 
@@ -177,7 +165,10 @@ def main():
         if MIXERS[mixer].get("merge_policy") != "softmax":
             weights.append((mixer, seed, lam_by_slot(model, x, y)))
             b, t, value, decoy = pair_and_decoy(x, y)
-            slots = {which: token_slots(model, x, b, t, s) for which, s in (("pair", value), ("decoy", decoy))}
+            # one replay of the schedule for both: the pair's value tokens, then the controls
+            both = token_slots(model, x, b.repeat(2), t.repeat(2), torch.cat([value, decoy]))
+            slots = {"pair": [per_layer[:len(t)] for per_layer in both],
+                     "decoy": [per_layer[len(t):] for per_layer in both]}
             for i in layers:
                 for h in range(model.config.num_heads):
                     row = []
