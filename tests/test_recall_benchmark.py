@@ -291,12 +291,15 @@ def test_the_target_is_checked_on_the_longest_bursty_setting():
     assert "DLA (K=16) 0.300 (2 seeds) against the best fixed policy run, fenwick (K=16) 0.200 (2 seeds): " \
            "+10.0 points (target +10: met)" in text
     assert "+5.0 points (target +20: not met)" in text
-    assert "the gap to softmax is not defined: softmax 0.000 (2 seeds) is not above DLA" in text
+    assert "the gap to softmax is not defined: softmax 0.000 (2 seeds) is below DLA" in text
     assert "not run here: blocks (K=16)" in text
     # fla's Log-Linear kernel counts as a fixed policy
     assert "fla log-linear (K=16) 0.500" in recall.target(rows(2048, dla=0.6, fla=0.5, fenwick=0.1))
     # softmax a hair above chance bounds nothing, even with DLA at or below it
     assert "not defined" in recall.target(rows(2048, dla=0.0002, single=0.0001, softmax=0.0003))
+    # softmax above DLA but too close to the single state: the message names that reason, not the other
+    assert "softmax 1.000 (1 seed) is 3.8 points above the single state, less than the 5" in \
+        recall.target(rows(2048, dla=0.695, single=0.962, softmax=1.0))
     # while runs are missing, a lead is shown but judged only where the missing runs, whatever they
     # score (each cell's bounds), cannot change the verdict: one lucky seed of an lr can win a cell, and
     # a fixed policy's lr not yet run can overtake DLA
