@@ -27,7 +27,7 @@ import torch
 
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import EVAL_SIZE, held_out
-from dla_ops.models.tasks import answer_targets, recall_distances
+from dla_ops.models.tasks import answer_targets, pair_positions, recall_distances
 from bursty_schedule import mixer_features
 from recall import FULL, MIXERS, analysis_arguments, check_setting, checked_analysis, saved_model, task
 from recall_renamed import outcomes
@@ -54,7 +54,7 @@ def heads(model: DLAForCausalLM, x: torch.Tensor, y: torch.Tensor) -> list[dict]
     A key queried twice counts from its pair, not from its first query (which wrote the pair again)."""
     scored, _ = answer_targets(y)
     rows, positions = scored.nonzero(as_tuple=True)
-    value_written = positions - recall_distances(x, y) + 1
+    value_written = pair_positions(x, y) + 1
     out = []
     for layer, (_, _, _, g, lam, _) in enumerate(mixer_features(model, x)):
         before = torch.nn.functional.pad(g.cumsum(1), (0, 0, 1, 0))   # [B, T + 1, H]: sum of g before token t

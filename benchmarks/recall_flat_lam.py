@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import held_out
-from dla_ops.models.tasks import answer_targets, recall_distances
+from dla_ops.models.tasks import answer_targets, pair_positions
 from dla_ops.policies import starts_for
 from bursty_schedule import mixer_features, replay, schedules
 from recall import FULL, MIXERS, analysis_arguments, check_setting, checked_analysis, model_config, saved_model, task
@@ -100,7 +100,7 @@ def pair_and_decoy(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor
     position, cyclically) the pairs queried in the same sequence, so seldom in its burst."""
     scored, _ = answer_targets(y)
     b, t = scored.nonzero(as_tuple=True)
-    value = t - recall_distances(x, y) + 1
+    value = pair_positions(x, y) + 1
     decoy = value.clone()
     for seq in b.unique():
         rows = b == seq

@@ -129,15 +129,21 @@ def answer_targets(labels: Tensor) -> tuple[Tensor, Tensor]:
     return scored, target[scored]
 
 
-def recall_distances(inputs: Tensor, labels: Tensor) -> Tensor:
-    """For mqar and bursty_mqar: how many tokens back each scored query's pair was written (from the
-    query's key to the pair's key), in ``answer_targets``' order. The query's key is the input at its
-    scored position, and its first occurrence is in its pair, since keys are distinct within a
-    sequence and every pair comes before the queries."""
+def pair_positions(inputs: Tensor, labels: Tensor) -> Tensor:
+    """For mqar and bursty_mqar: where each scored query's pair was written (the position of its key;
+    its value follows), in ``answer_targets``' order. The query's key is the input at its scored
+    position, and its first occurrence is in its pair, since keys are distinct within a sequence and
+    every pair comes before the queries."""
     scored, _ = answer_targets(labels)
     rows, positions = scored.nonzero(as_tuple=True)
-    written = (inputs[rows] == inputs[rows, positions][:, None]).int().argmax(1)
-    return positions - written
+    return (inputs[rows] == inputs[rows, positions][:, None]).int().argmax(1)
+
+
+def recall_distances(inputs: Tensor, labels: Tensor) -> Tensor:
+    """For mqar and bursty_mqar: how many tokens back each scored query's pair was written (from the
+    query's key to the pair's key, ``pair_positions``), in ``answer_targets``' order."""
+    _, positions = answer_targets(labels)[0].nonzero(as_tuple=True)
+    return positions - pair_positions(inputs, labels)
 
 
 def answer_accuracy(logits: Tensor, labels: Tensor) -> float:

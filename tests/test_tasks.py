@@ -103,12 +103,14 @@ def test_recall_distances_reach_back_to_the_queried_pair():
     y = torch.full_like(x, tasks.IGNORE)
     y[0, 7], y[0, 9], y[0, 11] = 31, 30, 31
     assert tasks.recall_distances(x, y).tolist() == [4, 8, 8]
+    assert tasks.pair_positions(x, y).tolist() == [2, 0, 2]
     for make, pairs_end in ((lambda g: tasks.mqar(4, 64, 6, vocab=40, gen=g), 12),
                             (lambda g: tasks.bursty_mqar(4, 96, 8, 4, vocab=40, gen=g), tasks.bursty_query_start(96))):
         x, y = make(torch.Generator().manual_seed(3))
         scored, target = tasks.answer_targets(y)
         rows, positions = scored.nonzero(as_tuple=True)
-        written = positions - tasks.recall_distances(x, y)
+        written = tasks.pair_positions(x, y)
+        assert torch.equal(positions - written, tasks.recall_distances(x, y))
         assert (written >= 0).all() and (written < pairs_end).all()
         # the pair there is the query's key and its answer
         assert torch.equal(x[rows, written], x[rows, positions]) and torch.equal(x[rows, written + 1], target)
