@@ -336,9 +336,10 @@ def target(rows: list[dict]) -> str:
             lines.append(f"- of the single state's gap to softmax {said(softmax)} DLA closes "
                          f"{100 * closed:.0f}% (target 50%: {judged})")
         elif softmax is not None:
+            above = 100 * (softmax["accuracy"] - single["accuracy"])
             why = ("is below DLA" if softmax["accuracy"] < dla["accuracy"] else
-                   f"is {100 * (softmax['accuracy'] - single['accuracy']):.1f} points above the single state, "
-                   f"less than the {100 * SOFTMAX_MARGIN:.0f} that make it an upper bound worth a gap")
+                   f"is {above:.2f} points from the single state, short of the {100 * SOFTMAX_MARGIN:.0f} "
+                   "above it that make it an upper bound worth a gap")
             lines.append(f"- the gap to softmax is not defined: softmax {said(softmax)} {why}")
     if unfinished:
         lines.append(f"- runs done: {', '.join(unfinished)}; a part is judged only where no result of the runs "

@@ -298,8 +298,11 @@ def test_the_target_is_checked_on_the_longest_bursty_setting():
     # softmax a hair above chance bounds nothing, even with DLA at or below it
     assert "not defined" in recall.target(rows(2048, dla=0.0002, single=0.0001, softmax=0.0003))
     # softmax above DLA but too close to the single state: the message names that reason, not the other
-    assert "softmax 1.000 (1 seed) is 3.8 points above the single state, less than the 5" in \
+    assert "softmax 1.000 (1 seed) is 3.80 points from the single state, short of the 5" in \
         recall.target(rows(2048, dla=0.695, single=0.962, softmax=1.0))
+    assert "softmax 0.300 (1 seed) is -10.00 points from the single state" in \
+        recall.target(rows(2048, dla=0.2, single=0.4, softmax=0.3))
+    assert "softmax 0.500 (1 seed) is below DLA" in recall.target(rows(2048, dla=0.6, single=0.2, softmax=0.5))
     # while runs are missing, a lead is shown but judged only where the missing runs, whatever they
     # score (each cell's bounds), cannot change the verdict: one lucky seed of an lr can win a cell, and
     # a fixed policy's lr not yet run can overtake DLA
