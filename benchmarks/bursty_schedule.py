@@ -4,11 +4,13 @@ head, on the benchmark's held-out bursty sequences: the information score and th
 the bursts' key/value tokens, on the filler between them and on the query region; and, at the start
 of the query region (token 3T/4), how many states hold key/value tokens, the share of bursts whose
 states hold no other burst's tokens ("alone"), and the share of bursts with a token in the state of
-most tokens; the same for the groups of the fixed merge policies (fenwick, blocks) on the same
-sequences.
+most tokens; and at each query's own readout, the share of the sequence's other queried pairs that sit
+in the state of its pair ("pairs sharing at the queries": 1 when the merges have put every pair in one
+state, whatever lam then weighs). The same for the groups of the fixed merge policies (fenwick,
+blocks) on the same sequences.
 
     python benchmarks/bursty_schedule.py [--model CKPT/model.pt] [--decay-init spread] [--T 2048 --N 32]
-                                         [--states LAYER HEAD]   # also the first sequence's states
+                                         [--states LAYER HEAD [--states-at TOKEN]]   # also the first sequence's states
 
 A burst here is a maximal run of key/value tokens (two bursts drawn with no filler between them count
 as one)."""
@@ -23,7 +25,7 @@ from dla_ops import dla_attention
 from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import held_out
 from dla_ops.models.layers import DECAY_INITS
-from dla_ops.models.tasks import FILL, bursty_query_start
+from dla_ops.models.tasks import FILL, answer_targets, bursty_query_start, pair_positions
 from dla_ops.policies import starts_for
 from recall import FULL, MIXERS, model_config, saved_model, task
 
@@ -90,7 +92,7 @@ def burst_ids(x: Tensor, body: int) -> Tensor:
     return torch.where(pair, starts.long().cumsum(1) - 1, -1)
 
 
-def table(x: Tensor, layer_schedules: list, K: int) -> list[dict]:
+def table(x: Tensor, y: Tensor, layer_schedules: list, K: int) -> list[dict]:
     """One row per layer and head (see the module's docstring), from ``schedules(model, x)``."""
     B, T = x.shape
     body = bursty_query_start(T)
@@ -98,18 +100,60 @@ def table(x: Tensor, layer_schedules: list, K: int) -> list[dict]:
     pair = bursts >= 0
     filler = (x == FILL) & (torch.arange(T) < body)
     query = (torch.arange(T) >= body).expand(B, T)
+    asked = query_times(y)
     rows = []
     for layer, (s, g) in enumerate(layer_schedules):
         for h in range(s.I.shape[2]):
             I, boundary, merge = s.I[..., h], s.boundary[..., h], s.merge[..., h]
             split = [burst_split(replay_groups(boundary[b].tolist(), merge[b].tolist(), K, body), bursts[b])
                      for b in range(B)]
+            starts = [dla_starts(boundary[b].tolist(), merge[b].tolist(), K, asked[b]) for b in range(B)]
             rows.append({"layer": layer, "head": h, "-g": (-g[..., h]).mean().item(),
                          "I pair": I[pair].mean().item(), "I filler": I[filler].mean().item(),
                          "I query": I[query].mean().item(),
                          "boundaries pair": boundary[pair].float().mean().item(),
-                         "boundaries filler": boundary[filler].float().mean().item(), **mean_split(split)})
+                         "boundaries filler": boundary[filler].float().mean().item(), **mean_split(split),
+                         "pairs sharing at the queries": pairs_sharing(x, y, lambda b, t: starts[b][t])})
     return rows
+
+
+def query_times(y: Tensor) -> list[set[int]]:
+    """Per sequence, the scored positions (its queries' readouts)."""
+    scored, _ = answer_targets(y)
+    return [set(row.nonzero().flatten().tolist()) for row in scored]
+
+
+def dla_starts(boundary: list, merge: list, K: int, times: set[int]) -> dict[int, Tensor]:
+    """One sequence's schedule of one head replayed: for each t in ``times``, the first token of each
+    state at token t's readout, ascending (a state is a contiguous span of tokens: merges join
+    neighbours)."""
+    out = {}
+    for now, groups in replay(boundary, merge, K, max(times, default=-1) + 1):
+        if now in times:
+            out[now] = torch.tensor([group[0] for group in groups])
+    return out
+
+
+def pairs_sharing(x: Tensor, y: Tensor, starts_at) -> float:
+    """At each scored query's readout, the share of its sequence's other queried pairs whose key sits in
+    the state of its own pair's key, averaged over the queries (of sequences that query two pairs or
+    more). ``starts_at(b, t)``: the first tokens of sequence b's states at token t's readout, ascending."""
+    scored, _ = answer_targets(y)
+    b, t = scored.nonzero(as_tuple=True)
+    written = pair_positions(x, y)
+    shares = []
+    for r in range(len(t)):
+        pairs = written[b == b[r]].unique()
+        if len(pairs) > 1:
+            state = torch.searchsorted(starts_at(int(b[r]), int(t[r])), pairs, right=True)
+            shares.append(((state == state[pairs == written[r]]).sum().item() - 1) / (len(pairs) - 1))
+    return sum(shares) / len(shares)
+
+
+def fixed_policy_starts(policy: str, T: int, K: int, block: int | None):
+    """``starts_at`` of ``pairs_sharing`` for a fixed merge policy (the same for every sequence)."""
+    starts = starts_for(policy, T, K, block)
+    return lambda b, t: starts[t][starts[t] >= 0].sort().values
 
 
 def burst_split(states: list[list[int]], bursts: Tensor) -> tuple[int, float, float]:
@@ -149,7 +193,11 @@ def main():
     p.add_argument("--batch", type=int, default=8, help="how many of the held-out sequences")
     p.add_argument("--states", type=int, nargs=2, metavar=("LAYER", "HEAD"),
                    help="also list the states of the first sequence at this layer and head")
+    p.add_argument("--states-at", type=int, metavar="TOKEN",
+                   help="with --states: list them at this token's readout (default: before the first query's)")
     a = p.parse_args()
+    if a.states_at is not None and not (a.states and 0 <= a.states_at < a.T):
+        p.error(f"--states-at needs --states and a token 0 to {a.T - 1}, got {a.states_at}")
     torch.manual_seed(a.seed)
     grid = dict(FULL, decay_init=a.decay_init)
     if a.model:
@@ -157,10 +205,10 @@ def main():
     else:
         model = DLAForCausalLM(model_config(grid, MIXERS["DLA (K=16)"])).eval()
     # the first of the recall benchmark's held-out sequences (train_recall's, at seed 0)
-    x = held_out(task("bursty", a.T, a.N, FULL["vocab"]), seed=0)[0][:a.batch]
+    x, y = (t[:a.batch] for t in held_out(task("bursty", a.T, a.N, FULL["vocab"]), seed=0))
     layer_schedules = schedules(model, x)
     K = model.config.capacity
-    rows = table(x, layer_schedules, K)
+    rows = table(x, y, layer_schedules, K)
     print(f"bursty T={a.T} N={a.N}, {a.batch} held-out sequences, "
           f"{a.model or f'initialised (seed {a.seed}, decay init {a.decay_init})'}; tau {model.config.tau}\n")
     print_table(rows)
@@ -168,17 +216,22 @@ def main():
     body = bursty_query_start(a.T)
     bursts = burst_ids(x, body)
     print()
-    print_table([{"policy": name, **mean_split([burst_split(fixed_policy_states(
-        MIXERS[name]["merge_policy"], body, MIXERS[name]["capacity"], MIXERS[name].get("policy_block")), bursts[b])
-        for b in range(a.batch)])} for name in ("fenwick (K=16)", "blocks (K=16)")])
+    fixed = {name: (MIXERS[name]["merge_policy"], MIXERS[name]["capacity"], MIXERS[name].get("policy_block"))
+             for name in ("fenwick (K=16)", "blocks (K=16)")}
+    print_table([{"policy": name, **mean_split([burst_split(fixed_policy_states(policy, body, cap, block), bursts[b])
+                                                for b in range(a.batch)]),
+                  "pairs sharing at the queries": pairs_sharing(x, y, fixed_policy_starts(policy, a.T, cap, block))}
+                 for name, (policy, cap, block) in fixed.items()])
     if a.states:
         layer, head = a.states
         s = layer_schedules[layer][0]
-        print(f"\nlayer {layer}, head {head}, first sequence: the states at token {body}, oldest first")
-        for state in replay_groups(s.boundary[0, :, head].tolist(), s.merge[0, :, head].tolist(), K, body):
+        until = body if a.states_at is None else a.states_at + 1
+        print(f"\nlayer {layer}, head {head}, first sequence: the states once token {until - 1} is written, oldest first")
+        for state in replay_groups(s.boundary[0, :, head].tolist(), s.merge[0, :, head].tolist(), K, until):
             held = sorted(bursts_in(state, bursts[0]))
             print(f"  tokens {state[0]}..{state[-1]} ({len(state)}): bursts {held}, "
-                  f"{sum(int(bursts[0, t]) >= 0 for t in state)} key/value tokens")
+                  f"{sum(int(bursts[0, t]) >= 0 for t in state)} key/value tokens, "
+                  f"{sum(t >= body for t in state)} of the query region")
     spans = [torch.nonzero(bursts[0] == j).flatten() for j in range(int(bursts[0].max()) + 1)]
     print(f"\nbursts of the first sequence (first and last token): {[(int(i[0]), int(i[-1])) for i in spans]}")
 

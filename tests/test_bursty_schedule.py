@@ -49,10 +49,18 @@ def test_the_table_has_a_row_per_layer_and_head_then_one_per_fixed_policy(bs, mo
     assert 1 < len(sizes) <= 16 and sum(sizes) == 96
     rows = [line.strip("| ").split(" | ") for line in out.splitlines()
             if line.startswith("| ") and "layer" not in line and "policy" not in line]
-    assert [len(r) for r in rows] == [11] * 4 + [4] * 2
+    assert [len(r) for r in rows] == [12] * 4 + [5] * 2
     for row in rows[:4]:
         cells = [float(c) for c in row]
         assert all(0.0 <= c <= 2.0 for c in cells[3:6]) and all(0.0 <= c <= 1.0 for c in cells[6:8] + cells[9:])
+    assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows[4:])
+    # --states-at lists them later: tokens 0 .. 100 once each, query-region tokens among them
+    monkeypatch.setattr(sys, "argv", ["bursty_schedule.py", "--T", "128", "--N", "8", "--batch", "1",
+                                      "--states", "0", "1", "--states-at", "100"])
+    bs.main()
+    listed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  tokens ")]
+    assert sum(int(line.split("(")[1].split(")")[0]) for line in listed) == 101
+    assert sum(int(line.split(", ")[-1].split()[0]) for line in listed) == 101 - 96
     assert [r[0] for r in rows[4:]] == ["fenwick (K=16)", "blocks (K=16)"]
 
 
@@ -74,3 +82,29 @@ def test_fixed_policies_groups_and_the_burst_split(bs):
     # a schedule that merges where the spec cannot is refused, not replayed
     with pytest.raises(ValueError, match="merges"):
         bs.replay_groups([True, True, False], [-1, 0, -1], 4, 3)
+
+
+def test_pairs_sharing_counts_the_other_queried_pairs_in_the_pairs_state(bs):
+    """Pairs (5, 30) at 0, (6, 31) at 2 and (7, 32) at 4, filler, then queries of 6, 5, 7 and 6 again."""
+    x = torch.tensor([[5, 30, 6, 31, 7, 32, 0, 6, 31, 5, 30, 7, 32, 6, 31]])
+    y = torch.full_like(x, -100)
+    y[0, 8], y[0, 10], y[0, 12], y[0, 14] = 31, 30, 32, 31
+    share = lambda *starts: bs.pairs_sharing(x, y, lambda b, t: torch.tensor(starts))
+    assert share(0) == 1.0 and share(0, 2, 4) == 0.0
+    # pairs 0 and 2 in the state from 0, pair 4 in the next: each of 6, 5, 6 shares with one of two
+    # others, 7 with none; a state starting at a pair's key holds it (the bisection is right-sided)
+    assert share(0, 4) == pytest.approx((0.5 + 0.5 + 0.0 + 0.5) / 4)
+    assert share(0, 3) == share(0, 4) and share(0, 5) == 1.0
+    # the fixed policies' starts: fenwick at t = 13 = 0b1101 has groups from 0, 8, 12 and 13
+    assert bs.fixed_policy_starts("fenwick", 16, 16, None)(0, 13).tolist() == [0, 8, 12, 13]
+
+
+def test_dla_starts_are_the_replayed_states_first_tokens(bs):
+    inputs = make_inputs(0, B=1, T=40, K=4)
+    _, _, sched = dla_ops.dla_attention(**inputs, return_schedule=True)
+    boundary, merge = sched.boundary[0, :, 0].tolist(), sched.merge[0, :, 0].tolist()
+    assert max(merge) >= 0
+    starts = bs.dla_starts(boundary, merge, 4, {5, 20, 39})
+    assert sorted(starts) == [5, 20, 39]
+    for t, got in starts.items():
+        assert got.tolist() == [group[0] for group in bs.replay_groups(boundary, merge, 4, t + 1)]
