@@ -112,7 +112,8 @@ def table(x: Tensor, y: Tensor, layer_schedules: list, K: int) -> list[dict]:
                          "I pair": I[pair].mean().item(), "I filler": I[filler].mean().item(),
                          "I query": I[query].mean().item(),
                          "boundaries pair": boundary[pair].float().mean().item(),
-                         "boundaries filler": boundary[filler].float().mean().item(), **mean_split(split),
+                         "boundaries filler": boundary[filler].float().mean().item(),
+                         "boundaries query": boundary[query].float().mean().item(), **mean_split(split),
                          "pairs sharing at the queries": pairs_sharing(x, y, lambda b, t: starts[b][t])})
     return rows
 

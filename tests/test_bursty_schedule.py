@@ -49,10 +49,10 @@ def test_the_table_has_a_row_per_layer_and_head_then_one_per_fixed_policy(bs, mo
     assert 1 < len(sizes) <= 16 and sum(sizes) == 96
     rows = [line.strip("| ").split(" | ") for line in out.splitlines()
             if line.startswith("| ") and "layer" not in line and "policy" not in line]
-    assert [len(r) for r in rows] == [12] * 4 + [5] * 2
+    assert [len(r) for r in rows] == [13] * 4 + [5] * 2
     for row in rows[:4]:
         cells = [float(c) for c in row]
-        assert all(0.0 <= c <= 2.0 for c in cells[3:6]) and all(0.0 <= c <= 1.0 for c in cells[6:8] + cells[9:])
+        assert all(0.0 <= c <= 2.0 for c in cells[3:6]) and all(0.0 <= c <= 1.0 for c in cells[6:9] + cells[10:])
     assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows[4:])
     # --states-at lists them later: tokens 0 .. 100 once each, query-region tokens among them
     monkeypatch.setattr(sys, "argv", ["bursty_schedule.py", "--T", "128", "--N", "8", "--batch", "1",
