@@ -138,7 +138,8 @@ def dla_starts(boundary: list, merge: list, K: int, times: set[int]) -> dict[int
 def pairs_sharing(x: Tensor, y: Tensor, starts_at) -> float:
     """At each scored query's readout, the share of its sequence's other queried pairs whose key sits in
     the state of its own pair's key, averaged over the queries (of sequences that query two pairs or
-    more). ``starts_at(b, t)``: the first tokens of sequence b's states at token t's readout, ascending."""
+    more; nan if none does). ``starts_at(b, t)``: the first tokens of sequence b's states at token t's
+    readout, ascending."""
     scored, _ = answer_targets(y)
     b, t = scored.nonzero(as_tuple=True)
     written = pair_positions(x, y)
@@ -148,7 +149,7 @@ def pairs_sharing(x: Tensor, y: Tensor, starts_at) -> float:
         if len(pairs) > 1:
             state = torch.searchsorted(starts_at(int(b[r]), int(t[r])), pairs, right=True)
             shares.append(((state == state[pairs == written[r]]).sum().item() - 1) / (len(pairs) - 1))
-    return sum(shares) / len(shares)
+    return sum(shares) / len(shares) if shares else float("nan")   # no sequence queried two pairs
 
 
 def fixed_policy_starts(policy: str, T: int, K: int, block: int | None):
@@ -195,7 +196,7 @@ def main():
     p.add_argument("--states", type=int, nargs=2, metavar=("LAYER", "HEAD"),
                    help="also list the states of the first sequence at this layer and head")
     p.add_argument("--states-at", type=int, metavar="TOKEN",
-                   help="with --states: list them at this token's readout (default: before the first query's)")
+                   help="with --states: list them once this token is written (default: token 3T/4 - 1, before the queries)")
     a = p.parse_args()
     if a.states_at is not None and not (a.states and 0 <= a.states_at < a.T):
         p.error(f"--states-at needs --states and a token 0 to {a.T - 1}, got {a.states_at}")

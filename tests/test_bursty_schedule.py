@@ -89,12 +89,25 @@ def test_pairs_sharing_counts_the_other_queried_pairs_in_the_pairs_state(bs):
     x = torch.tensor([[5, 30, 6, 31, 7, 32, 0, 6, 31, 5, 30, 7, 32, 6, 31]])
     y = torch.full_like(x, -100)
     y[0, 8], y[0, 10], y[0, 12], y[0, 14] = 31, 30, 32, 31
-    share = lambda *starts: bs.pairs_sharing(x, y, lambda b, t: torch.tensor(starts))
+    asked = []
+    share = lambda *starts: bs.pairs_sharing(x, y, lambda b, t: asked.append((b, t)) or torch.tensor(starts))
     assert share(0) == 1.0 and share(0, 2, 4) == 0.0
+    # read at the queries' own readouts, the key tokens 7, 9, 11 and 13
+    assert asked[:4] == [(0, 7), (0, 9), (0, 11), (0, 13)]
     # pairs 0 and 2 in the state from 0, pair 4 in the next: each of 6, 5, 6 shares with one of two
     # others, 7 with none; a state starting at a pair's key holds it (the bisection is right-sided)
     assert share(0, 4) == pytest.approx((0.5 + 0.5 + 0.0 + 0.5) / 4)
     assert share(0, 3) == share(0, 4) and share(0, 5) == 1.0
+    # each sequence counts its own pairs: a second one querying only its pair at 0 adds a query with
+    # no other pair (not counted), and does not make the first sequence's pairs its own
+    x2 = torch.cat([x, torch.tensor([[5, 30, 0, 0, 0, 0, 0, 0, 0, 5, 30, 0, 0, 0, 0]])])
+    y2 = torch.cat([y, torch.full_like(x, -100)])
+    y2[1, 10] = 30
+    assert bs.pairs_sharing(x2, y2, lambda b, t: torch.tensor([0, 4])) == share(0, 4)
+    y2[1, 8], x2[1, 7], x2[1, 2], x2[1, 3] = 31, 6, 6, 31   # now it queries 6 (at 2) and 5, both in one state
+    assert bs.pairs_sharing(x2, y2, lambda b, t: torch.tensor([0, 4])) == pytest.approx((1.5 + 1 + 1) / 6)
+    assert bs.pairs_sharing(x[:, :7], torch.full((1, 7), -100), lambda b, t: torch.tensor([0])) != \
+        bs.pairs_sharing(x[:, :7], torch.full((1, 7), -100), lambda b, t: torch.tensor([0]))   # nan: no query
     # the fixed policies' starts: fenwick at t = 13 = 0b1101 has groups from 0, 8, 12 and 13
     assert bs.fixed_policy_starts("fenwick", 16, 16, None)(0, 13).tolist() == [0, 8, 12, 13]
 
