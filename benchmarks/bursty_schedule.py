@@ -6,7 +6,8 @@ of the query region (token 3T/4), how many states hold key/value tokens, the sha
 states hold no other burst's tokens ("alone"), and the share of bursts with a token in the state of
 most tokens; and at each query's own readout, the share of the sequence's other queried pairs that sit
 in the state of its pair ("pairs sharing at the queries": 1 when the merges have put every pair in one
-state, whatever lam then weighs). The same for the groups of the fixed merge policies (fenwick,
+state, whatever lam then weighs), and the share of the query region's merges after which the merged
+state is the largest closed one. The same for the groups of the fixed merge policies (fenwick,
 blocks) on the same sequences.
 
     python benchmarks/bursty_schedule.py [--model CKPT/model.pt] [--decay-init spread] [--T 2048 --N 32]
@@ -108,13 +109,16 @@ def table(x: Tensor, y: Tensor, layer_schedules: list, K: int) -> list[dict]:
             split = [burst_split(replay_groups(boundary[b].tolist(), merge[b].tolist(), K, body), bursts[b])
                      for b in range(B)]
             starts = [dla_starts(boundary[b].tolist(), merge[b].tolist(), K, asked[b]) for b in range(B)]
+            merges = [merges_into_biggest(boundary[b].tolist(), merge[b].tolist(), K, body) for b in range(B)]
+            merged = sum(n for n, _ in merges)
             rows.append({"layer": layer, "head": h, "-g": (-g[..., h]).mean().item(),
                          "I pair": I[pair].mean().item(), "I filler": I[filler].mean().item(),
                          "I query": I[query].mean().item(),
                          "boundaries pair": boundary[pair].float().mean().item(),
                          "boundaries filler": boundary[filler].float().mean().item(),
                          "boundaries query": boundary[query].float().mean().item(), **mean_split(split),
-                         "pairs sharing at the queries": pairs_sharing(x, y, lambda b, t: starts[b][t])})
+                         "pairs sharing at the queries": pairs_sharing(x, y, lambda b, t: starts[b][t]),
+                         "query merges into the biggest": sum(k for _, k in merges) / merged if merged else float("nan")})
     return rows
 
 
@@ -133,6 +137,18 @@ def dla_starts(boundary: list, merge: list, K: int, times: set[int]) -> dict[int
         if now in times:
             out[now] = torch.tensor([group[0] for group in groups])
     return out
+
+
+def merges_into_biggest(boundary: list, merge: list, K: int, since: int) -> tuple[int, int]:
+    """One sequence's schedule of one head replayed: how many merges it makes at tokens >= ``since``,
+    and after how many of them the merged state is the largest closed one (a tie counts)."""
+    made = into = 0
+    for now, groups in replay(boundary, merge, K, len(merge)):
+        if now >= since and merge[now] >= 0:
+            closed = groups[:-1]
+            made += 1
+            into += len(closed[merge[now]]) == max(map(len, closed))
+    return made, into
 
 
 def pairs_sharing(x: Tensor, y: Tensor, starts_at) -> float:

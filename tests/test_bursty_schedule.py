@@ -49,10 +49,11 @@ def test_the_table_has_a_row_per_layer_and_head_then_one_per_fixed_policy(bs, mo
     assert 1 < len(sizes) <= 16 and sum(sizes) == 96
     rows = [line.strip("| ").split(" | ") for line in out.splitlines()
             if line.startswith("| ") and "layer" not in line and "policy" not in line]
-    assert [len(r) for r in rows] == [13] * 4 + [5] * 2
+    assert [len(r) for r in rows] == [14] * 4 + [5] * 2
     for row in rows[:4]:
         cells = [float(c) for c in row]
-        assert all(0.0 <= c <= 2.0 for c in cells[3:6]) and all(0.0 <= c <= 1.0 for c in cells[6:9] + cells[10:])
+        assert all(0.0 <= c <= 2.0 for c in cells[3:6]) and all(0.0 <= c <= 1.0 for c in cells[6:9] + cells[10:13])
+        assert cells[13] != cells[13] or 0.0 <= cells[13] <= 1.0   # nan where a head merged nothing there
     assert all(0.0 <= float(r[-1]) <= 1.0 for r in rows[4:])
     # --states-at lists them later: tokens 0 .. 100 once each, query-region tokens among them
     monkeypatch.setattr(sys, "argv", ["bursty_schedule.py", "--T", "128", "--N", "8", "--batch", "1",
@@ -121,3 +122,13 @@ def test_dla_starts_are_the_replayed_states_first_tokens(bs):
     assert sorted(starts) == [5, 20, 39]
     for t, got in starts.items():
         assert got.tolist() == [group[0] for group in bs.replay_groups(boundary, merge, 4, t + 1)]
+
+
+def test_merges_into_biggest_counts_the_merges_that_leave_the_largest_closed_state(bs):
+    # K=2: tokens 0, 1 and 2 each closed, every close from the second on merges the oldest pair
+    assert bs.merges_into_biggest([True, True, True, True, False], [-1, -1, 0, 0, -1], 2, 0) == (2, 2)
+    assert bs.merges_into_biggest([True, True, True, True, False], [-1, -1, 0, 0, -1], 2, 3) == (1, 1)
+    # K=3: [0..3] closed, then [4] and [5]; the merge at t=6 joins [4] and [5] (2 tokens, not the
+    # largest), the one at t=7 joins [0..3] and [4, 5]
+    boundary = [True, False, False, False, True, True, True, True]
+    assert bs.merges_into_biggest(boundary, [-1] * 6 + [1, 0], 3, 0) == (2, 1)
