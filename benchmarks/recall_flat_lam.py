@@ -25,7 +25,7 @@ from dla_ops.models import DLAForCausalLM
 from dla_ops.models.demo import held_out
 from dla_ops.models.tasks import answer_targets, pair_positions
 from dla_ops.policies import starts_for
-from bursty_schedule import mixer_features, replay, schedules
+from bursty_schedule import dla_starts, mixer_features, schedules
 from recall import FULL, MIXERS, analysis_arguments, check_setting, checked_analysis, model_config, saved_model, task
 from recall_renamed import outcomes
 
@@ -70,8 +70,8 @@ def one_slot(model: DLAForCausalLM, layer: int, head: int, b: Tensor, t: Tensor,
 
 def token_slots(model: DLAForCausalLM, x: Tensor, b: Tensor, t: Tensor, s: Tensor) -> list[Tensor]:
     """Per layer ([n, H]): the slot holding token s[i] at the readout of token t[i] of sequence b[i]
-    (s <= t). DLA: its schedule replayed (``bursty_schedule.replay``); a fixed policy: the number of
-    its groups alive at t that start after s."""
+    (s <= t): the number of states then alive that start after s (slot 0 the newest). DLA: their
+    starts from its schedule replayed (``bursty_schedule.dla_starts``); a fixed policy: its groups'."""
     config = model.config
     if config.merge_policy != "dla":
         starts = starts_for(config.merge_policy, x.shape[1], config.capacity, config.policy_block)
@@ -81,15 +81,12 @@ def token_slots(model: DLAForCausalLM, x: Tensor, b: Tensor, t: Tensor, s: Tenso
     for schedule, _ in schedules(model, x):
         slots = torch.zeros(len(t), config.num_heads, dtype=torch.long)
         for seq in b.unique().tolist():
-            asked = {}
-            for r in (b == seq).nonzero().flatten().tolist():
-                asked.setdefault(int(t[r]), []).append(r)
+            rows = (b == seq).nonzero().flatten().tolist()
             for h in range(config.num_heads):
-                for now, groups in replay(schedule.boundary[seq, :, h].tolist(), schedule.merge[seq, :, h].tolist(),
-                                          config.capacity, max(asked) + 1):
-                    for r in asked.get(now, []):
-                        held = next(j for j, group in enumerate(groups) if int(s[r]) in group)
-                        slots[r, h] = len(groups) - 1 - held   # slot 0 the open state, the last group
+                starts = dla_starts(schedule.boundary[seq, :, h].tolist(), schedule.merge[seq, :, h].tolist(),
+                                    config.capacity, {int(t[r]) for r in rows})
+                for r in rows:
+                    slots[r, h] = (starts[int(t[r])] > s[r]).sum()
         out.append(slots)
     return out
 
