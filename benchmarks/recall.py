@@ -321,18 +321,22 @@ def target(rows: list[dict]) -> str:
         # softmax bounds the gap only where it is above both, by more than chance-level noise
         d, s, m = acc(dla, end), acc(single, end), acc(softmax, end)
         return (d - s) / (m - s) if m >= d and m - s >= SOFTMAX_MARGIN else None
+    parts = []   # each part's verdict, in the order written
     if fixed:
         top = max(fixed, key=lambda r: r["accuracy"])
         lead = lambda end: 100 * (acc(dla, end) - max(acc(r, end) for r in fixed))
+        parts.append(verdict(lambda e: (lead(e), 10)))
         lines.append(f"- DLA (K=16) {said(dla)} against the best fixed policy run, {top['mixer']} "
-                     f"{said(top)}: {lead(None):+.1f} points (target +10: {verdict(lambda e: (lead(e), 10))})")
+                     f"{said(top)}: {lead(None):+.1f} points (target +10: {parts[-1]})")
     if single is not None:
         lead = lambda end: 100 * (acc(dla, end) - acc(single, end))
+        parts.append(verdict(lambda e: (lead(e), 20)))
         lines.append(f"- against the single state {said(single)}: {lead(None):+.1f} points "
-                     f"(target +20: {verdict(lambda e: (lead(e), 20))})")
+                     f"(target +20: {parts[-1]})")
         closed = gap_closed(None) if softmax is not None else None
         if closed is not None:
             judged = verdict(lambda e: None if gap_closed(e) is None else (gap_closed(e), 0.5))
+            parts.append(judged)
             lines.append(f"- of the single state's gap to softmax {said(softmax)} DLA closes "
                          f"{100 * closed:.0f}% (target 50%: {judged})")
         elif softmax is not None:
@@ -341,6 +345,12 @@ def target(rows: list[dict]) -> str:
                    f"is {above:.2f} points from the single state, short of the {100 * SOFTMAX_MARGIN:.0f} "
                    "above it that make it an upper bound worth a gap")
             lines.append(f"- the gap to softmax is not defined: softmax {said(softmax)} {why}")
+    # the target is all three parts: one part not met decides it, whatever the others' runs still do
+    failed = parts.count("not met")
+    whole = ("not met" if failed else "met" if parts.count("met") == 3 else "undecided")
+    why = (f"{failed} of its 3 parts not met" if failed else "all 3 parts met" if whole == "met" else
+           f"{parts.count('met')} of its 3 parts met, the others undecided or not judged here")
+    lines.append(f"- **the target as a whole: {whole}** ({why})")
     if unfinished:
         lines.append(f"- runs done: {', '.join(unfinished)}; a part is judged only where no result of the runs "
                      "still to do could change its verdict")
