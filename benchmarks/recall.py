@@ -321,22 +321,23 @@ def target(rows: list[dict]) -> str:
         # softmax bounds the gap only where it is above both, by more than chance-level noise
         d, s, m = acc(dla, end), acc(single, end), acc(softmax, end)
         return (d - s) / (m - s) if m >= d and m - s >= SOFTMAX_MARGIN else None
-    parts = []   # each part's verdict, in the order written
+    # each part's verdict ("met", "not met", "undecided"), None where this table cannot judge it
+    parts = dict.fromkeys(("+10 over the best fixed policy", "+20 over the single state", "half the gap to softmax"))
     if fixed:
         top = max(fixed, key=lambda r: r["accuracy"])
         lead = lambda end: 100 * (acc(dla, end) - max(acc(r, end) for r in fixed))
-        parts.append(verdict(lambda e: (lead(e), 10)))
+        part = parts["+10 over the best fixed policy"] = verdict(lambda e: (lead(e), 10))
         lines.append(f"- DLA (K=16) {said(dla)} against the best fixed policy run, {top['mixer']} "
-                     f"{said(top)}: {lead(None):+.1f} points (target +10: {parts[-1]})")
+                     f"{said(top)}: {lead(None):+.1f} points (target +10: {part})")
     if single is not None:
         lead = lambda end: 100 * (acc(dla, end) - acc(single, end))
-        parts.append(verdict(lambda e: (lead(e), 20)))
+        part = parts["+20 over the single state"] = verdict(lambda e: (lead(e), 20))
         lines.append(f"- against the single state {said(single)}: {lead(None):+.1f} points "
-                     f"(target +20: {parts[-1]})")
+                     f"(target +20: {part})")
         closed = gap_closed(None) if softmax is not None else None
         if closed is not None:
-            judged = verdict(lambda e: None if gap_closed(e) is None else (gap_closed(e), 0.5))
-            parts.append(judged)
+            judged = parts["half the gap to softmax"] = verdict(
+                lambda e: None if gap_closed(e) is None else (gap_closed(e), 0.5))
             lines.append(f"- of the single state's gap to softmax {said(softmax)} DLA closes "
                          f"{100 * closed:.0f}% (target 50%: {judged})")
         elif softmax is not None:
@@ -345,11 +346,15 @@ def target(rows: list[dict]) -> str:
                    f"is {above:.2f} points from the single state, short of the {100 * SOFTMAX_MARGIN:.0f} "
                    "above it that make it an upper bound worth a gap")
             lines.append(f"- the gap to softmax is not defined: softmax {said(softmax)} {why}")
-    # the target is all three parts: one part not met decides it, whatever the others' runs still do
-    failed = parts.count("not met")
-    whole = ("not met" if failed else "met" if parts.count("met") == 3 else "undecided")
-    why = (f"{failed} of its 3 parts not met" if failed else "all 3 parts met" if whole == "met" else
-           f"{parts.count('met')} of its 3 parts met, the others undecided or not judged here")
+    # the target is all three parts: one part not met decides it, whatever the others' runs still do;
+    # a part this table cannot judge (a mixer not run, the gap undefined) leaves it "not judged"
+    verdicts = list(parts.values())
+    whole = ("not met" if "not met" in verdicts else "met" if all(v == "met" for v in verdicts) else
+             "undecided" if "undecided" in verdicts else "not judged")
+    why = "; ".join(f"{said_as}: {', '.join(name for name, v in parts.items() if v == verdict_of)}"
+                    for verdict_of, said_as in (("not met", "not met"), ("undecided", "undecided"),
+                                                (None, "not judged here"), ("met", "met"))
+                    if verdict_of in verdicts)
     lines.append(f"- **the target as a whole: {whole}** ({why})")
     if unfinished:
         lines.append(f"- runs done: {', '.join(unfinished)}; a part is judged only where no result of the runs "

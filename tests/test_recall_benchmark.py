@@ -288,15 +288,28 @@ def test_the_target_is_checked_on_the_longest_bursty_setting():
     # 0.4 / 0.8 and 100 * (0.3 - 0.2) fall a rounding error short of a half and of 10 points
     assert "DLA closes 50% (target 50%: met)" in text
     # the target is all three parts: one not met decides the whole
-    assert "**the target as a whole: not met** (1 of its 3 parts not met)" in text
-    assert "**the target as a whole: met** (all 3 parts met)" in recall.target(
-        rows(2048, dla=0.9, single=0.2, fenwick=0.3, softmax=1.0))
+    assert "**the target as a whole: not met** (not met: +10 over the best fixed policy; met: +20 over the " \
+           "single state, half the gap to softmax)" in text
+    assert "**the target as a whole: met** (met: +10 over the best fixed policy, +20 over the single state, " \
+           "half the gap to softmax)" in recall.target(rows(2048, dla=0.9, single=0.2, fenwick=0.3, softmax=1.0))
+    # a part the table cannot judge (softmax below DLA, a mixer not run) leaves the whole not judged
+    assert "**the target as a whole: not judged** (not judged here: half the gap to softmax; met: +10 over the " \
+           "best fixed policy, +20 over the single state)" in recall.target(
+               rows(2048, dla=0.9, single=0.2, fenwick=0.3, softmax=0.5))
+    assert "**the target as a whole: not judged** (not judged here: +10 over the best fixed policy, half the gap " \
+           "to softmax; met: +20 over the single state)" in recall.target(rows(2048, dla=0.9, single=0.2))
+    # an undecided part leaves the whole undecided, whatever the others
+    assert "**the target as a whole: undecided** (undecided: +20 over the single state; not judged here: half the " \
+           "gap to softmax; met: +10 over the best fixed policy)" in recall.target(
+               rows(2048, dla=0.6, runs="4/6", bounds=(0.55, 0.65)) + rows(2048, fenwick=0.3)
+               + rows(2048, single=0.5, runs="3/6", bounds=(0.4, 0.6)))
     text = recall.target(rows(2048, seeds=2, dla=0.3, single=0.25, fenwick=0.2, fla=0.1, softmax=0.0))
     assert "DLA (K=16) 0.300 (2 seeds) against the best fixed policy run, fenwick (K=16) 0.200 (2 seeds): " \
            "+10.0 points (target +10: met)" in text
     assert "+5.0 points (target +20: not met)" in text
     assert "the gap to softmax is not defined: softmax 0.000 (2 seeds) is below DLA" in text
-    assert "**the target as a whole: not met** (1 of its 3 parts not met)" in text
+    assert "**the target as a whole: not met** (not met: +20 over the single state; not judged here: half the " \
+           "gap to softmax; met: +10 over the best fixed policy)" in text
     assert "not run here: blocks (K=16)" in text
     # fla's Log-Linear kernel counts as a fixed policy
     assert "fla log-linear (K=16) 0.500" in recall.target(rows(2048, dla=0.6, fla=0.5, fenwick=0.1))
@@ -317,7 +330,8 @@ def test_the_target_is_checked_on_the_longest_bursty_setting():
                          + rows(2048, seeds=3, blocks=0.0, softmax=1.0, runs="6/6"))
     assert "+40.0 points (target +10: undecided)" in text and "+60.0 points (target +20: undecided)" in text
     assert "DLA closes 67% (target 50%: undecided)" in text and ": met)" not in text and " not met" not in text
-    assert "**the target as a whole: undecided** (0 of its 3 parts met, the others undecided" in text
+    assert "**the target as a whole: undecided** (undecided: +10 over the best fixed policy, +20 over the " \
+           "single state, half the gap to softmax)" in text
     assert "runs done: DLA (K=16) 4/6, single state (K=1) 3/6, fenwick (K=16) 3/6;" in text
     # decided although runs are missing: DLA cannot reach a complete fenwick + 10, nor fail to stay 20
     # above the single state, whose best end is 0.3; softmax's missing lr cannot lower its 1.0
@@ -327,7 +341,8 @@ def test_the_target_is_checked_on_the_longest_bursty_setting():
     assert "-30.0 points (target +10: not met)" in text and "+40.0 points (target +20: met)" in text
     # the gap: 50% at the means, 36% at DLA's worst end (0.55 - 0.3) / (1 - 0.3): undecided
     assert "DLA closes 50% (target 50%: undecided)" in text
-    assert "**the target as a whole: not met** (1 of its 3 parts not met)" in text
+    assert "**the target as a whole: not met** (not met: +10 over the best fixed policy; undecided: half the gap " \
+           "to softmax; met: +20 over the single state)" in text
     assert "no run" in recall.target(rows(2048, single=0.2)) and recall.target(
         [dict(task="mqar", T=256, mixer="softmax", accuracy=1.0, by_seed={0: 1.0})]) == ""
 
