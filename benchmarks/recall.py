@@ -336,10 +336,10 @@ def target(rows: list[dict]) -> str:
                      f"(target +20: {part})")
         closed = gap_closed(None) if softmax is not None else None
         if closed is not None:
-            judged = parts["half the gap to softmax"] = verdict(
+            part = parts["half the gap to softmax"] = verdict(
                 lambda e: None if gap_closed(e) is None else (gap_closed(e), 0.5))
             lines.append(f"- of the single state's gap to softmax {said(softmax)} DLA closes "
-                         f"{100 * closed:.0f}% (target 50%: {judged})")
+                         f"{100 * closed:.0f}% (target 50%: {part})")
         elif softmax is not None:
             above = 100 * (softmax["accuracy"] - single["accuracy"])
             why = ("is below DLA" if softmax["accuracy"] < dla["accuracy"] else
@@ -351,10 +351,9 @@ def target(rows: list[dict]) -> str:
     verdicts = list(parts.values())
     whole = ("not met" if "not met" in verdicts else "met" if all(v == "met" for v in verdicts) else
              "undecided" if "undecided" in verdicts else "not judged")
-    why = "; ".join(f"{said_as}: {', '.join(name for name, v in parts.items() if v == verdict_of)}"
-                    for verdict_of, said_as in (("not met", "not met"), ("undecided", "undecided"),
-                                                (None, "not judged here"), ("met", "met"))
-                    if verdict_of in verdicts)
+    heading = {"not met": "not met", "undecided": "undecided", None: "not judged here", "met": "met"}
+    why = "; ".join(f"{heading[v]}: {', '.join(name for name, part in parts.items() if part == v)}"
+                    for v in heading if v in verdicts)
     lines.append(f"- **the target as a whole: {whole}** ({why})")
     if unfinished:
         lines.append(f"- runs done: {', '.join(unfinished)}; a part is judged only where no result of the runs "
