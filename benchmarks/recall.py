@@ -469,6 +469,10 @@ def main():
         mixers = {name: mixers[name] for name in a.mixers}
     runs = Path(a.runs) if a.runs else None
     records = [json.loads(line) for line in runs.read_text().splitlines() if line] if runs and runs.exists() else []
+    # fla's runs from a sitting that has its kernel stay in the table of one that has not (it trains none)
+    reported_only = (not a.tiny and not a.mixers and FLA[0] not in mixers
+                     and any(r["mixer"] == FLA[0] for r in records))
+    shown = {**mixers, FLA[0]: FLA[1]} if reported_only else mixers
     deadline = time.time() + 60 * a.minutes if a.minutes is not None else None
     checkpoints = Path(a.checkpoints) if a.checkpoints else None
     for record in sweep(grid, a.device, mixers, done={run_key(r) for r in records}, deadline=deadline,
@@ -478,11 +482,11 @@ def main():
         if runs:
             with runs.open("a") as f:
                 f.write(json.dumps(record) + "\n")
-    rows = best(records, grid, mixers)
-    total = len(grid["settings"]) * len(mixers) * len(grid["lrs"]) * len(grid["seeds"])
+    rows = best(records, grid, shown)
+    total = len(grid["settings"]) * len(shown) * len(grid["lrs"]) * len(grid["seeds"])
     have = sum(int(r["runs"].split("/")[0]) for r in rows)
     # where the table's runs trained (records written before this field existed do not say)
-    hardware = dict.fromkeys(r.get("hardware", "hardware not recorded") for r in of_grid(records, grid, mixers))
+    hardware = dict.fromkeys(r.get("hardware", "hardware not recorded") for r in of_grid(records, grid, shown))
     where = ", ".join(hardware) or "no runs yet"
     in_progress = sorted(m.parent.name for m in checkpoints.glob("*/meta.pt")) if checkpoints else []
     header = (f"# Recall results ({'tiny check' if a.tiny else a.task or 'all tasks'}, {where})\n\n"
@@ -491,9 +495,11 @@ def main():
               f"best of lr in {grid['lrs']} by the mean over seeds {', '.join(map(str, grid['seeds']))}; "
               f"decay init {grid['decay_init']}"
               + (", trained on mixed lengths (those of T to T/8 that fit)." if grid["mixed_lengths"] else ".")
-              + ("" if a.tiny or FLA[0] in mixers else " No fla row: " + (
+              + ("" if a.tiny or FLA[0] in mixers else (" " if reported_only else " No fla row: ") + (
                   "--mixers left it out." if FLA[0] in with_fla(a.device) else
-                  "flash-linear-attention's kernel needs fla installed and a GPU, and this sitting had not both."))
+                  "flash-linear-attention's kernel needs fla installed and a GPU, and this sitting had not both"
+                  + (": its row holds the runs of `--runs`, and this sitting trained none." if reported_only
+                     else ".")))
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
                  "best lr and mean are over the runs done so far."
                  + ("" if not in_progress else f" In progress, saved in `{a.checkpoints}`: {', '.join(in_progress)}.")))
