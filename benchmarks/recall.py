@@ -471,7 +471,7 @@ def main():
     records = [json.loads(line) for line in runs.read_text().splitlines() if line] if runs and runs.exists() else []
     # fla's runs from a sitting that has its kernel stay in the table of one that has not (it trains none)
     reported_only = (not a.tiny and not a.mixers and FLA[0] not in mixers
-                     and any(r["mixer"] == FLA[0] for r in records))
+                     and bool(of_grid(records, grid, {FLA[0]: FLA[1]})))
     shown = {**mixers, FLA[0]: FLA[1]} if reported_only else mixers
     deadline = time.time() + 60 * a.minutes if a.minutes is not None else None
     checkpoints = Path(a.checkpoints) if a.checkpoints else None
@@ -495,11 +495,12 @@ def main():
               f"best of lr in {grid['lrs']} by the mean over seeds {', '.join(map(str, grid['seeds']))}; "
               f"decay init {grid['decay_init']}"
               + (", trained on mixed lengths (those of T to T/8 that fit)." if grid["mixed_lengths"] else ".")
-              + ("" if a.tiny or FLA[0] in mixers else (" " if reported_only else " No fla row: ") + (
-                  "--mixers left it out." if FLA[0] in with_fla(a.device) else
-                  "flash-linear-attention's kernel needs fla installed and a GPU, and this sitting had not both"
-                  + (": its row holds the runs of `--runs`, and this sitting trained none." if reported_only
-                     else ".")))
+              + ("" if a.tiny or FLA[0] in mixers else
+                 " This sitting had no fla kernel (it needs flash-linear-attention and fla-core installed, and a "
+                 "GPU): the fla row reports the runs of `--runs`, and no fla run was trained." if reported_only else
+                 " No fla row: " + ("--mixers left it out." if FLA[0] in with_fla(a.device) else
+                                    "flash-linear-attention's kernel needs fla installed and a GPU, and this "
+                                    "sitting had not both."))
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
                  "best lr and mean are over the runs done so far."
                  + ("" if not in_progress else f" In progress, saved in `{a.checkpoints}`: {', '.join(in_progress)}.")))
