@@ -197,7 +197,7 @@ def mean_split(split: list[tuple]) -> dict:
 
 def fixed_policy_states(policy: str, body: int, K: int, block: int | None) -> list[list[int]]:
     """The groups a fixed merge policy (``dla_ops.policies``) keeps of tokens 0 .. body - 1, oldest first."""
-    starts = sorted(s for s in starts_for(policy, body, K, block)[body - 1].tolist() if s >= 0)
+    starts = fixed_policy_starts(policy, body, K, block)(0, body - 1).tolist()
     return [list(range(a, e)) for a, e in zip(starts, starts[1:] + [body])]
 
 
