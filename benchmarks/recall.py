@@ -461,12 +461,13 @@ def main():
     if len(set(a.seeds)) != len(a.seeds):
         p.error(f"--seeds has repeats: {a.seeds}")
     grid.update(seeds=tuple(a.seeds), decay_init=a.decay_init, mixed_lengths=a.mixed_lengths)
-    mixers = MIXERS if a.tiny else with_fla(a.device)
+    available = MIXERS if a.tiny else with_fla(a.device)
+    mixers = available
     if a.mixers:
-        unknown = sorted(set(a.mixers) - set(mixers))
+        unknown = sorted(set(a.mixers) - set(available))
         if unknown:
-            p.error(f"unknown mixers {unknown}; this run has {sorted(mixers)}")
-        mixers = {name: mixers[name] for name in a.mixers}
+            p.error(f"unknown mixers {unknown}; this run has {sorted(available)}")
+        mixers = {name: available[name] for name in a.mixers}
     runs = Path(a.runs) if a.runs else None
     records = [json.loads(line) for line in runs.read_text().splitlines() if line] if runs and runs.exists() else []
     # fla's runs from a sitting that has its kernel stay in the table of one that has not (it trains none)
@@ -498,7 +499,7 @@ def main():
               + ("" if a.tiny or FLA[0] in mixers else
                  " This sitting had no fla kernel (it needs flash-linear-attention and fla-core installed, and a "
                  "GPU): the fla row reports the runs of `--runs`, and no fla run was trained." if reported_only else
-                 " No fla row: " + ("--mixers left it out." if FLA[0] in with_fla(a.device) else
+                 " No fla row: " + ("--mixers left it out." if FLA[0] in available else
                                     "flash-linear-attention's kernel needs fla installed and a GPU, and this "
                                     "sitting had not both."))
               + ("" if have == total else f"\n\n**Partial: {have} of {total} runs done** (`--runs`); a row's "
